@@ -1,0 +1,458 @@
+// CPU cross-entropy ops: argument checks, layout selection, threading and reductions around the
+// per-ISA kernels of kernels_impl.h.
+#include "cpu/grad_buffer.h"
+#include "cpu/kernels.h"
+#include "cross_entropy_host.h"
+
+#include <ATen/Parallel.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/empty_like.h>
+#include <ATen/ops/empty_strided.h>
+#include <ATen/ops/scalar_tensor.h>
+#include <c10/util/Exception.h>
+#include <torch/library.h>
+
+#include <atomic>
+#include <cstdlib>
+#include <limits>
+#include <string>
+
+namespace xent::cpu {
+namespace {
+
+// ---------------------------------------------------------------------------------------------------
+// Instruction-set selection.
+
+bool cpu_has(const std::string& isa) {
+#if defined(__x86_64__) || defined(_M_X64)
+  __builtin_cpu_init();
+  if (isa == "avx512")
+    return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+           __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq") &&
+           __builtin_cpu_supports("fma");
+  if (isa == "avx2") return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+#endif
+  return isa == "generic";
+}
+
+const KernelTable* table_for(const std::string& isa) {
+  if (!cpu_has(isa)) return nullptr;
+  if (isa == "avx512") return kernels_avx512();
+  if (isa == "avx2") return kernels_avx2();
+  if (isa == "generic") return kernels_generic();
+  return nullptr;
+}
+
+std::atomic<const KernelTable*>& active_table() {
+  static std::atomic<const KernelTable*> table = [] {
+    // XENT_CPU_ISA caps the instruction set (e.g. to compare against AVX2 on an AVX-512 machine).
+    if (const char* env = std::getenv("XENT_CPU_ISA")) {
+      if (const KernelTable* t = table_for(env)) return t;
+      TORCH_WARN("xent: XENT_CPU_ISA=", env, " is not available on this CPU; choosing automatically");
+    }
+    for (const char* isa : {"avx512", "avx2", "generic"})
+      if (const KernelTable* t = table_for(isa)) return t;
+    return kernels_generic();
+  }();
+  return table;
+}
+
+const KernelTable& kernels() { return *active_table().load(std::memory_order_relaxed); }
+
+std::string cpu_isa(c10::string_view isa) {
+  if (!isa.empty()) {
+    const std::string name(isa);
+    const KernelTable* t = table_for(name);
+    TORCH_CHECK_VALUE(t != nullptr, "xent: CPU instruction set '", name,
+                      "' is unknown or not supported by this CPU (choose avx512, avx2 or generic)");
+    active_table().store(t);
+  }
+  return kernels().name;
+}
+
+DType kernel_dtype(at::ScalarType t) {
+  switch (t) {
+    case at::kFloat: return DType::f32;
+    case at::kDouble: return DType::f64;
+    case at::kBFloat16: return DType::bf16;
+    case at::kHalf: return DType::f16;
+    default: TORCH_CHECK(false, "xent: unsupported dtype ", t);
+  }
+}
+
+// ---------------------------------------------------------------------------------------------------
+// Layout selection (Note [Position layouts] in kernels.h).
+
+enum class Layout { rows, lanes };
+
+// A (1, C, N) view of a 2-d (N, C) view, so a transposed matrix (stride_n == 1) runs in the lanes layout.
+NCSView batch_as_positions(const NCSView& v) {
+  NCSView r = v;
+  r.N = 1;
+  r.S = v.N;
+  r.stride_n = 0;
+  r.stride_s = v.stride_n;
+  return r;
+}
+
+// The views of the logits, gradient and probability target in one layout. `logits`, `grad` and
+// `prob_target` may be replaced by contiguous copies / a differently strided gradient so that they fit.
+struct Plan {
+  Layout layout;
+  NCSView x, g, t;
+};
+
+bool fits(Layout layout, const NCSView& v) {
+  return layout == Layout::rows ? (v.stride_c == 1 || v.C <= 1) : (v.stride_s == 1 || v.S <= 1);
+}
+
+// Chooses the layout from the logits' strides, copying the logits to contiguous memory when they fit
+// neither layout (e.g. every other class of a wider matrix).
+Plan plan_layout(at::Tensor& logits) {
+  for (int attempt = 0; attempt < 2; ++attempt) {
+    auto v = ncs_view(logits);
+    if (v) {
+      if (v->stride_c == 1 || v->C <= 1) return {Layout::rows, *v, *v, *v};
+      if (v->stride_s == 1 || v->S <= 1) {
+        if (v->S == 1) {
+          if (v->stride_n == 1 || v->N <= 1) {
+            const NCSView r = batch_as_positions(*v);
+            return {Layout::lanes, r, r, r};
+          }
+        } else {
+          return {Layout::lanes, *v, *v, *v};
+        }
+      }
+    }
+    logits = logits.contiguous();
+  }
+  TORCH_INTERNAL_ASSERT(false, "contiguous logits must fit the rows or lanes layout");
+}
+
+// The view of `t` (shaped like the logits) in the plan's layout, or nullopt when it does not fit.
+std::optional<NCSView> view_in(const Plan& plan, const at::Tensor& t) {
+  auto v = ncs_view(t);
+  if (!v) return std::nullopt;
+  if (plan.layout == Layout::lanes && plan.x.N == 1 && v->S == 1 && t.size(0) == plan.x.S) {
+    *v = batch_as_positions(*v);
+  }
+  if (!fits(plan.layout, *v)) return std::nullopt;
+  return v;
+}
+
+void set_strides(const NCSView& v, int64_t& n, int64_t& c, int64_t& s) {
+  n = v.stride_n;
+  c = v.stride_c;
+  s = v.stride_s;
+}
+
+// ---------------------------------------------------------------------------------------------------
+// Targets: validation, conversion, and the mean's denominator.
+
+constexpr int64_t kReduceBlock = 4096;  // fixed blocks: sums do not depend on the thread count
+
+// Class-index targets as contiguous int64 (N * S). Raises IndexError for the first (lowest position)
+// target that is neither ignore_index nor in [0, C). Returns the sum of w[target] over non-ignored
+// positions (their count when there is no weight), reduced in a fixed order.
+double validate_targets(const at::Tensor& target64, int64_t C, int64_t ignore_index, const at::Tensor& weight) {
+  const int64_t P = target64.numel();
+  const int64_t* t = target64.const_data_ptr<int64_t>();
+  const int64_t n_blocks = (P + kReduceBlock - 1) / kReduceBlock;
+  std::vector<double> block_sum(n_blocks, 0.0);
+  std::vector<int64_t> block_bad(n_blocks, -1);
+  const double* w64 = weight.defined() && weight.scalar_type() == at::kDouble ? weight.const_data_ptr<double>() : nullptr;
+  const float* w32 = weight.defined() && weight.scalar_type() == at::kFloat ? weight.const_data_ptr<float>() : nullptr;
+  at::parallel_for(0, n_blocks, 1, [&](int64_t b0, int64_t b1) {
+    for (int64_t b = b0; b < b1; ++b) {
+      double sum = 0;
+      const int64_t end = std::min(P, (b + 1) * kReduceBlock);
+      for (int64_t p = b * kReduceBlock; p < end; ++p) {
+        const int64_t tp = t[p];
+        if (tp == ignore_index) continue;
+        if (tp < 0 || tp >= C) {
+          block_bad[b] = p;
+          break;
+        }
+        sum += w64 ? w64[tp] : w32 ? static_cast<double>(w32[tp]) : 1.0;
+      }
+      block_sum[b] = sum;
+    }
+  });
+  double total = 0;
+  for (int64_t b = 0; b < n_blocks; ++b) {
+    TORCH_CHECK_INDEX(block_bad[b] < 0, "Target ", t[block_bad[b]], " is out of bounds.");
+    total += block_sum[b];
+  }
+  return total;
+}
+
+at::Tensor targets_as_int64(const at::Tensor& target) {
+  return target.to(at::kLong).contiguous().view({-1});
+}
+
+double weight_total(const at::Tensor& weight) {
+  if (!weight.defined()) return 0;
+  double total = 0;
+  if (weight.scalar_type() == at::kDouble) {
+    const double* w = weight.const_data_ptr<double>();
+    for (int64_t c = 0; c < weight.numel(); ++c) total += w[c];
+  } else {
+    const float* w = weight.const_data_ptr<float>();
+    for (int64_t c = 0; c < weight.numel(); ++c) total += w[c];
+  }
+  return total;
+}
+
+// Sum of the (N * S) acc-dtype losses, in fixed blocks.
+double sum_losses(const at::Tensor& loss) {
+  const int64_t P = loss.numel();
+  const int64_t n_blocks = (P + kReduceBlock - 1) / kReduceBlock;
+  std::vector<double> block_sum(n_blocks, 0.0);
+  const bool f64 = loss.scalar_type() == at::kDouble;
+  at::parallel_for(0, n_blocks, 1, [&](int64_t b0, int64_t b1) {
+    for (int64_t b = b0; b < b1; ++b) {
+      double sum = 0;
+      const int64_t end = std::min(P, (b + 1) * kReduceBlock);
+      if (f64) {
+        const double* l = loss.const_data_ptr<double>();
+        for (int64_t p = b * kReduceBlock; p < end; ++p) sum += l[p];
+      } else {
+        const float* l = loss.const_data_ptr<float>();
+        for (int64_t p = b * kReduceBlock; p < end; ++p) sum += l[p];
+      }
+      block_sum[b] = sum;
+    }
+  });
+  double total = 0;
+  for (double s : block_sum) total += s;
+  return total;
+}
+
+// ---------------------------------------------------------------------------------------------------
+// Parallel drivers.
+
+// Positions per task: about 32 K logits each, so small problems stay on one thread.
+int64_t grain_positions(int64_t C) { return std::max<int64_t>(1, (int64_t(1) << 15) / std::max<int64_t>(C, 1)); }
+
+// Few long rows: split each row into chunks so every thread has work (results are unchanged, see
+// Note [Deterministic chunks]).
+bool split_rows(int64_t rows, int64_t C) {
+  return rows < 4 * at::get_num_threads() && C >= 2 * kChunk;
+}
+
+void run_forward(const Plan& plan, const CrossEntropyArgs& args, int64_t P) {
+  const KernelTable& k = kernels();
+  if (plan.layout == Layout::lanes) {
+    at::parallel_for(0, P, grain_positions(args.C), [&](int64_t p0, int64_t p1) { k.forward_lanes(args, p0, p1); });
+    return;
+  }
+  if (!split_rows(P, args.C)) {
+    at::parallel_for(0, P, grain_positions(args.C), [&](int64_t r0, int64_t r1) { k.forward_rows(args, r0, r1); });
+    return;
+  }
+  const int64_t chunks = (args.C + kChunk - 1) / kChunk;
+  std::vector<RowPartial> partials(P * chunks);
+  at::parallel_for(0, P * chunks, 1, [&](int64_t i0, int64_t i1) {
+    for (int64_t i = i0; i < i1;) {  // runs of chunks within one row
+      const int64_t row = i / chunks, k0 = i % chunks;
+      const int64_t k1 = std::min(chunks, k0 + (i1 - i));
+      k.forward_row_partials(args, row, k0, k1, partials.data() + row * chunks + k0);
+      i += k1 - k0;
+    }
+  });
+  for (int64_t row = 0; row < P; ++row) k.forward_row_finish(args, row, partials.data() + row * chunks, chunks);
+}
+
+void run_backward(const Plan& plan, const CrossEntropyArgs& args, int64_t P) {
+  const KernelTable& k = kernels();
+  if (plan.layout == Layout::lanes) {
+    at::parallel_for(0, P, grain_positions(args.C), [&](int64_t p0, int64_t p1) { k.backward_lanes(args, p0, p1); });
+    return;
+  }
+  if (args.prob_target || !split_rows(P, args.C)) {
+    at::parallel_for(0, P, grain_positions(args.C),
+                     [&](int64_t r0, int64_t r1) { k.backward_rows(args, r0, r1, 0, args.C); });
+    return;
+  }
+  const int64_t chunks = (args.C + kChunk - 1) / kChunk;
+  at::parallel_for(0, P * chunks, 1, [&](int64_t i0, int64_t i1) {
+    for (int64_t i = i0; i < i1; ++i) {
+      const int64_t row = i / chunks, c0 = (i % chunks) * kChunk;
+      k.backward_rows(args, row, row + 1, c0, std::min(args.C, c0 + kChunk));
+    }
+  });
+}
+
+// ---------------------------------------------------------------------------------------------------
+// The ops.
+
+struct Prepared {
+  at::Tensor logits, target64, prob_target, weight;
+  Plan plan;
+  CrossEntropyArgs args{};
+  int64_t positions = 0;
+  double mean_denominator = 0;  // sum of w[target] over non-ignored positions, or N * S for prob targets
+};
+
+// Checks the arguments (including every class-index target's range), picks the layout and fills the
+// kernel arguments. The gradient, when given, must fit the chosen layout (see backward_impl).
+Prepared prepare(const at::Tensor& logits, const at::Tensor& target, const std::optional<at::Tensor>& weight,
+                 bool prob, int64_t ignore_index, double label_smoothing, int64_t reduction) {
+  check_logits(logits, "cross_entropy");
+  if (prob) check_prob_target(logits, target);
+  else check_index_target(logits, target);
+  check_weight(logits, weight);
+  check_reduction(reduction);
+  check_label_smoothing(label_smoothing);
+  TORCH_CHECK(logits.device().is_cpu(), "xent: the CPU kernel got logits on ", logits.device());
+
+  Prepared pr;
+  pr.logits = logits;
+  pr.plan = plan_layout(pr.logits);
+  pr.weight = weight_for_kernel(logits, weight);
+  CrossEntropyArgs& a = pr.args;
+  a.dtype = kernel_dtype(logits.scalar_type());
+  a.logits = pr.logits.const_data_ptr();
+  a.N = pr.plan.x.N;
+  a.C = pr.plan.x.C;
+  a.S = pr.plan.x.S;
+  set_strides(pr.plan.x, a.stride_n, a.stride_c, a.stride_s);
+  a.weight = pr.weight.defined() ? pr.weight.const_data_ptr() : nullptr;
+  a.weight_sum = pr.weight.defined() ? weight_total(pr.weight) : static_cast<double>(a.C);
+  a.label_smoothing = label_smoothing;
+  a.ignore_index = ignore_index;
+  pr.positions = a.N * a.S;
+  if (prob) {
+    pr.prob_target = target;
+    auto tv = view_in(pr.plan, pr.prob_target);
+    if (!tv) {
+      // Give the target the logits' strides (dense by now, or contiguous) so both stream alike.
+      pr.prob_target = at::empty_strided(pr.logits.sizes(), dense_strides_like(pr.logits), target.options());
+      pr.prob_target.copy_(target);
+      tv = view_in(pr.plan, pr.prob_target);
+      TORCH_INTERNAL_ASSERT(tv, "probability target does not fit the logits' layout");
+    }
+    pr.plan.t = *tv;
+    a.prob_target = pr.prob_target.const_data_ptr();
+    set_strides(pr.plan.t, a.target_stride_n, a.target_stride_c, a.target_stride_s);
+    pr.mean_denominator = static_cast<double>(pr.positions);
+  } else {
+    pr.target64 = targets_as_int64(target);
+    a.target = pr.target64.const_data_ptr<int64_t>();
+    // Validated before any kernel reads x[target]; the mean's denominator comes with it.
+    pr.mean_denominator = validate_targets(pr.target64, a.C, ignore_index, pr.weight);
+  }
+  return pr;
+}
+
+std::tuple<at::Tensor, at::Tensor> forward_impl(const at::Tensor& logits, const at::Tensor& target,
+                                                const std::optional<at::Tensor>& weight, bool prob, int64_t reduction,
+                                                int64_t ignore_index, double label_smoothing) {
+  Prepared pr = prepare(logits, target, weight, prob, ignore_index, label_smoothing, reduction);
+  CrossEntropyArgs& a = pr.args;
+  const auto acc = acc_dtype(logits.scalar_type());
+  const auto positions = position_sizes(logits);
+  at::Tensor lse = at::empty(positions, logits.options().dtype(acc));
+  at::Tensor loss = at::empty(positions, logits.options().dtype(acc));
+  a.lse = lse.data_ptr();
+  a.loss = loss.data_ptr();
+  if (pr.positions > 0) run_forward(pr.plan, a, pr.positions);
+
+  if (reduction == at::Reduction::None) {
+    return {acc == logits.scalar_type() ? loss : loss.to(logits.scalar_type()), lse};
+  }
+  double total = sum_losses(loss);
+  if (reduction == at::Reduction::Mean) total /= pr.mean_denominator;  // 0 / 0 = NaN, as PyTorch
+  return {at::scalar_tensor(total, logits.options()), lse};
+}
+
+at::Tensor backward_impl(const at::Tensor& grad_loss, const at::Tensor& logits, const at::Tensor& target,
+                         const std::optional<at::Tensor>& weight, const at::Tensor& lse, bool prob, int64_t reduction,
+                         int64_t ignore_index, double label_smoothing) {
+  Prepared pr = prepare(logits, target, weight, prob, ignore_index, label_smoothing, reduction);
+  check_backward_inputs(grad_loss, logits, lse, reduction);
+  const auto acc = acc_dtype(logits.scalar_type());
+
+  // The gradient takes the logits' strides when they are dense (the fake kernel promises the same). When
+  // that layout fits none of the kernels' (e.g. a dense but permuted K-dim tensor), the kernel writes a
+  // contiguous gradient from contiguous logits and it is copied into place.
+  at::Tensor grad = empty_grad_buffer(logits.sizes(), dense_strides_like(logits), logits.scalar_type());
+  auto gv = view_in(pr.plan, grad);
+  if (!gv) {
+    at::Tensor contiguous_grad =
+        backward_impl(grad_loss, logits.contiguous(), target, weight, lse, prob, reduction, ignore_index, label_smoothing);
+    return grad.copy_(contiguous_grad);
+  }
+  CrossEntropyArgs& a = pr.args;
+  a.grad = grad.data_ptr();
+  set_strides(*gv, a.grad_stride_n, a.grad_stride_c, a.grad_stride_s);
+  if (pr.positions == 0 || a.C == 0) return grad;
+
+  at::Tensor lse_c = lse.contiguous();
+  a.lse_in = lse_c.const_data_ptr();
+  at::Tensor scale;
+  if (reduction == at::Reduction::None) {
+    scale = grad_loss.to(acc).contiguous();
+    a.grad_scale_per_position = scale.const_data_ptr();
+  } else {
+    // A CPU scalar: reading it is not a device synchronization.
+    double g = grad_loss.item<double>();
+    if (reduction == at::Reduction::Mean) g /= pr.mean_denominator;
+    a.grad_scale_value = g;
+  }
+  run_backward(pr.plan, a, pr.positions);
+  return grad;
+}
+
+std::tuple<at::Tensor, at::Tensor> cross_entropy_fwd(const at::Tensor& logits, const at::Tensor& target,
+                                                     const std::optional<at::Tensor>& weight, int64_t reduction,
+                                                     int64_t ignore_index, double label_smoothing) {
+  return forward_impl(logits, target, weight, false, reduction, ignore_index, label_smoothing);
+}
+
+at::Tensor cross_entropy_bwd(const at::Tensor& grad_loss, const at::Tensor& logits, const at::Tensor& target,
+                             const std::optional<at::Tensor>& weight, const at::Tensor& lse, int64_t reduction,
+                             int64_t ignore_index, double label_smoothing) {
+  return backward_impl(grad_loss, logits, target, weight, lse, false, reduction, ignore_index, label_smoothing);
+}
+
+std::tuple<at::Tensor, at::Tensor> cross_entropy_prob_fwd(const at::Tensor& logits, const at::Tensor& target,
+                                                          const std::optional<at::Tensor>& weight, int64_t reduction,
+                                                          double label_smoothing) {
+  return forward_impl(logits, target, weight, true, reduction, 0, label_smoothing);
+}
+
+at::Tensor cross_entropy_prob_bwd(const at::Tensor& grad_loss, const at::Tensor& logits, const at::Tensor& target,
+                                  const std::optional<at::Tensor>& weight, const at::Tensor& lse, int64_t reduction,
+                                  double label_smoothing) {
+  return backward_impl(grad_loss, logits, target, weight, lse, true, reduction, 0, label_smoothing);
+}
+
+at::Tensor cpu_exp(const at::Tensor& x) {
+  TORCH_CHECK(x.scalar_type() == at::kFloat && x.device().is_cpu(), "_cpu_exp expects a float32 CPU tensor");
+  at::Tensor xc = x.contiguous();
+  at::Tensor y = at::empty_like(xc);
+  kernels().exp_f32(xc.const_data_ptr<float>(), y.data_ptr<float>(), xc.numel());
+  return y;
+}
+
+std::vector<int64_t> cpu_grad_cache(int64_t capacity) { return grad_cache_control(capacity); }
+
+} // namespace
+
+TORCH_LIBRARY_IMPL(xent, CPU, m) {
+  m.impl("cross_entropy_fwd", &cross_entropy_fwd);
+  m.impl("cross_entropy_bwd", &cross_entropy_bwd);
+  m.impl("cross_entropy_prob_fwd", &cross_entropy_prob_fwd);
+  m.impl("cross_entropy_prob_bwd", &cross_entropy_prob_bwd);
+  m.impl("_cpu_exp", &cpu_exp);
+}
+
+// Ops without tensor arguments have nothing to dispatch on: register them for every key.
+TORCH_LIBRARY_IMPL(xent, CompositeExplicitAutograd, m) {
+  m.impl("_cpu_isa", &cpu_isa);
+  m.impl("_cpu_grad_cache", &cpu_grad_cache);
+}
+
+} // namespace xent::cpu

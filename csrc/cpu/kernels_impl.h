@@ -1,0 +1,500 @@
+// The CPU cross-entropy kernels, written once and compiled per instruction set by kernels_avx512.cpp,
+// kernels_avx2.cpp and kernels_generic.cpp (see kernels.h for the interface and the layout notes).
+//
+// Notation: x = logits, t = class-index target, q_c = (1 - eps) t_c + eps / C the smoothed probability
+// target, w = class weight (1 when absent), W_all = sum_c w_c, lse = log sum_c exp(x_c).
+//   index targets: loss = w_t (lse - x_t)                                           (eps == 0)
+//                  loss = (1 - eps) w_t (lse - x_t) + eps / C (W_all lse - sum_c w_c x_c)   (eps > 0)
+//                  grad_j = s (softmax_j ((1 - eps) w_t + eps W_all / C) - eps w_j / C - [j == t] (1 - eps) w_t)
+//   prob targets:  loss = lse sum_c w_c q_c - sum_c w_c q_c x_c
+//                  grad_j = s (softmax_j sum_c w_c q_c - w_j q_j)
+// where s is the upstream gradient of the position (already divided by the mean's denominator).
+#pragma once
+
+#include "kernels.h"
+#include "simd.h"
+
+namespace xent::cpu {
+namespace {
+
+template <class T> struct VecFor { using type = VecF; };
+template <> struct VecFor<double> { using type = VecD1; };
+
+constexpr double kInf = __builtin_inf();
+
+inline float scalar_exp(float x) { return __builtin_expf(x); }
+inline double scalar_exp(double x) { return __builtin_exp(x); }
+
+// ---------------------------------------------------------------------------------------------------
+// Per-position coefficients shared by both layouts.
+
+template <class acc>
+struct Coefficients {
+  const acc* weight;  // (C) or null
+  double eps, eps_over_c, weight_sum;
+  int64_t C;
+
+  explicit Coefficients(const CrossEntropyArgs& a)
+      : weight(static_cast<const acc*>(a.weight)),
+        eps(a.label_smoothing),
+        eps_over_c(a.label_smoothing / static_cast<double>(a.C)),
+        weight_sum(a.weight_sum),
+        C(a.C) {}
+
+  double w(int64_t c) const { return weight ? static_cast<double>(weight[c]) : 1.0; }
+
+  // Loss of a non-ignored position with class-index target t. The eps > 0 branch keeps both terms even
+  // when one is 0 * inf = NaN, exactly like PyTorch's label-smoothing formula.
+  double index_loss(double lse, double x_t, int64_t t, double dot) const {
+    if (eps == 0.0) return w(t) * (lse - x_t);
+    return (1.0 - eps) * w(t) * (lse - x_t) + eps_over_c * (weight_sum * lse - dot);
+  }
+  // The softmax coefficient of an index-target gradient row: grad_j = s * (a * softmax_j - b_j) - ...
+  double index_softmax_coef(int64_t t) const { return (1.0 - eps) * w(t) + eps_over_c * weight_sum; }
+};
+
+template <class acc>
+inline double grad_scale(const CrossEntropyArgs& a, int64_t p) {
+  return a.grad_scale_per_position ? static_cast<double>(static_cast<const acc*>(a.grad_scale_per_position)[p])
+                                   : a.grad_scale_value;
+}
+
+// Merges partial b into a (Note [Deterministic chunks]).
+inline void merge_partial(RowPartial& a, const RowPartial& b) {
+  // A chunk whose max is -inf holds only -inf (or NaN) logits. Its sum is 0 (or NaN) and is added as is;
+  // its max must not take part, since exp(-inf - -inf) is NaN.
+  if (b.max == -kInf) {
+    a.sum_exp += b.sum_exp;
+  } else if (a.max == -kInf) {
+    a.sum_exp += b.sum_exp;
+    a.max = b.max;
+  } else {
+    const double m = (a.max > b.max || a.max != a.max) ? a.max : b.max;  // a NaN max propagates
+    a.sum_exp = a.sum_exp * scalar_exp(a.max - m) + b.sum_exp * scalar_exp(b.max - m);
+    a.max = m;
+  }
+  a.dot += b.dot;
+  a.weight_dot += b.weight_dot;
+}
+
+// ---------------------------------------------------------------------------------------------------
+// Rows layout: the class stride is 1.
+
+template <class T>
+struct RowsLayout {
+  using V = typename VecFor<T>::type;
+  using acc = typename V::scalar;
+
+  static const T* logits_row(const CrossEntropyArgs& a, int64_t row) {
+    return static_cast<const T*>(a.logits) + (row / a.S) * a.stride_n + (row % a.S) * a.stride_s;
+  }
+  static const T* target_row(const CrossEntropyArgs& a, int64_t row) {
+    return static_cast<const T*>(a.prob_target) + (row / a.S) * a.target_stride_n + (row % a.S) * a.target_stride_s;
+  }
+  static T* grad_row(const CrossEntropyArgs& a, int64_t row) {
+    return static_cast<T*>(a.grad) + (row / a.S) * a.grad_stride_n + (row % a.S) * a.grad_stride_s;
+  }
+
+  // (max, sum exp(x - max), dots) of x[0, n): the classes [c0, c0 + n) of one row.
+  // Pass 1 reads the chunk from memory for its max; pass 2 re-reads it from L1 for the exponentials.
+  static RowPartial chunk_partial(const CrossEntropyArgs& a, const T* x, const T* tq, int64_t c0, int64_t n) {
+    constexpr int W = V::kWidth;
+    const acc* w = a.weight ? static_cast<const acc*>(a.weight) + c0 : nullptr;
+    const V neg_inf = V::set1(-static_cast<acc>(kInf)), zero = V::set1(0);
+    V m0 = neg_inf, m1 = neg_inf, m2 = neg_inf, m3 = neg_inf;
+    V dot = zero, weight_dot = zero;
+    acc tail_max = -static_cast<acc>(kInf), tail_dot = 0, tail_weight_dot = 0;
+    int64_t i = 0;
+    if (tq) {  // probability targets: dot = sum w q x, weight_dot = sum w q
+      const acc one_minus_eps = static_cast<acc>(1.0 - a.label_smoothing);
+      const acc eps_over_c = static_cast<acc>(a.label_smoothing / static_cast<double>(a.C));
+      const V ome = V::set1(one_minus_eps), eoc = V::set1(eps_over_c);
+      for (; i + W <= n; i += W) {
+        const V xv = V::load(x + i);
+        V wq = V::fma(V::load(tq + i), ome, eoc);
+        if (w) wq = wq * V::load(w + i);
+        m0 = V::max(m0, xv);
+        dot = V::fma(wq, xv, dot);
+        weight_dot = weight_dot + wq;
+      }
+      // Scalar tail: padding lanes would add eps / C to weight_dot.
+      for (; i < n; ++i) {
+        const acc xi = to_acc(x[i]);
+        acc wq = to_acc(tq[i]) * one_minus_eps + eps_over_c;
+        if (w) wq *= w[i];
+        tail_max = xi > tail_max ? xi : (xi != xi ? xi : tail_max);
+        tail_dot += wq * xi;
+        tail_weight_dot += wq;
+      }
+    } else if (a.label_smoothing > 0) {  // index targets with smoothing: dot = sum w x
+      for (; i + W <= n; i += W) {
+        const V xv = V::load(x + i);
+        m0 = V::max(m0, xv);
+        dot = w ? V::fma(V::load(w + i), xv, dot) : dot + xv;
+      }
+      if (i < n) {
+        const V xv = load_partial<V>(x + i, n - i, 0);
+        m0 = V::max(m0, load_partial<V>(x + i, n - i, -static_cast<acc>(kInf)));
+        dot = w ? V::fma(load_partial<V>(w + i, n - i, 0), xv, dot) : dot + xv;
+      }
+    } else {  // the hot path: max only, four independent accumulators
+      for (; i + 4 * W <= n; i += 4 * W) {
+        m0 = V::max(m0, V::load(x + i));
+        m1 = V::max(m1, V::load(x + i + W));
+        m2 = V::max(m2, V::load(x + i + 2 * W));
+        m3 = V::max(m3, V::load(x + i + 3 * W));
+      }
+      for (; i + W <= n; i += W) m0 = V::max(m0, V::load(x + i));
+      if (i < n) m0 = V::max(m0, load_partial<V>(x + i, n - i, -static_cast<acc>(kInf)));
+    }
+    acc m = V::max(V::max(m0, m1), V::max(m2, m3)).reduce_max();
+    if (tail_max > m || tail_max != tail_max) m = tail_max;
+
+    // Pass 2. With max == -inf every term is exp(-inf) = 0 (or NaN, from NaN logits, which must
+    // survive), so subtract 0 instead of -inf.
+    const V mv = V::set1(m == -static_cast<acc>(kInf) ? acc(0) : m);
+    V s0 = zero, s1 = zero, s2 = zero, s3 = zero;
+    i = 0;
+    for (; i + 4 * W <= n; i += 4 * W) {
+      s0 = s0 + V::exp(V::load(x + i) - mv);
+      s1 = s1 + V::exp(V::load(x + i + W) - mv);
+      s2 = s2 + V::exp(V::load(x + i + 2 * W) - mv);
+      s3 = s3 + V::exp(V::load(x + i + 3 * W) - mv);
+    }
+    for (; i + W <= n; i += W) s0 = s0 + V::exp(V::load(x + i) - mv);
+    if (i < n) s0 = s0 + V::exp(load_partial<V>(x + i, n - i, -static_cast<acc>(kInf)) - mv);
+
+    RowPartial p;
+    p.max = m;
+    p.sum_exp = ((s0 + s1) + (s2 + s3)).reduce_add();
+    p.dot = static_cast<double>(dot.reduce_add()) + tail_dot;
+    p.weight_dot = static_cast<double>(weight_dot.reduce_add()) + tail_weight_dot;
+    return p;
+  }
+
+  static RowPartial row_chunk(const CrossEntropyArgs& a, int64_t row, int64_t chunk) {
+    const int64_t c0 = chunk * kChunk;
+    const int64_t n = a.C - c0 < kChunk ? a.C - c0 : kChunk;
+    return chunk_partial(a, logits_row(a, row) + c0, a.prob_target ? target_row(a, row) + c0 : nullptr, c0, n);
+  }
+
+  static bool ignored(const CrossEntropyArgs& a, int64_t row) {
+    return !a.prob_target && a.target[row] == a.ignore_index;
+  }
+
+  static void finish(const CrossEntropyArgs& a, int64_t row, const RowPartial& p) {
+    acc* lse_out = static_cast<acc*>(a.lse);
+    acc* loss_out = static_cast<acc*>(a.loss);
+    const double lse = p.max + __builtin_log(p.sum_exp);
+    lse_out[row] = static_cast<acc>(lse);
+    if (a.prob_target) {
+      loss_out[row] = static_cast<acc>(lse * p.weight_dot - p.dot);
+    } else {
+      const int64_t t = a.target[row];
+      const double x_t = to_acc(logits_row(a, row)[t]);
+      loss_out[row] = static_cast<acc>(Coefficients<acc>(a).index_loss(lse, x_t, t, p.dot));
+    }
+  }
+
+  // Ignored positions are not read at all: loss 0, lse 0 (their gradient is 0 whatever lse is).
+  static void finish_ignored(const CrossEntropyArgs& a, int64_t row) {
+    static_cast<acc*>(a.lse)[row] = 0;
+    static_cast<acc*>(a.loss)[row] = 0;
+  }
+
+  static int64_t num_chunks(const CrossEntropyArgs& a) { return (a.C + kChunk - 1) / kChunk; }
+
+  static void forward_rows(const CrossEntropyArgs& a, int64_t row_begin, int64_t row_end) {
+    const int64_t chunks = num_chunks(a);
+    for (int64_t row = row_begin; row < row_end; ++row) {
+      if (ignored(a, row)) {
+        finish_ignored(a, row);
+        continue;
+      }
+      RowPartial acc_p = row_chunk(a, row, 0);
+      for (int64_t k = 1; k < chunks; ++k) merge_partial(acc_p, row_chunk(a, row, k));
+      finish(a, row, acc_p);
+    }
+  }
+
+  static void forward_row_partials(const CrossEntropyArgs& a, int64_t row, int64_t k0, int64_t k1, RowPartial* out) {
+    for (int64_t k = k0; k < k1; ++k) out[k - k0] = row_chunk(a, row, k);
+  }
+
+  static void forward_row_finish(const CrossEntropyArgs& a, int64_t row, const RowPartial* partials, int64_t n) {
+    if (ignored(a, row)) {
+      finish_ignored(a, row);
+      return;
+    }
+    RowPartial acc_p = partials[0];
+    for (int64_t k = 1; k < n; ++k) merge_partial(acc_p, partials[k]);
+    finish(a, row, acc_p);
+  }
+
+  // sum_c w_c q_c of a probability-target row, in chunks merged in order like the forward's.
+  static double prob_weight_dot(const CrossEntropyArgs& a, int64_t row) {
+    constexpr int W = V::kWidth;
+    const T* tq = target_row(a, row);
+    const acc* w = static_cast<const acc*>(a.weight);
+    const acc ome = static_cast<acc>(1.0 - a.label_smoothing);
+    const acc eoc = static_cast<acc>(a.label_smoothing / static_cast<double>(a.C));
+    double total = 0;
+    for (int64_t c0 = 0; c0 < a.C; c0 += kChunk) {
+      const int64_t c1 = a.C - c0 < kChunk ? a.C : c0 + kChunk;
+      V sum = V::set1(0);
+      acc tail = 0;
+      int64_t c = c0;
+      for (; c + W <= c1; c += W) {
+        V wq = V::fma(V::load(tq + c), V::set1(ome), V::set1(eoc));
+        sum = sum + (w ? wq * V::load(w + c) : wq);
+      }
+      for (; c < c1; ++c) tail += (to_acc(tq[c]) * ome + eoc) * (w ? w[c] : acc(1));
+      total += static_cast<double>(sum.reduce_add()) + tail;
+    }
+    return total;
+  }
+
+  static void backward_rows(const CrossEntropyArgs& a, int64_t row_begin, int64_t row_end, int64_t c0, int64_t c1) {
+    constexpr int W = V::kWidth;
+    const Coefficients<acc> coef(a);
+    const acc* lse_in = static_cast<const acc*>(a.lse_in);
+    const acc* w = coef.weight;
+    for (int64_t row = row_begin; row < row_end; ++row) {
+      const T* x = logits_row(a, row);
+      T* g = grad_row(a, row);
+      const double s = grad_scale<acc>(a, row);
+      const V lse = V::set1(lse_in[row]);
+      int64_t c = c0;
+      if (a.prob_target) {
+        // grad_j = s * (softmax_j * sum(w q) - w_j q_j)
+        const T* tq = target_row(a, row);
+        const V soft_coef = V::set1(static_cast<acc>(s * prob_weight_dot(a, row)));
+        const V s_ome = V::set1(static_cast<acc>(s * (1.0 - coef.eps)));
+        const V s_eoc = V::set1(static_cast<acc>(s * coef.eps_over_c));
+        auto grad_of = [&](V xv, V tv, V wv) { return soft_coef * V::exp(xv - lse) - V::fma(tv, s_ome, s_eoc) * wv; };
+        for (; c + W <= c1; c += W)
+          V::store(g + c, grad_of(V::load(x + c), V::load(tq + c), w ? V::load(w + c) : V::set1(1)));
+        if (c < c1)
+          store_partial(g + c, c1 - c,
+                        grad_of(load_partial<V>(x + c, c1 - c, 0), load_partial<V>(tq + c, c1 - c, 0),
+                                w ? load_partial<V>(w + c, c1 - c, 0) : V::set1(1)));
+        continue;
+      }
+      const int64_t t = a.target[row];
+      if (t == a.ignore_index) {
+        const V zero = V::set1(0);
+        for (; c + W <= c1; c += W) V::store(g + c, zero);
+        if (c < c1) store_partial(g + c, c1 - c, zero);
+        continue;
+      }
+      // grad_j = soft_coef * softmax_j - smooth_j, then the target element is recomputed exactly.
+      const V soft_coef = V::set1(static_cast<acc>(s * coef.index_softmax_coef(t)));
+      const acc smooth = static_cast<acc>(s * coef.eps_over_c);
+      if (smooth == 0) {
+        for (; c + 4 * W <= c1; c += 4 * W) {
+          V::store(g + c, soft_coef * V::exp(V::load(x + c) - lse));
+          V::store(g + c + W, soft_coef * V::exp(V::load(x + c + W) - lse));
+          V::store(g + c + 2 * W, soft_coef * V::exp(V::load(x + c + 2 * W) - lse));
+          V::store(g + c + 3 * W, soft_coef * V::exp(V::load(x + c + 3 * W) - lse));
+        }
+        for (; c + W <= c1; c += W) V::store(g + c, soft_coef * V::exp(V::load(x + c) - lse));
+        if (c < c1) store_partial(g + c, c1 - c, soft_coef * V::exp(load_partial<V>(x + c, c1 - c, 0) - lse));
+      } else {
+        const V sv = V::set1(smooth);
+        auto grad_of = [&](V xv, V wv) { return soft_coef * V::exp(xv - lse) - sv * wv; };
+        for (; c + W <= c1; c += W) V::store(g + c, grad_of(V::load(x + c), w ? V::load(w + c) : V::set1(1)));
+        if (c < c1)
+          store_partial(g + c, c1 - c,
+                        grad_of(load_partial<V>(x + c, c1 - c, 0), w ? load_partial<V>(w + c, c1 - c, 0) : V::set1(1)));
+      }
+      if (t >= c0 && t < c1) {
+        const acc p_t = scalar_exp(static_cast<acc>(to_acc(x[t]) - lse_in[row]));
+        const double g_t = s * coef.index_softmax_coef(t) * p_t - s * coef.eps_over_c * coef.w(t) -
+                           s * (1.0 - coef.eps) * coef.w(t);
+        from_acc(g + t, static_cast<acc>(g_t));
+      }
+    }
+  }
+};
+
+// ---------------------------------------------------------------------------------------------------
+// Lanes layout: the spatial stride is 1; vector lanes hold W consecutive positions of one batch row n and
+// the kernel walks the classes with stride stride_c. Each lane's arithmetic is independent of its
+// neighbours, so a position's result does not depend on how positions are grouped into vectors.
+
+template <class T>
+struct LanesLayout {
+  using V = typename VecFor<T>::type;
+  using acc = typename V::scalar;
+  static constexpr int W = V::kWidth;
+
+  static V load_lanes(const T* p, int64_t lanes) { return lanes == W ? V::load(p) : load_partial<V>(p, lanes, 0); }
+
+  // Calls f(n, s, lanes) for every tile of up to W positions of [p_begin, p_end) within one batch row.
+  template <class F>
+  static void for_each_tile(const CrossEntropyArgs& a, int64_t p_begin, int64_t p_end, F&& f) {
+    int64_t p = p_begin;
+    while (p < p_end) {
+      const int64_t n = p / a.S, s = p % a.S;
+      int64_t lanes = a.S - s;
+      if (lanes > W) lanes = W;
+      if (lanes > p_end - p) lanes = p_end - p;
+      f(n, s, lanes);
+      p += lanes;
+    }
+  }
+
+  static void forward(const CrossEntropyArgs& a, int64_t p_begin, int64_t p_end) {
+    const Coefficients<acc> coef(a);
+    const acc* w = coef.weight;
+    acc* lse_out = static_cast<acc*>(a.lse);
+    acc* loss_out = static_cast<acc*>(a.loss);
+    const bool prob = a.prob_target != nullptr;
+    const bool want_dot = prob || a.label_smoothing > 0;
+    for_each_tile(a, p_begin, p_end, [&](int64_t n, int64_t s, int64_t lanes) {
+      const T* x = static_cast<const T*>(a.logits) + n * a.stride_n + s;
+      const T* tq = prob ? static_cast<const T*>(a.prob_target) + n * a.target_stride_n + s : nullptr;
+      V m = V::set1(-static_cast<acc>(kInf)), dot = V::set1(0), weight_dot = V::set1(0);
+      const V ome = V::set1(static_cast<acc>(1.0 - coef.eps)), eoc = V::set1(static_cast<acc>(coef.eps_over_c));
+      for (int64_t c = 0; c < a.C; ++c) {
+        const V xv = load_lanes(x + c * a.stride_c, lanes);
+        m = V::max(m, xv);
+        if (!want_dot) continue;
+        const V wc = V::set1(w ? w[c] : acc(1));
+        if (prob) {
+          const V wq = V::fma(load_lanes(tq + c * a.target_stride_c, lanes), ome, eoc) * wc;
+          dot = V::fma(wq, xv, dot);
+          weight_dot = weight_dot + wq;
+        } else {
+          dot = V::fma(wc, xv, dot);
+        }
+      }
+      acc mb[W], sb[W], db[W], wdb[W];
+      V::store(mb, m);
+      for (int i = 0; i < W; ++i)
+        if (mb[i] == -static_cast<acc>(kInf)) mb[i] = 0;  // see RowsLayout::chunk_partial, pass 2
+      const V mv = V::load(mb);
+      V sum = V::set1(0);
+      for (int64_t c = 0; c < a.C; ++c) sum = sum + V::exp(load_lanes(x + c * a.stride_c, lanes) - mv);
+      V::store(mb, m);
+      V::store(sb, sum);
+      V::store(db, dot);
+      V::store(wdb, weight_dot);
+      for (int64_t i = 0; i < lanes; ++i) {
+        const int64_t p = n * a.S + s + i;
+        if (!prob && a.target[p] == a.ignore_index) {
+          lse_out[p] = 0;
+          loss_out[p] = 0;
+          continue;
+        }
+        const double lse = static_cast<double>(mb[i]) + __builtin_log(static_cast<double>(sb[i]));
+        lse_out[p] = static_cast<acc>(lse);
+        if (prob) {
+          loss_out[p] = static_cast<acc>(lse * wdb[i] - db[i]);
+        } else {
+          const int64_t t = a.target[p];
+          loss_out[p] = static_cast<acc>(coef.index_loss(lse, to_acc(x[t * a.stride_c + i]), t, db[i]));
+        }
+      }
+    });
+  }
+
+  static void backward(const CrossEntropyArgs& a, int64_t p_begin, int64_t p_end) {
+    const Coefficients<acc> coef(a);
+    const acc* w = coef.weight;
+    const acc* lse_in = static_cast<const acc*>(a.lse_in);
+    const bool prob = a.prob_target != nullptr;
+    for_each_tile(a, p_begin, p_end, [&](int64_t n, int64_t s, int64_t lanes) {
+      const T* x = static_cast<const T*>(a.logits) + n * a.stride_n + s;
+      const T* tq = prob ? static_cast<const T*>(a.prob_target) + n * a.target_stride_n + s : nullptr;
+      T* g = static_cast<T*>(a.grad) + n * a.grad_stride_n + s;
+      // Per-lane coefficients: grad = soft_coef * exp(x - lse) - scale * w_c * (eps / C  or  q_c).
+      acc soft[W], scale[W], lse[W];
+      for (int i = 0; i < W; ++i) soft[i] = scale[i] = lse[i] = 0;
+      const V ome = V::set1(static_cast<acc>(1.0 - coef.eps)), eoc = V::set1(static_cast<acc>(coef.eps_over_c));
+      if (prob) {
+        V weight_dot = V::set1(0);
+        for (int64_t c = 0; c < a.C; ++c)
+          weight_dot = weight_dot + V::fma(load_lanes(tq + c * a.target_stride_c, lanes), ome, eoc) * V::set1(w ? w[c] : acc(1));
+        V::store(soft, weight_dot);
+      }
+      for (int64_t i = 0; i < lanes; ++i) {
+        const int64_t p = n * a.S + s + i;
+        const double sc = grad_scale<acc>(a, p);
+        scale[i] = static_cast<acc>(sc);
+        lse[i] = lse_in[p];
+        if (prob) soft[i] = static_cast<acc>(sc * soft[i]);
+        else if (a.target[p] != a.ignore_index) soft[i] = static_cast<acc>(sc * coef.index_softmax_coef(a.target[p]));
+      }
+      const V soft_v = V::load(soft), scale_v = V::load(scale), lse_v = V::load(lse);
+      const V smooth_v = scale_v * eoc;
+      for (int64_t c = 0; c < a.C; ++c) {
+        const V wc = V::set1(w ? w[c] : acc(1));
+        V out = soft_v * V::exp(load_lanes(x + c * a.stride_c, lanes) - lse_v);
+        if (prob) out = out - scale_v * V::fma(load_lanes(tq + c * a.target_stride_c, lanes), ome, eoc) * wc;
+        else if (coef.eps > 0) out = out - smooth_v * wc;
+        if (lanes == W) V::store(g + c * a.grad_stride_c, out);
+        else store_partial(g + c * a.grad_stride_c, lanes, out);
+      }
+      if (prob) return;
+      // Class-index fix-ups per lane: zero the ignored positions, recompute the target element.
+      for (int64_t i = 0; i < lanes; ++i) {
+        const int64_t t = a.target[n * a.S + s + i];
+        if (t == a.ignore_index) {
+          for (int64_t c = 0; c < a.C; ++c) from_acc(g + c * a.grad_stride_c + i, acc(0));
+          continue;
+        }
+        const acc p_t = scalar_exp(static_cast<acc>(to_acc(x[t * a.stride_c + i]) - lse[i]));
+        const double sc = scale[i];
+        const double g_t = soft[i] * static_cast<double>(p_t) - sc * coef.eps_over_c * coef.w(t) -
+                           sc * (1.0 - coef.eps) * coef.w(t);
+        from_acc(g + t * a.grad_stride_c + i, static_cast<acc>(g_t));
+      }
+    });
+  }
+};
+
+// ---------------------------------------------------------------------------------------------------
+// Dtype dispatch and the table.
+
+template <template <class> class Layout, class F>
+inline void dispatch(DType d, F&& f) {
+  switch (d) {
+    case DType::f32: f(Layout<float>{}); break;
+    case DType::f64: f(Layout<double>{}); break;
+    case DType::bf16: f(Layout<bf16_t>{}); break;
+    case DType::f16: f(Layout<f16_t>{}); break;
+  }
+}
+
+void forward_rows(const CrossEntropyArgs& a, int64_t r0, int64_t r1) {
+  dispatch<RowsLayout>(a.dtype, [&](auto L) { decltype(L)::forward_rows(a, r0, r1); });
+}
+void forward_row_partials(const CrossEntropyArgs& a, int64_t row, int64_t k0, int64_t k1, RowPartial* out) {
+  dispatch<RowsLayout>(a.dtype, [&](auto L) { decltype(L)::forward_row_partials(a, row, k0, k1, out); });
+}
+void forward_row_finish(const CrossEntropyArgs& a, int64_t row, const RowPartial* partials, int64_t n) {
+  dispatch<RowsLayout>(a.dtype, [&](auto L) { decltype(L)::forward_row_finish(a, row, partials, n); });
+}
+void backward_rows(const CrossEntropyArgs& a, int64_t r0, int64_t r1, int64_t c0, int64_t c1) {
+  dispatch<RowsLayout>(a.dtype, [&](auto L) { decltype(L)::backward_rows(a, r0, r1, c0, c1); });
+}
+void forward_lanes(const CrossEntropyArgs& a, int64_t p0, int64_t p1) {
+  dispatch<LanesLayout>(a.dtype, [&](auto L) { decltype(L)::forward(a, p0, p1); });
+}
+void backward_lanes(const CrossEntropyArgs& a, int64_t p0, int64_t p1) {
+  dispatch<LanesLayout>(a.dtype, [&](auto L) { decltype(L)::backward(a, p0, p1); });
+}
+void exp_f32(const float* x, float* y, int64_t n) {
+  int64_t i = 0;
+  for (; i + VecF::kWidth <= n; i += VecF::kWidth) VecF::store(y + i, VecF::exp(VecF::load(x + i)));
+  if (i < n) store_partial(y + i, n - i, VecF::exp(load_partial<VecF>(x + i, n - i, 0.0f)));
+}
+
+constexpr KernelTable kTable = {
+    XENT_CPU_ISA_NAME, forward_rows, forward_row_partials, forward_row_finish, backward_rows,
+    forward_lanes,     backward_lanes, exp_f32,            VecF::kWidth,
+};
+
+} // namespace
+} // namespace xent::cpu

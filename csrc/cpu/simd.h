@@ -1,0 +1,315 @@
+// A minimal SIMD layer for the CPU kernels: one float vector type per instruction set, with the loads and
+// stores of every logits dtype and a fast exp. Included only by the per-ISA kernel files, after they
+// select the instruction set (XENT_CPU_ISA_AVX512 / XENT_CPU_ISA_AVX2 / XENT_CPU_ISA_GENERIC), and
+// everything here has internal linkage (see csrc/cpu/kernels.h on the ODR hazard).
+#pragma once
+
+#include <cstdint>
+#include <cstring>
+
+#if defined(XENT_CPU_ISA_AVX512) || defined(XENT_CPU_ISA_AVX2)
+#include <immintrin.h>
+#endif
+
+namespace xent::cpu {
+namespace {
+
+// Storage types of 16-bit logits: raw bits, converted to float in registers.
+struct bf16_t { uint16_t bits; };
+struct f16_t { uint16_t bits; };
+
+// ---- Scalar conversions (tails, the generic ISA, and scalar fix-ups) ----
+
+inline float bf16_to_float(uint16_t b) {
+  uint32_t u = static_cast<uint32_t>(b) << 16;
+  float f;
+  std::memcpy(&f, &u, 4);
+  return f;
+}
+
+// Round to nearest even, NaN -> quiet NaN: the same rounding as c10::BFloat16.
+inline uint16_t float_to_bf16(float f) {
+  uint32_t u;
+  std::memcpy(&u, &f, 4);
+  if (f != f) return 0x7fc0;
+  u += 0x7fff + ((u >> 16) & 1);
+  return static_cast<uint16_t>(u >> 16);
+}
+
+inline float f16_to_float(uint16_t h) {
+  const uint32_t sign = static_cast<uint32_t>(h & 0x8000) << 16;
+  uint32_t exponent = (h >> 10) & 0x1f;
+  uint32_t mantissa = h & 0x3ff;
+  uint32_t u;
+  if (exponent == 0x1f) {
+    u = sign | 0x7f800000 | (mantissa << 13);
+  } else if (exponent == 0) {
+    if (mantissa == 0) {
+      u = sign;
+    } else {  // subnormal half: normalize
+      int e = -1;
+      do { ++e; mantissa <<= 1; } while ((mantissa & 0x400) == 0);
+      u = sign | static_cast<uint32_t>(127 - 15 - e) << 23 | (mantissa & 0x3ff) << 13;
+    }
+  } else {
+    u = sign | (exponent + 127 - 15) << 23 | mantissa << 13;
+  }
+  float f;
+  std::memcpy(&f, &u, 4);
+  return f;
+}
+
+// Round to nearest even, like the F16C instruction and c10::Half.
+inline uint16_t float_to_f16(float f) {
+  uint32_t u;
+  std::memcpy(&u, &f, 4);
+  const uint16_t sign = static_cast<uint16_t>((u >> 16) & 0x8000);
+  u &= 0x7fffffff;
+  if (u >= 0x7f800000) return sign | (u > 0x7f800000 ? 0x7e00 : 0x7c00);  // NaN / inf
+  if (u >= 0x477ff000) return sign | 0x7c00;  // rounds to >= 65520: overflow to inf
+  if (u < 0x38800000) {  // below the smallest normal half: subnormal or zero
+    if (u < 0x33000000) return sign;  // < 2^-25 rounds to 0
+    const uint32_t e = u >> 23;
+    const uint32_t m = (u & 0x7fffff) | 0x800000;
+    const uint32_t shift = 126 - e;  // 14 + (113 - e)
+    uint32_t half_m = m >> shift;
+    const uint32_t rest = m & ((1u << shift) - 1);
+    const uint32_t halfway = 1u << (shift - 1);
+    if (rest > halfway || (rest == halfway && (half_m & 1))) ++half_m;
+    return sign | static_cast<uint16_t>(half_m);
+  }
+  uint32_t r = u - 0x38000000;  // rebias exponent 127 -> 15
+  r += 0xfff + ((r >> 13) & 1);
+  return sign | static_cast<uint16_t>(r >> 13);
+}
+
+// Element <-> accumulation type (float, or double for float64 logits).
+inline double to_acc(double x) { return x; }
+inline float to_acc(float x) { return x; }
+inline float to_acc(bf16_t x) { return bf16_to_float(x.bits); }
+inline float to_acc(f16_t x) { return f16_to_float(x.bits); }
+inline void from_acc(double* p, double v) { *p = v; }
+inline void from_acc(float* p, float v) { *p = v; }
+inline void from_acc(bf16_t* p, float v) { p->bits = float_to_bf16(v); }
+inline void from_acc(f16_t* p, float v) { p->bits = float_to_f16(v); }
+
+// exp on [-inf, 88]: Cody-Waite reduction x = n ln2 + r, |r| <= ln2/2, and Cephes' degree-6 polynomial
+// (about 1 ulp). exp(0) is exactly 1 (r = 0, n = 0), which the online log-sum-exp relies on: the running
+// sum is rescaled by exp(m_old - m_new), and that factor must be exactly 1 when the max did not change.
+constexpr float kLog2e = 1.44269504088896341f;
+constexpr float kLn2Hi = 0.693359375f;
+constexpr float kLn2Lo = -2.12194440e-4f;
+constexpr float kExpP0 = 1.9875691500e-4f;
+constexpr float kExpP1 = 1.3981999507e-3f;
+constexpr float kExpP2 = 8.3333452e-3f;
+constexpr float kExpP3 = 4.1665795894e-2f;
+constexpr float kExpP4 = 1.6666665459e-1f;
+constexpr float kExpP5 = 5.0000001201e-1f;
+
+#if defined(XENT_CPU_ISA_AVX512)
+
+struct VecF {
+  using scalar = float;
+  static constexpr int kWidth = 16;
+  __m512 v;
+  static VecF set1(float x) { return {_mm512_set1_ps(x)}; }
+  static VecF load(const float* p) { return {_mm512_loadu_ps(p)}; }
+  static VecF load(const bf16_t* p) {
+    __m512i i = _mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
+    return {_mm512_castsi512_ps(_mm512_slli_epi32(i, 16))};
+  }
+  static VecF load(const f16_t* p) {
+    return {_mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)))};
+  }
+  static void store(float* p, VecF x) { _mm512_storeu_ps(p, x.v); }
+  static void store(bf16_t* p, VecF x) {
+    __m512i u = _mm512_castps_si512(x.v);
+    __m512i lsb = _mm512_and_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(1));
+    __m512i r = _mm512_srli_epi32(_mm512_add_epi32(u, _mm512_add_epi32(_mm512_set1_epi32(0x7fff), lsb)), 16);
+    r = _mm512_mask_mov_epi32(r, _mm512_cmp_ps_mask(x.v, x.v, _CMP_UNORD_Q), _mm512_set1_epi32(0x7fc0));
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(p), _mm512_cvtepi32_epi16(r));
+  }
+  static void store(f16_t* p, VecF x) {
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(p), _mm512_cvtps_ph(x.v, _MM_FROUND_TO_NEAREST_INT));
+  }
+  static VecF fma(VecF a, VecF b, VecF c) { return {_mm512_fmadd_ps(a.v, b.v, c.v)}; }
+  // NaN in `b` propagates (maxps returns its second operand when either is NaN).
+  static VecF max(VecF a, VecF b) { return {_mm512_max_ps(a.v, b.v)}; }
+  float reduce_add() const { return _mm512_reduce_add_ps(v); }
+  float reduce_max() const { return _mm512_reduce_max_ps(v); }
+  static VecF exp(VecF x) {
+    // Clamp below at -104 (exp underflows to 0 there; scalef makes the subnormals in between). A NaN
+    // input stays NaN because it is the second operand of max.
+    __m512 xc = _mm512_max_ps(_mm512_set1_ps(-104.0f), x.v);
+    xc = _mm512_min_ps(_mm512_set1_ps(88.7f), xc);
+    __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(xc, _mm512_set1_ps(kLog2e)),
+                                    _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(kLn2Hi), xc);
+    r = _mm512_fnmadd_ps(n, _mm512_set1_ps(kLn2Lo), r);
+    __m512 p = _mm512_set1_ps(kExpP0);
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(kExpP1));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(kExpP2));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(kExpP3));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(kExpP4));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(kExpP5));
+    __m512 y = _mm512_fmadd_ps(p, _mm512_mul_ps(r, r), _mm512_add_ps(r, _mm512_set1_ps(1.0f)));
+    return {_mm512_scalef_ps(y, n)};
+  }
+};
+inline VecF operator+(VecF a, VecF b) { return {_mm512_add_ps(a.v, b.v)}; }
+inline VecF operator-(VecF a, VecF b) { return {_mm512_sub_ps(a.v, b.v)}; }
+inline VecF operator*(VecF a, VecF b) { return {_mm512_mul_ps(a.v, b.v)}; }
+
+#elif defined(XENT_CPU_ISA_AVX2)
+
+struct VecF {
+  using scalar = float;
+  static constexpr int kWidth = 8;
+  __m256 v;
+  static VecF set1(float x) { return {_mm256_set1_ps(x)}; }
+  static VecF load(const float* p) { return {_mm256_loadu_ps(p)}; }
+  static VecF load(const bf16_t* p) {
+    __m256i i = _mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+    return {_mm256_castsi256_ps(_mm256_slli_epi32(i, 16))};
+  }
+  static VecF load(const f16_t* p) {
+    return {_mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)))};
+  }
+  static void store(float* p, VecF x) { _mm256_storeu_ps(p, x.v); }
+  static void store(bf16_t* p, VecF x) {
+    __m256i u = _mm256_castps_si256(x.v);
+    __m256i lsb = _mm256_and_si256(_mm256_srli_epi32(u, 16), _mm256_set1_epi32(1));
+    __m256i r = _mm256_srli_epi32(_mm256_add_epi32(u, _mm256_add_epi32(_mm256_set1_epi32(0x7fff), lsb)), 16);
+    __m256i nan = _mm256_castps_si256(_mm256_cmp_ps(x.v, x.v, _CMP_UNORD_Q));
+    r = _mm256_blendv_epi8(r, _mm256_set1_epi32(0x7fc0), nan);
+    // Values are <= 0xffff, so the unsigned-saturating pack is exact; packing the two 128-bit halves
+    // keeps the element order.
+    __m128i packed = _mm_packus_epi32(_mm256_castsi256_si128(r), _mm256_extracti128_si256(r, 1));
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(p), packed);
+  }
+  static void store(f16_t* p, VecF x) {
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(p), _mm256_cvtps_ph(x.v, _MM_FROUND_TO_NEAREST_INT));
+  }
+  static VecF fma(VecF a, VecF b, VecF c) { return {_mm256_fmadd_ps(a.v, b.v, c.v)}; }
+  static VecF max(VecF a, VecF b) { return {_mm256_max_ps(a.v, b.v)}; }
+  float reduce_add() const {
+    __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+    s = _mm_add_ss(s, _mm_movehdup_ps(s));
+    return _mm_cvtss_f32(s);
+  }
+  float reduce_max() const {
+    __m128 s = _mm_max_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    s = _mm_max_ps(s, _mm_movehl_ps(s, s));
+    s = _mm_max_ss(s, _mm_movehdup_ps(s));
+    return _mm_cvtss_f32(s);
+  }
+  static VecF exp(VecF x) {
+    // No scalef on AVX2: build 2^n in the exponent bits, so clamp to the normal range and flush results
+    // below exp(-87.33) (the smallest normal float) to 0. NaN stays NaN (second operand of max/min).
+    const __m256 lo = _mm256_set1_ps(-87.33654f);
+    __m256 xc = _mm256_max_ps(lo, x.v);
+    xc = _mm256_min_ps(_mm256_set1_ps(88.37626f), xc);
+    __m256 n = _mm256_round_ps(_mm256_mul_ps(xc, _mm256_set1_ps(kLog2e)), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    __m256 r = _mm256_fnmadd_ps(n, _mm256_set1_ps(kLn2Hi), xc);
+    r = _mm256_fnmadd_ps(n, _mm256_set1_ps(kLn2Lo), r);
+    __m256 p = _mm256_set1_ps(kExpP0);
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(kExpP1));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(kExpP2));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(kExpP3));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(kExpP4));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(kExpP5));
+    __m256 y = _mm256_fmadd_ps(p, _mm256_mul_ps(r, r), _mm256_add_ps(r, _mm256_set1_ps(1.0f)));
+    // n is in [-126, 128] here; n = 128 only for x near 88.7, whose result overflows to inf as it should
+    // after the multiply by 2^127 * 2.
+    __m256i e = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(126)), 23);
+    y = _mm256_mul_ps(_mm256_mul_ps(y, _mm256_castsi256_ps(e)), _mm256_set1_ps(2.0f));
+    __m256 underflow = _mm256_cmp_ps(x.v, lo, _CMP_LT_OQ);
+    return {_mm256_andnot_ps(underflow, y)};
+  }
+};
+inline VecF operator+(VecF a, VecF b) { return {_mm256_add_ps(a.v, b.v)}; }
+inline VecF operator-(VecF a, VecF b) { return {_mm256_sub_ps(a.v, b.v)}; }
+inline VecF operator*(VecF a, VecF b) { return {_mm256_mul_ps(a.v, b.v)}; }
+
+#else  // XENT_CPU_ISA_GENERIC: one lane, portable C++ (non-x86 targets or x86-64 without AVX2).
+
+struct VecF {
+  using scalar = float;
+  static constexpr int kWidth = 1;
+  float v;
+  static VecF set1(float x) { return {x}; }
+  template <class T>
+  static VecF load(const T* p) { return {to_acc(*p)}; }
+  template <class T>
+  static void store(T* p, VecF x) { from_acc(p, x.v); }
+  static VecF fma(VecF a, VecF b, VecF c) { return {a.v * b.v + c.v}; }
+  static VecF max(VecF a, VecF b) { return {a.v > b.v ? a.v : b.v}; }  // maxps semantics
+  float reduce_add() const { return v; }
+  float reduce_max() const { return v; }
+  static VecF exp(VecF x) {
+    float xc = x.v;
+    if (xc != xc) return x;
+    if (xc < -87.33654f) return {0.0f};
+    if (xc > 88.72283f) return {__builtin_inff()};
+    const float n = __builtin_nearbyintf(xc * kLog2e);
+    float r = xc - n * kLn2Hi;
+    r = r - n * kLn2Lo;
+    float p = kExpP0;
+    p = p * r + kExpP1;
+    p = p * r + kExpP2;
+    p = p * r + kExpP3;
+    p = p * r + kExpP4;
+    p = p * r + kExpP5;
+    const float y = p * (r * r) + (r + 1.0f);
+    // 2^n in two halves so that n = 128 (results just below FLT_MAX) does not overflow the exponent.
+    const int ni = static_cast<int>(n);
+    const int half = ni / 2;
+    uint32_t b1 = static_cast<uint32_t>(half + 127) << 23, b2 = static_cast<uint32_t>(ni - half + 127) << 23;
+    float s1, s2;
+    std::memcpy(&s1, &b1, 4);
+    std::memcpy(&s2, &b2, 4);
+    return {y * s1 * s2};
+  }
+};
+inline VecF operator+(VecF a, VecF b) { return {a.v + b.v}; }
+inline VecF operator-(VecF a, VecF b) { return {a.v - b.v}; }
+inline VecF operator*(VecF a, VecF b) { return {a.v * b.v}; }
+
+#endif
+
+// float64 logits: one lane, libm's exp, so float64 results (and gradcheck) keep full precision.
+struct VecD1 {
+  using scalar = double;
+  static constexpr int kWidth = 1;
+  double v;
+  static VecD1 set1(double x) { return {x}; }
+  static VecD1 load(const double* p) { return {*p}; }
+  static void store(double* p, VecD1 x) { *p = x.v; }
+  static VecD1 fma(VecD1 a, VecD1 b, VecD1 c) { return {a.v * b.v + c.v}; }
+  static VecD1 max(VecD1 a, VecD1 b) { return {a.v > b.v ? a.v : b.v}; }  // maxps semantics
+  double reduce_add() const { return v; }
+  double reduce_max() const { return v; }
+  static VecD1 exp(VecD1 x) { return {__builtin_exp(x.v)}; }
+};
+inline VecD1 operator+(VecD1 a, VecD1 b) { return {a.v + b.v}; }
+inline VecD1 operator-(VecD1 a, VecD1 b) { return {a.v - b.v}; }
+inline VecD1 operator*(VecD1 a, VecD1 b) { return {a.v * b.v}; }
+
+// Loads/stores of n < kWidth elements (row tails), through a small buffer padded with `fill`.
+template <class V, class T>
+inline V load_partial(const T* p, int64_t n, typename V::scalar fill) {
+  typename V::scalar buf[V::kWidth];
+  for (int i = 0; i < V::kWidth; ++i) buf[i] = i < n ? to_acc(p[i]) : fill;
+  return V::load(buf);
+}
+
+template <class V, class T>
+inline void store_partial(T* p, int64_t n, V x) {
+  typename V::scalar buf[V::kWidth];
+  V::store(buf, x);
+  for (int64_t i = 0; i < n; ++i) from_acc(p + i, buf[i]);
+}
+
+} // namespace
+} // namespace xent::cpu

@@ -1,0 +1,57 @@
+// Host-side argument checking and shape canonicalization shared by the CPU and CUDA cross-entropy ops.
+//
+// Every kernel sees the logits as a 3-d view (N, C, S): N batch rows, C classes, S = d1 * ... * dk spatial
+// positions (S = 1 for 2-d logits). A "position" is one (n, s) pair; there are N * S of them and each has
+// one loss and one lse. Positions are numbered p = n * S + s, which is also their index in the contiguous
+// (N, *) target, loss and lse tensors.
+#pragma once
+
+#include <ATen/core/Reduction.h>
+#include <ATen/core/Tensor.h>
+#include <c10/util/Exception.h>
+
+#include <cstdint>
+#include <optional>
+
+namespace xent {
+
+// A (N, C, S) strided view of a tensor of shape (N, C, d1, ..., dk), in elements.
+struct NCSView {
+  int64_t N = 0, C = 0, S = 1;
+  int64_t stride_n = 0, stride_c = 0, stride_s = 0;
+};
+
+// The (N, C, S) view of `t` if its trailing dims d1..dk collapse into one strided dim, else nullopt.
+std::optional<NCSView> ncs_view(const at::Tensor& t);
+
+// Strides (in elements) for a new tensor shaped like `like`: the same strides when `like` is
+// non-overlapping and dense (so channels-last and transposed layouts are kept and the kernels stream both
+// tensors in the same order), contiguous strides otherwise.
+std::vector<int64_t> dense_strides_like(const at::Tensor& like);
+
+// Checks shared by every cross-entropy op; the messages and exception types follow PyTorch's
+// (ValueError for a batch mismatch, IndexError for an out-of-range target is raised by the kernels).
+void check_logits(const at::Tensor& logits, const char* op);
+void check_index_target(const at::Tensor& logits, const at::Tensor& target);
+void check_prob_target(const at::Tensor& logits, const at::Tensor& target);
+void check_weight(const at::Tensor& logits, const std::optional<at::Tensor>& weight);
+void check_reduction(int64_t reduction);
+void check_label_smoothing(double label_smoothing);
+void check_same_device(const at::Tensor& logits, const at::Tensor& other, const char* name);
+// grad_loss must have the forward loss's shape; lse must be (N, *) in the accumulation dtype.
+void check_backward_inputs(
+    const at::Tensor& grad_loss,
+    const at::Tensor& logits,
+    const at::Tensor& lse,
+    int64_t reduction);
+
+// The dtype of lse and of all accumulation: float64 for float64 logits, float32 otherwise.
+at::ScalarType acc_dtype(at::ScalarType logits_dtype);
+
+// Sizes of the per-position tensors (loss with reduction=none, lse): logits' sizes without dim 1.
+std::vector<int64_t> position_sizes(const at::Tensor& logits);
+
+// Weight as a contiguous (C) tensor in the accumulation dtype, or an undefined tensor.
+at::Tensor weight_for_kernel(const at::Tensor& logits, const std::optional<at::Tensor>& weight);
+
+} // namespace xent

@@ -1,0 +1,65 @@
+// Every xent operator schema, in one place.
+//
+// Note [xent op conventions]
+// ---------------------------
+// * logits are (N, C) or (N, C, d1, ..., dk): the class dimension is dim 1, as in
+//   torch.nn.functional.cross_entropy. Unbatched (C) inputs are unsqueezed by the Python wrapper.
+// * Class-index targets are (N) or (N, d1, ..., dk), int64, int32 or uint8. Probability targets have the
+//   logits' shape and dtype and go through the `*_prob_*` ops.
+// * `reduction` is at::Reduction: 0 = none, 1 = mean, 2 = sum.
+// * Forward ops also return `lse`, the log-sum-exp over classes for every position, shape (N, d1..dk),
+//   float32 (float64 for float64 logits). The backward reuses it instead of reading the logits twice, and
+//   it is a differentiable output (d lse / d logits = softmax), so z-loss and `return_lse` can build on it.
+// * Options come after `*` as keyword-only arguments with defaults. New options (z_loss, logit softcap,
+//   logit scale, in-place gradient, fused linear + cross-entropy, vocabulary-parallel) are appended the
+//   same way, so existing callers, serialized graphs and C++ users keep working.
+// * Backward ops take the forward's saved tensors explicitly and never mutate them.
+//
+// The same file builds two libraries: `xent` (the real CPU and CUDA kernels) and, in the test-only build
+// of xent/_C_emulated, `xent_emulated`, whose CPU kernels run the CUDA device code under the SIMT
+// emulator (tests/simt). Both get exactly these schemas.
+
+#include <torch/library.h>
+
+#ifndef XENT_OPS_NAMESPACE
+#define XENT_OPS_NAMESPACE xent
+#endif
+
+TORCH_LIBRARY(XENT_OPS_NAMESPACE, m) {
+  // Cross-entropy with class-index targets.
+  //   logits (N, C, *), target (N, *), weight (C) or None.
+  //   loss: () for mean/sum, (N, *) for none, logits' dtype. lse: (N, *), float32/float64.
+  m.def(
+      "cross_entropy_fwd(Tensor logits, Tensor target, Tensor? weight=None, *, int reduction=1, "
+      "int ignore_index=-100, float label_smoothing=0.0) -> (Tensor loss, Tensor lse)");
+  //   grad_loss: the loss's shape. Returns grad_logits, the logits' shape and dtype.
+  m.def(
+      "cross_entropy_bwd(Tensor grad_loss, Tensor logits, Tensor target, Tensor? weight, Tensor lse, *, "
+      "int reduction=1, int ignore_index=-100, float label_smoothing=0.0) -> Tensor grad_logits");
+
+  // Cross-entropy with probability targets: target has the logits' shape (N, C, *).
+  m.def(
+      "cross_entropy_prob_fwd(Tensor logits, Tensor target, Tensor? weight=None, *, int reduction=1, "
+      "float label_smoothing=0.0) -> (Tensor loss, Tensor lse)");
+  m.def(
+      "cross_entropy_prob_bwd(Tensor grad_loss, Tensor logits, Tensor target, Tensor? weight, Tensor lse, *, "
+      "int reduction=1, float label_smoothing=0.0) -> Tensor grad_logits");
+
+  // Test and tuning hooks (leading underscore: not API).
+  //   _cpu_exp: the CPU kernels' vectorized exp applied to a float32 tensor, to test its accuracy.
+  m.def("_cpu_exp(Tensor x) -> Tensor");
+  //   _cpu_isa: selects the CPU kernel instruction set ("avx512", "avx2", "generic"; "" keeps it) and
+  //   returns the one in use. Selecting one the CPU lacks raises.
+  m.def("_cpu_isa(str isa=\"\") -> str");
+  //   _cpu_grad_cache: the CPU gradient-buffer cache. Sets its capacity in bytes when `capacity` >= 0
+  //   (0 disables it and frees what it holds) and returns [capacity, bytes held now].
+  m.def("_cpu_grad_cache(int capacity=-1) -> int[]");
+#ifdef XENT_EMULATED_BUILD
+  //   _simt_schedule: the emulator's warp schedule for later launches: "forward", "reverse" or "random"
+  //   (seeded).
+  m.def("_simt_schedule(str schedule, int seed=0) -> ()");
+  //   _simt_traffic: global-memory bytes [read, written] by the device code of the last launches since the
+  //   previous call (and resets the counters).
+  m.def("_simt_traffic() -> int[]");
+#endif
+}
