@@ -62,7 +62,11 @@ COMMON_CXX = [
     "-std=c++20",
     "-fvisibility=hidden",
     "-fno-math-errno",  # lets std::exp/log inline; we never read errno
+    # at::parallel_for is header-inline over OpenMP (AT_PARALLEL_OPENMP): without -fopenmp it runs serially.
+    # Linked as libgomp.so.1, it resolves to the libgomp torch has already loaded: one thread pool.
+    "-fopenmp",
 ]
+LINK_ARGS = ["-fopenmp"]
 
 host_sources = rel(
     [os.path.join(ROOT, "csrc", "ops.cpp"), os.path.join(ROOT, "csrc", "module.cpp")]
@@ -79,6 +83,7 @@ if build_cuda():
             host_sources + cuda_sources,
             include_dirs=[os.path.join(ROOT, "csrc")],
             define_macros=[("XENT_WITH_CUDA", "1")],
+            extra_link_args=LINK_ARGS,
             extra_compile_args={
                 "cxx": COMMON_CXX,
                 "nvcc": [
@@ -98,6 +103,7 @@ else:
             host_sources,
             include_dirs=[os.path.join(ROOT, "csrc")],
             extra_compile_args={"cxx": COMMON_CXX},
+            extra_link_args=LINK_ARGS,
             py_limited_api=True,
         )
     )
@@ -122,10 +128,10 @@ if _truthy("XENT_BUILD_EMULATOR"):
             define_macros=[("XENT_EMULATED_BUILD", "1"), ("XENT_SIMT_EMULATOR", "1")],
             extra_compile_args={
                 "cxx": COMMON_CXX[:1]
-                + ["-O2", "-g", "-std=c++20", "-ffp-contract=fast"]
+                + ["-O2", "-g", "-std=c++20", "-ffp-contract=fast", "-fopenmp"]
                 + sanitize
             },
-            extra_link_args=sanitize,
+            extra_link_args=sanitize + LINK_ARGS,
             py_limited_api=True,
         )
     )

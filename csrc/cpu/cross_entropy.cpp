@@ -150,7 +150,9 @@ void set_strides(const NCSView& v, int64_t& n, int64_t& c, int64_t& s) {
 // ---------------------------------------------------------------------------------------------------
 // Targets: validation, conversion, and the mean's denominator.
 
-constexpr int64_t kReduceBlock = 4096;  // fixed blocks: sums do not depend on the thread count
+constexpr int64_t kReduceBlock = 4096;
+// Gradients at least this large are written with non-temporal stores: they cannot stay in cache anyway.
+constexpr int64_t kStreamGradBytes = int64_t(32) << 20;  // fixed blocks: sums do not depend on the thread count
 
 // Class-index targets as contiguous int64 (N * S). Raises IndexError for the first (lowest position)
 // target that is neither ignore_index nor in [0, C). Returns the sum of w[target] over non-ignored
@@ -387,6 +389,7 @@ at::Tensor backward_impl(const at::Tensor& grad_loss, const at::Tensor& logits, 
   CrossEntropyArgs& a = pr.args;
   a.grad = grad.data_ptr();
   set_strides(*gv, a.grad_stride_n, a.grad_stride_c, a.grad_stride_s);
+  a.stream_grad = grad.nbytes() >= kStreamGradBytes;
   if (pr.positions == 0 || a.C == 0) return grad;
 
   at::Tensor lse_c = lse.contiguous();

@@ -62,6 +62,7 @@ struct CrossEntropyArgs {
   const void* lse_in;  // (N * S) acc_t, from the forward
   void* grad;          // (N, C, S) strided, `dtype`
   int64_t grad_stride_n, grad_stride_c, grad_stride_s;
+  bool stream_grad;    // write the gradient with non-temporal stores (too large to stay in cache)
 };
 
 // Partial log-sum-exp state of one chunk of a row (Note [Deterministic chunks]), in acc precision.

@@ -155,7 +155,11 @@ struct RowsLayout {
     const V mv = V::set1(m == -static_cast<acc>(kInf) ? acc(0) : m);
     V s0 = zero, s1 = zero, s2 = zero, s3 = zero;
     i = 0;
+    // While the exponentials run from L1, pull the next chunk in (pass 1 of the next chunk is otherwise a
+    // pure memory stall). Prefetches past the end of the row or the tensor are harmless: they never fault.
+    constexpr int64_t kLineElems = 64 / sizeof(T);
     for (; i + 4 * W <= n; i += 4 * W) {
+      for (int64_t l = 0; l < 4 * W; l += kLineElems) prefetch(x + n + i + l);
       s0 = s0 + V::exp(V::load(x + i) - mv);
       s1 = s1 + V::exp(V::load(x + i + W) - mv);
       s2 = s2 + V::exp(V::load(x + i + 2 * W) - mv);
@@ -254,6 +258,27 @@ struct RowsLayout {
     return total;
   }
 
+  // Writes g[c] = grad_of(x[c], w[c]) for c in [c0, c1) (w[c] = 1 without weight). With a.stream_grad
+  // the aligned body uses non-temporal stores (the caller fences).
+  template <class F>
+  static void write_row(const CrossEntropyArgs& a, T* g, const T* x, const acc* w, int64_t c0, int64_t c1, F&& grad_of) {
+    constexpr int W = V::kWidth;
+    const V one = V::set1(1);
+    int64_t c = c0;
+    if (a.stream_grad) {
+      const int64_t misaligned = static_cast<int64_t>((reinterpret_cast<uintptr_t>(g + c) / sizeof(T)) % W);
+      const int64_t head = misaligned == 0 ? 0 : (W - misaligned < c1 - c ? W - misaligned : c1 - c);
+      if (head > 0) {
+        store_partial(g + c, head, grad_of(load_partial<V>(x + c, head, 0), w ? load_partial<V>(w + c, head, 0) : one));
+        c += head;
+      }
+      for (; c + W <= c1; c += W) V::stream(g + c, grad_of(V::load(x + c), w ? V::load(w + c) : one));
+    } else {
+      for (; c + W <= c1; c += W) V::store(g + c, grad_of(V::load(x + c), w ? V::load(w + c) : one));
+    }
+    if (c < c1) store_partial(g + c, c1 - c, grad_of(load_partial<V>(x + c, c1 - c, 0), w ? load_partial<V>(w + c, c1 - c, 0) : one));
+  }
+
   static void backward_rows(const CrossEntropyArgs& a, int64_t row_begin, int64_t row_end, int64_t c0, int64_t c1) {
     constexpr int W = V::kWidth;
     const Coefficients<acc> coef(a);
@@ -291,21 +316,10 @@ struct RowsLayout {
       const V soft_coef = V::set1(static_cast<acc>(s * coef.index_softmax_coef(t)));
       const acc smooth = static_cast<acc>(s * coef.eps_over_c);
       if (smooth == 0) {
-        for (; c + 4 * W <= c1; c += 4 * W) {
-          V::store(g + c, soft_coef * V::exp(V::load(x + c) - lse));
-          V::store(g + c + W, soft_coef * V::exp(V::load(x + c + W) - lse));
-          V::store(g + c + 2 * W, soft_coef * V::exp(V::load(x + c + 2 * W) - lse));
-          V::store(g + c + 3 * W, soft_coef * V::exp(V::load(x + c + 3 * W) - lse));
-        }
-        for (; c + W <= c1; c += W) V::store(g + c, soft_coef * V::exp(V::load(x + c) - lse));
-        if (c < c1) store_partial(g + c, c1 - c, soft_coef * V::exp(load_partial<V>(x + c, c1 - c, 0) - lse));
+        write_row(a, g, x, nullptr, c0, c1, [&](V xv, V) { return soft_coef * V::exp(xv - lse); });
       } else {
         const V sv = V::set1(smooth);
-        auto grad_of = [&](V xv, V wv) { return soft_coef * V::exp(xv - lse) - sv * wv; };
-        for (; c + W <= c1; c += W) V::store(g + c, grad_of(V::load(x + c), w ? V::load(w + c) : V::set1(1)));
-        if (c < c1)
-          store_partial(g + c, c1 - c,
-                        grad_of(load_partial<V>(x + c, c1 - c, 0), w ? load_partial<V>(w + c, c1 - c, 0) : V::set1(1)));
+        write_row(a, g, x, w, c0, c1, [&](V xv, V wv) { return soft_coef * V::exp(xv - lse) - sv * wv; });
       }
       if (t >= c0 && t < c1) {
         const acc p_t = scalar_exp(static_cast<acc>(to_acc(x[t]) - lse_in[row]));
@@ -314,6 +328,7 @@ struct RowsLayout {
         from_acc(g + t, static_cast<acc>(g_t));
       }
     }
+    if (a.stream_grad) stream_fence();
   }
 };
 

@@ -1,0 +1,599 @@
+// Host launch code of the CUDA cross-entropy ops (device code and Note [CUDA cross-entropy kernels]:
+// cross_entropy.cuh).
+//
+// The same file is compiled by g++ for the SIMT emulator (tests/simt/emulated_ops.cpp, XENT_SIMT_EMULATOR):
+// then the tensors are CPU tensors, launches run the device code on the CPU and the ops are CPU kernels of
+// the `xent_emulated` library. Everything that differs lives in the "host compat" block below.
+//
+// No host synchronisation: nothing computed on the device is read here. Sums for mean/sum reductions, the
+// weight total of label smoothing and the mean's denominator in the backward are all reduced on the device
+// in a fixed order (finish_kernel).
+#include "cross_entropy.cuh"
+#include "cross_entropy_host.h"
+
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/empty_strided.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <atomic>
+#include <cstdlib>
+#include <limits>
+#include <optional>
+#include <tuple>
+#include <type_traits>
+
+// ---- Host compat -----------------------------------------------------------------------------------------
+#ifdef XENT_SIMT_EMULATOR
+#define XENT_CE_LIBRARY xent_emulated
+#define XENT_CE_DISPATCH_KEY CPU
+#define XENT_CE_LAUNCH_CHECK() \
+  do {                         \
+  } while (0)
+namespace xent::cuda::host {
+struct DeviceGuard {
+  explicit DeviceGuard(const at::Device&) {}
+};
+inline xent_stream_t current_stream(const at::Device&) { return xent_stream_t{}; }
+// The emulated "GPU" has 4 SMs unless XENT_SIMT_SM_COUNT says otherwise (it moves the split-row thresholds).
+inline int sm_count(const at::Device&) {
+  const char* env = std::getenv("XENT_SIMT_SM_COUNT");
+  const int n = env != nullptr ? std::atoi(env) : 0;
+  return n > 0 ? n : 4;
+}
+} // namespace xent::cuda::host
+#else
+#include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
+#define XENT_CE_LIBRARY xent
+#define XENT_CE_DISPATCH_KEY CUDA
+#define XENT_CE_LAUNCH_CHECK() C10_CUDA_KERNEL_LAUNCH_CHECK()
+namespace xent::cuda::host {
+using DeviceGuard = c10::cuda::CUDAGuard;
+inline xent_stream_t current_stream(const at::Device& device) {
+  return c10::cuda::getCurrentCUDAStream(device.index()).stream();
+}
+inline int sm_count(const at::Device& device) {
+  static std::atomic<int> cache[64];
+  const int index = device.index();
+  if (index >= 0 && index < 64) {
+    const int cached = cache[index].load(std::memory_order_relaxed);
+    if (cached > 0) return cached;
+  }
+  int n = 0;
+  C10_CUDA_CHECK(cudaDeviceGetAttribute(&n, cudaDevAttrMultiProcessorCount, index));
+  if (index >= 0 && index < 64) cache[index].store(n, std::memory_order_relaxed);
+  return n;
+}
+} // namespace xent::cuda::host
+#endif
+// ----------------------------------------------------------------------------------------------------------
+
+namespace xent::cuda {
+namespace {
+
+using ce::kBlock;
+using ce::kWarps;
+
+int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
+int64_t round_up(int64_t a, int64_t b) { return ceil_div(a, b) * b; }
+
+// ---- Layouts (Note [CUDA cross-entropy kernels]) ----
+enum class Kind { Rows, Lanes };
+
+// The kernels' (N, C, S) view of a tensor shaped like the logits.
+struct View {
+  int64_t N = 0, C = 0, S = 1;
+  int64_t sn = 0, sc = 1, ss = 1;
+};
+
+std::optional<View> view_of(const at::Tensor& t) {
+  const auto v = ncs_view(t);
+  if (!v) return std::nullopt;
+  View r{v->N, v->C, v->S, v->stride_n, v->stride_c, v->stride_s};
+  if (r.C == 1) r.sc = 1;  // the stride of a size-1 dim means nothing
+  return r;
+}
+
+bool rows_ok(const View& v) { return v.sc == 1; }
+bool lanes_ok(const View& v) { return v.S > 1 ? v.ss == 1 : (v.N == 1 || v.sn == 1); }
+
+std::optional<Kind> pick_kind(const View& v) {
+  if (v.sc == 1 && !(v.C == 1 && v.S > 1 && lanes_ok(v))) return Kind::Rows;
+  if (lanes_ok(v)) return Kind::Lanes;
+  return std::nullopt;
+}
+
+// The logits (a contiguous copy when their layout fits neither kernel layout) and, for probability targets,
+// the target with a layout the kernels accept.
+struct Prepared {
+  at::Tensor x;
+  View xv;
+  Kind kind = Kind::Rows;
+  at::Tensor t;
+  View tv;
+};
+
+Prepared prepare(const at::Tensor& logits, const at::Tensor* prob_target) {
+  Prepared pr;
+  pr.x = logits;
+  auto xv = view_of(pr.x);
+  std::optional<Kind> kind = xv ? pick_kind(*xv) : std::nullopt;
+  if (!kind) {
+    pr.x = logits.contiguous();
+    xv = view_of(pr.x);
+    kind = pick_kind(*xv);
+    TORCH_INTERNAL_ASSERT(kind.has_value());
+  }
+  pr.xv = *xv;
+  pr.kind = *kind;
+  if (prob_target != nullptr) {
+    pr.t = *prob_target;
+    auto tv = view_of(pr.t);
+    // Rows: the target needs class stride 1 too; give it the logits' strides (128-bit loads then share
+    // their alignment when the storage offsets agree). Lanes: any collapsible strides work.
+    if (!tv || (pr.kind == Kind::Rows && !rows_ok(*tv))) {
+      at::Tensor copy = pr.kind == Kind::Rows
+          ? at::empty_strided(pr.x.sizes(), pr.x.strides(), pr.t.options())
+          : at::empty(pr.t.sizes(), pr.t.options());
+      copy.copy_(pr.t);
+      pr.t = copy;
+      tv = view_of(pr.t);
+      TORCH_INTERNAL_ASSERT(tv && (pr.kind == Kind::Lanes || rows_ok(*tv)));
+    }
+    pr.tv = *tv;
+  }
+  return pr;
+}
+
+// ---- Work decomposition ----
+struct Plan {
+  int row_warps = 1;
+  int class_groups = 1;
+  int64_t chunk = 0;
+  int64_t n_chunks = 1;
+  int64_t grid = 0;
+};
+
+// Fewer positions than this many per SM: split long rows into chunks.
+constexpr int64_t kSplitPositionsPerSM = 4;
+// Rows of up to this many bytes get one warp each (8 rows per block); longer rows get the whole block.
+constexpr int64_t kWarpRowMaxBytes = 8192;
+// Split chunks: at least this many bytes, a multiple of a block-wide 128-bit step.
+constexpr int64_t kMinChunkBytes = 16384;
+// Lanes layout: classes per chunk when splitting positions' classes.
+constexpr int64_t kLanesMinChunk = 256;
+
+Plan plan_rows(int64_t P, int64_t C, int64_t elt, int sms) {
+  Plan pl;
+  const int64_t V = 16 / elt;
+  pl.row_warps = C * elt <= kWarpRowMaxBytes ? 1 : kWarps;
+  pl.chunk = C;
+  const int64_t target_blocks = kSplitPositionsPerSM * sms;
+  if (P < target_blocks) {
+    const int64_t unit = static_cast<int64_t>(kBlock) * V;
+    const int64_t want = ceil_div(target_blocks, P);
+    const int64_t chunk = round_up(std::max(ceil_div(C, want), kMinChunkBytes / elt), unit);
+    const int64_t n = ceil_div(C, chunk);
+    if (n >= 2) {
+      pl.row_warps = kWarps;
+      pl.chunk = chunk;
+      pl.n_chunks = n;
+    }
+  }
+  pl.grid = ceil_div(P, kWarps / pl.row_warps) * pl.n_chunks;
+  return pl;
+}
+
+Plan plan_lanes(int64_t P, int64_t C, int sms) {
+  Plan pl;
+  pl.class_groups = C >= 64 ? 8 : C >= 32 ? 4 : C >= 16 ? 2 : 1;
+  pl.chunk = C;
+  const int64_t tiles = ceil_div(P, 32 * (kWarps / pl.class_groups));
+  const int64_t target_blocks = kSplitPositionsPerSM * sms;
+  if (tiles < target_blocks && C >= 2 * kLanesMinChunk) {
+    const int64_t want = ceil_div(target_blocks, tiles);
+    const int64_t chunk = std::max(ceil_div(C, want), kLanesMinChunk);
+    const int64_t n = ceil_div(C, chunk);
+    if (n >= 2) {
+      pl.chunk = chunk;
+      pl.n_chunks = n;
+    }
+  }
+  pl.grid = tiles * pl.n_chunks;
+  return pl;
+}
+
+Plan make_plan(const Prepared& pr, int sms) {
+  const int64_t P = pr.xv.N * pr.xv.S;
+  Plan pl = pr.kind == Kind::Rows ? plan_rows(P, pr.xv.C, pr.x.element_size(), sms) : plan_lanes(P, pr.xv.C, sms);
+  TORCH_CHECK(
+      pl.grid <= std::numeric_limits<int32_t>::max(), "cross_entropy: input too large for the CUDA kernels (",
+      pl.grid, " blocks)");
+  return pl;
+}
+
+// ---- dtype dispatch ----
+template <class T>
+struct Tag {
+  using type = T;
+};
+
+template <class F>
+void dispatch_dtype(at::ScalarType st, F&& f) {
+  switch (st) {
+    case at::kFloat:
+      f(Tag<float>{});
+      break;
+    case at::kDouble:
+      f(Tag<double>{});
+      break;
+    case at::kBFloat16:
+      f(Tag<__nv_bfloat16>{});
+      break;
+    case at::kHalf:
+      f(Tag<__half>{});
+      break;
+    default:
+      TORCH_CHECK(false, "cross_entropy: unsupported dtype ", st);
+  }
+}
+
+template <class T>
+const T* cptr(const at::Tensor& t) {
+  return t.defined() ? reinterpret_cast<const T*>(t.const_data_ptr()) : nullptr;
+}
+template <class T>
+T* mptr(const at::Tensor& t) {
+  return t.defined() ? reinterpret_cast<T*>(t.mutable_data_ptr()) : nullptr;
+}
+
+// ---- Launchers ----
+template <class scalar_t>
+void launch_finish(const ce::FinishParams<scalar_t>& f, xent_stream_t stream) {
+  auto* kernel = &ce::finish_kernel<scalar_t>;
+  XENT_LAUNCH(1, ce::kFinishBlock, 0, stream, kernel)(f);
+  XENT_CE_LAUNCH_CHECK();
+}
+
+// Device scalar sum_c w_c (label smoothing with class weights).
+template <class scalar_t>
+at::Tensor weight_total(const at::Tensor& w, xent_stream_t stream) {
+  using acc_t = typename ce::AccType<scalar_t>::type;
+  at::Tensor total = at::empty({}, w.options());
+  ce::FinishParams<scalar_t> f;
+  f.num = cptr<acc_t>(w);
+  f.n = w.numel();
+  f.acc_out = mptr<acc_t>(total);
+  launch_finish(f, stream);
+  return total;
+}
+
+template <class scalar_t, int MODE>
+void launch_forward_main(const ce::Params<scalar_t>& a, Kind kind, int64_t grid, xent_stream_t stream) {
+  auto* kernel = kind == Kind::Rows ? &ce::fwd_rows_kernel<scalar_t, MODE> : &ce::fwd_lanes_kernel<scalar_t, MODE>;
+  XENT_LAUNCH(static_cast<unsigned>(grid), kBlock, 0, stream, kernel)(a);
+  XENT_CE_LAUNCH_CHECK();
+}
+
+// Runs the forward kernels of MODE over every position: lse and loss (reduction none) or the per-block
+// partial sums in a.block_partials (sized by forward_partial_blocks), or Q for kProbWsum.
+template <class scalar_t, int MODE>
+void run_forward(ce::Params<scalar_t> a, const Prepared& pr, const Plan& pl, xent_stream_t stream) {
+  using acc_t = typename ce::AccType<scalar_t>::type;
+  const int64_t P = a.N * a.S;
+  a.chunk = pl.chunk;
+  a.n_chunks = pl.n_chunks;
+  a.row_warps = pl.row_warps;
+  a.class_groups = pl.class_groups;
+  at::Tensor partials;
+  if (pl.n_chunks > 1) {
+    partials = at::empty({P * pl.n_chunks * 4}, pr.x.options().dtype(acc_dtype(pr.x.scalar_type())));
+    a.partials = mptr<acc_t>(partials);
+  }
+  launch_forward_main<scalar_t, MODE>(a, pr.kind, pl.grid, stream);
+  if (pl.n_chunks > 1) {
+    auto* kernel = &ce::fwd_merge_kernel<scalar_t, MODE>;
+    XENT_LAUNCH(static_cast<unsigned>(ceil_div(P, kBlock)), kBlock, 0, stream, kernel)(a);
+    XENT_CE_LAUNCH_CHECK();
+  }
+}
+
+// Blocks that store one partial each in the forward's last kernel.
+int64_t forward_partial_blocks(int64_t P, const Plan& pl) { return pl.n_chunks > 1 ? ceil_div(P, kBlock) : pl.grid; }
+
+template <class scalar_t>
+ce::Params<scalar_t> base_params(
+    const Prepared& pr,
+    const at::Tensor& target,
+    const at::Tensor& weight,
+    const at::Tensor& weight_total,
+    int64_t ignore_index,
+    double label_smoothing) {
+  using acc_t = typename ce::AccType<scalar_t>::type;
+  ce::Params<scalar_t> a;
+  a.x = cptr<scalar_t>(pr.x);
+  a.N = pr.xv.N;
+  a.C = pr.xv.C;
+  a.S = pr.xv.S;
+  a.x_sn = pr.xv.sn;
+  a.x_ss = pr.xv.ss;
+  a.x_sc = pr.xv.sc;
+  if (pr.t.defined()) {
+    a.tp = cptr<scalar_t>(pr.t);
+    a.t_sn = pr.tv.sn;
+    a.t_ss = pr.tv.ss;
+    a.t_sc = pr.tv.sc;
+  }
+  a.target = cptr<int64_t>(target);
+  a.ignore_index = ignore_index;
+  a.weight = cptr<acc_t>(weight);
+  a.weight_total = cptr<acc_t>(weight_total);
+  a.one_minus_eps = static_cast<acc_t>(1.0 - label_smoothing);
+  a.eps_over_c = a.C > 0 ? static_cast<acc_t>(label_smoothing / static_cast<double>(a.C)) : acc_t(0);
+  return a;
+}
+
+int forward_mode(bool prob, double label_smoothing) {
+  return prob ? ce::kProb : label_smoothing > 0.0 ? ce::kIndexSmooth : ce::kIndex;
+}
+
+template <class F>
+void dispatch_mode(int mode, F&& f) {
+  switch (mode) {
+    case ce::kIndex:
+      f(std::integral_constant<int, ce::kIndex>{});
+      break;
+    case ce::kIndexSmooth:
+      f(std::integral_constant<int, ce::kIndexSmooth>{});
+      break;
+    case ce::kProb:
+      f(std::integral_constant<int, ce::kProb>{});
+      break;
+    default:
+      f(std::integral_constant<int, ce::kProbWsum>{});
+      break;
+  }
+}
+
+// ---- Forward ----
+std::tuple<at::Tensor, at::Tensor> forward_impl(
+    const at::Tensor& logits,
+    const at::Tensor& target,  // class indices or probabilities
+    const std::optional<at::Tensor>& weight_opt,
+    int64_t reduction,
+    int64_t ignore_index,
+    double label_smoothing,
+    bool prob) {
+  host::DeviceGuard guard(logits.device());
+  const auto positions = position_sizes(logits);
+  const auto acc = acc_dtype(logits.scalar_type());
+  at::Tensor lse = at::empty(positions, logits.options().dtype(acc));
+  at::Tensor loss =
+      reduction == at::Reduction::None ? at::empty(positions, logits.options()) : at::empty({}, logits.options());
+  const int64_t P = lse.numel();
+  if (P == 0) {
+    if (reduction == at::Reduction::Mean) loss.fill_(std::numeric_limits<double>::quiet_NaN());
+    if (reduction == at::Reduction::Sum) loss.zero_();
+    return {loss, lse};
+  }
+  const Prepared pr = prepare(logits, prob ? &target : nullptr);
+  const at::Tensor target64 = prob ? at::Tensor() : target.to(at::kLong).contiguous();
+  const at::Tensor w = weight_for_kernel(logits, weight_opt);
+  const int mode = forward_mode(prob, label_smoothing);
+  const xent_stream_t stream = host::current_stream(logits.device());
+  const Plan pl = make_plan(pr, host::sm_count(logits.device()));
+  const int64_t n_blocks = forward_partial_blocks(P, pl);
+
+  dispatch_dtype(logits.scalar_type(), [&](auto tag) {
+    using scalar_t = typename decltype(tag)::type;
+    using acc_t = typename ce::AccType<scalar_t>::type;
+    const at::Tensor wt = mode == ce::kIndexSmooth && w.defined() ? weight_total<scalar_t>(w, stream) : at::Tensor();
+    ce::Params<scalar_t> a = base_params<scalar_t>(pr, target64, w, wt, ignore_index, label_smoothing);
+    a.lse = mptr<acc_t>(lse);
+    at::Tensor block_partials;
+    if (reduction == at::Reduction::None) {
+      a.loss = mptr<scalar_t>(loss);
+    } else {
+      block_partials = at::empty({2 * n_blocks}, lse.options());
+      a.block_partials = mptr<acc_t>(block_partials);
+      a.n_blocks = n_blocks;
+    }
+    dispatch_mode(mode, [&](auto m) { run_forward<scalar_t, decltype(m)::value>(a, pr, pl, stream); });
+    if (reduction != at::Reduction::None) {
+      ce::FinishParams<scalar_t> f;
+      f.num = a.block_partials;
+      f.n = n_blocks;
+      if (reduction == at::Reduction::Mean) {
+        if (prob) {
+          f.den_const = static_cast<acc_t>(P);
+        } else {
+          f.den = a.block_partials + n_blocks;
+        }
+      }
+      f.loss_out = mptr<scalar_t>(loss);
+      launch_finish(f, stream);
+    }
+  });
+  return {loss, lse};
+}
+
+// ---- Backward ----
+at::Tensor backward_impl(
+    const at::Tensor& grad_loss,
+    const at::Tensor& logits,
+    const at::Tensor& target,
+    const std::optional<at::Tensor>& weight_opt,
+    const at::Tensor& lse,
+    int64_t reduction,
+    int64_t ignore_index,
+    double label_smoothing,
+    bool prob) {
+  host::DeviceGuard guard(logits.device());
+  at::Tensor grad = at::empty_strided(logits.sizes(), dense_strides_like(logits), logits.options());
+  if (grad.numel() == 0) return grad;
+  const Prepared pr = prepare(logits, prob ? &target : nullptr);
+  const int64_t P = pr.xv.N * pr.xv.S;
+  // The gradient is written in the kernels' layout: when grad's own layout does not fit it, into a
+  // temporary with the (possibly copied) logits' strides, copied into grad at the end.
+  at::Tensor gk = grad;
+  auto gv = view_of(gk);
+  if (!gv || (pr.kind == Kind::Rows && !rows_ok(*gv))) {
+    gk = at::empty_strided(pr.x.sizes(), pr.x.strides(), logits.options());
+    gv = view_of(gk);
+    TORCH_INTERNAL_ASSERT(gv && (pr.kind == Kind::Lanes || rows_ok(*gv)));
+  }
+  const at::Tensor target64 = prob ? at::Tensor() : target.to(at::kLong).contiguous();
+  const at::Tensor w = weight_for_kernel(logits, weight_opt);
+  const at::Tensor lse_c = lse.contiguous();
+  const at::Tensor gl = grad_loss.to(logits.scalar_type()).contiguous();
+  const int mode = forward_mode(prob, label_smoothing);
+  const xent_stream_t stream = host::current_stream(logits.device());
+  const Plan pl = make_plan(pr, host::sm_count(logits.device()));
+
+  dispatch_dtype(logits.scalar_type(), [&](auto tag) {
+    using scalar_t = typename decltype(tag)::type;
+    using acc_t = typename ce::AccType<scalar_t>::type;
+    const auto acc_opts = lse_c.options();
+    const at::Tensor wt = mode == ce::kIndexSmooth && w.defined() ? weight_total<scalar_t>(w, stream) : at::Tensor();
+    ce::Params<scalar_t> a = base_params<scalar_t>(pr, target64, w, wt, ignore_index, label_smoothing);
+
+    // Upstream gradient: per position, or the device scalar grad_loss / denominator.
+    at::Tensor scale;
+    if (reduction == at::Reduction::None) {
+      a.grad_loss = cptr<scalar_t>(gl);
+    } else {
+      scale = at::empty({}, acc_opts);
+      ce::FinishParams<scalar_t> f;
+      f.grad = cptr<scalar_t>(gl);
+      f.acc_out = mptr<acc_t>(scale);
+      at::Tensor weight_partials;
+      if (reduction == at::Reduction::Mean) {
+        if (prob) {
+          f.den_const = static_cast<acc_t>(P);
+        } else {
+          const int64_t blocks = ceil_div(P, ce::kWeightPositionsPerBlock);
+          TORCH_CHECK(blocks <= std::numeric_limits<int32_t>::max(), "cross_entropy: input too large");
+          weight_partials = at::empty({blocks}, acc_opts);
+          auto* kernel = &ce::target_weight_kernel<acc_t>;
+          XENT_LAUNCH(static_cast<unsigned>(blocks), kBlock, 0, stream, kernel)(
+              a.target, P, a.C, ignore_index, a.weight, mptr<acc_t>(weight_partials));
+          XENT_CE_LAUNCH_CHECK();
+          f.den = cptr<acc_t>(weight_partials);
+          f.n = blocks;
+        }
+      }
+      launch_finish(f, stream);
+      a.grad_scale = cptr<acc_t>(scale);
+    }
+
+    // Probability targets: Q = sum_c w_c q_c per position first.
+    at::Tensor q;
+    if (prob) {
+      q = at::empty({P}, acc_opts);
+      ce::Params<scalar_t> qa = a;
+      qa.q_out = mptr<acc_t>(q);
+      run_forward<scalar_t, ce::kProbWsum>(qa, pr, pl, stream);
+      a.q_in = cptr<acc_t>(q);
+    }
+
+    a.lse_in = cptr<acc_t>(lse_c);
+    a.grad = mptr<scalar_t>(gk);
+    a.g_sn = gv->sn;
+    a.g_ss = gv->ss;
+    a.g_sc = gv->sc;
+    a.chunk = pl.chunk;
+    a.n_chunks = pl.n_chunks;
+    a.row_warps = pl.row_warps;
+    a.class_groups = pl.class_groups;
+    dispatch_mode(mode, [&](auto m) {
+      constexpr int M = decltype(m)::value;
+      if constexpr (M != ce::kProbWsum) {
+        auto* kernel = pr.kind == Kind::Rows ? &ce::bwd_rows_kernel<scalar_t, M> : &ce::bwd_lanes_kernel<scalar_t, M>;
+        XENT_LAUNCH(static_cast<unsigned>(pl.grid), kBlock, 0, stream, kernel)(a);
+        XENT_CE_LAUNCH_CHECK();
+      }
+    });
+  });
+  if (!gk.is_same(grad)) grad.copy_(gk);
+  return grad;
+}
+
+// ---- Ops ----
+std::tuple<at::Tensor, at::Tensor> cross_entropy_fwd(
+    const at::Tensor& logits,
+    const at::Tensor& target,
+    const std::optional<at::Tensor>& weight,
+    int64_t reduction,
+    int64_t ignore_index,
+    double label_smoothing) {
+  check_logits(logits, "cross_entropy");
+  check_index_target(logits, target);
+  check_weight(logits, weight);
+  check_reduction(reduction);
+  check_label_smoothing(label_smoothing);
+  return forward_impl(logits, target, weight, reduction, ignore_index, label_smoothing, /*prob=*/false);
+}
+
+at::Tensor cross_entropy_bwd(
+    const at::Tensor& grad_loss,
+    const at::Tensor& logits,
+    const at::Tensor& target,
+    const std::optional<at::Tensor>& weight,
+    const at::Tensor& lse,
+    int64_t reduction,
+    int64_t ignore_index,
+    double label_smoothing) {
+  check_logits(logits, "cross_entropy backward");
+  check_index_target(logits, target);
+  check_weight(logits, weight);
+  check_reduction(reduction);
+  check_label_smoothing(label_smoothing);
+  check_backward_inputs(grad_loss, logits, lse, reduction);
+  return backward_impl(
+      grad_loss, logits, target, weight, lse, reduction, ignore_index, label_smoothing, /*prob=*/false);
+}
+
+std::tuple<at::Tensor, at::Tensor> cross_entropy_prob_fwd(
+    const at::Tensor& logits,
+    const at::Tensor& target,
+    const std::optional<at::Tensor>& weight,
+    int64_t reduction,
+    double label_smoothing) {
+  check_logits(logits, "cross_entropy");
+  check_prob_target(logits, target);
+  check_weight(logits, weight);
+  check_reduction(reduction);
+  check_label_smoothing(label_smoothing);
+  return forward_impl(logits, target, weight, reduction, /*ignore_index=*/0, label_smoothing, /*prob=*/true);
+}
+
+at::Tensor cross_entropy_prob_bwd(
+    const at::Tensor& grad_loss,
+    const at::Tensor& logits,
+    const at::Tensor& target,
+    const std::optional<at::Tensor>& weight,
+    const at::Tensor& lse,
+    int64_t reduction,
+    double label_smoothing) {
+  check_logits(logits, "cross_entropy backward");
+  check_prob_target(logits, target);
+  check_weight(logits, weight);
+  check_reduction(reduction);
+  check_label_smoothing(label_smoothing);
+  check_backward_inputs(grad_loss, logits, lse, reduction);
+  return backward_impl(
+      grad_loss, logits, target, weight, lse, reduction, /*ignore_index=*/0, label_smoothing, /*prob=*/true);
+}
+
+} // namespace
+} // namespace xent::cuda
+
+TORCH_LIBRARY_IMPL(XENT_CE_LIBRARY, XENT_CE_DISPATCH_KEY, m) {
+  m.impl("cross_entropy_fwd", TORCH_FN(xent::cuda::cross_entropy_fwd));
+  m.impl("cross_entropy_bwd", TORCH_FN(xent::cuda::cross_entropy_bwd));
+  m.impl("cross_entropy_prob_fwd", TORCH_FN(xent::cuda::cross_entropy_prob_fwd));
+  m.impl("cross_entropy_prob_bwd", TORCH_FN(xent::cuda::cross_entropy_prob_bwd));
+}

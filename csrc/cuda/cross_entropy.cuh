@@ -1,0 +1,886 @@
+// Cross-entropy device code: forward, backward and the deterministic reductions.
+//
+// Device code only. It includes nothing but compat.cuh (and two standard headers for the math overloads), so
+// that the same source compiles under nvcc and, as plain C++, under the SIMT emulator (tests/simt). Every
+// global memory access goes through xent::cuda::load_global / store_global (the emulator counts the bytes).
+// Host launch code: cross_entropy.cu.
+//
+// Note [CUDA cross-entropy kernels]
+// ---------------------------------
+// Logits are the strided (N, C, S) view of csrc/cross_entropy_host.h; position p = n * S + s. Two layouts,
+// as on the CPU (csrc/cpu/kernels.h, Note [Position layouts]):
+//  * rows:  class stride 1. A row group of `row_warps` warps (1, or all 8 of a 256-thread block) owns one
+//           position. It reads the row with 128-bit loads (Vec<T, 16 / sizeof(T)>) after a scalar head that
+//           reaches 16-byte alignment (rows may start anywhere: a storage offset of 1 is a normal input)
+//           and before a scalar tail.
+//  * lanes: the spatial stride is 1 (NCHW), or S == 1 and the batch stride is 1 (a transposed (N, C)
+//           matrix). A warp owns 32 consecutive positions, one per lane (coalesced), and walks the classes;
+//           `class_groups` warps (1..8) share a tile of 32 positions and split its classes between them.
+// Forward: one pass over the logits per position keeps an online (max, sum of exp(x - max)) pair per thread,
+// plus the dot products the loss needs (sum w_c x_c for label smoothing; sum w_c q_c x_c and sum w_c q_c for
+// probability targets). The pairs are merged by warp shuffles and then through shared memory, in a fixed
+// order: results depend only on the shapes, strides and 16-byte alignment of the inputs, never on timing.
+//
+// Split rows: with few positions (fewer than ~4 per SM) and long rows, every position is cut into
+// `n_chunks` chunks of `chunk` classes (chunk boundaries sit at head + k * chunk, a multiple of the vector
+// width). The grid runs (position, chunk) blocks that store their partial State into a buffer, and
+// fwd_merge_kernel merges each position's partials in chunk order (deterministic). The lanes layout splits
+// its classes the same way when it has few positions.
+//
+// Reductions (mean / sum): the kernel that finishes positions also sums its block's losses (and, for
+// class-index targets, the weights w_t of the positions not ignored) in a fixed tree and stores one partial
+// per block; finish_kernel, a single block, sums the partials in a fixed order and divides. No floating-point
+// atomics anywhere, and nothing is read back by the host.
+//
+// Backward: the gradient is elementwise given lse, so the backward kernels read each logit once and write
+// each gradient element once, over (position, chunk of classes) blocks. Ignored positions write zeros
+// without reading their logits. The upstream gradient per position is grad_loss[p] (reduction none) or the
+// device scalar grad_scale = grad_loss / denominator that finish_kernel computes (sum, mean).
+//
+// Indices: positions, offsets and class indices are int64 everywhere (inputs may exceed 2^31 elements).
+#pragma once
+
+#include "compat.cuh"
+
+#include <cmath>
+#include <cstdint>
+
+#if defined(__CUDACC__)
+#define XENT_CE_LAUNCH_BOUNDS(n) __launch_bounds__(n)
+#else
+#define XENT_CE_LAUNCH_BOUNDS(n)
+#endif
+
+namespace xent::cuda::ce {
+
+// Every kernel runs 256-thread blocks (8 warps), except finish_kernel (kFinishBlock threads).
+constexpr int kBlock = 256;
+constexpr int kWarps = kBlock / 32;
+constexpr int kFinishBlock = 512;
+// Positions per block of target_weight_kernel (kBlock threads x 4).
+constexpr int kWeightPositionsPerBlock = kBlock * 4;
+constexpr unsigned kFullMask = 0xffffffffu;
+
+// What a kernel computes.
+enum Mode : int {
+  kIndex = 0,        // class-index targets, no label smoothing
+  kIndexSmooth = 1,  // class-index targets with label smoothing (needs sum_c w_c x_c)
+  kProb = 2,         // probability targets
+  kProbWsum = 3,     // probability targets, only Q = sum_c w_c q_c per position (backward pre-pass)
+};
+
+template <class T>
+struct AccType {
+  using type = float;
+};
+template <>
+struct AccType<double> {
+  using type = double;
+};
+
+// ---------------------------------------------------------------------------------------------------------
+// Scalar helpers. Explicit conversion intrinsics: torch builds CUDA code with __CUDA_NO_HALF_CONVERSIONS__
+// and __CUDA_NO_BFLOAT16_CONVERSIONS__.
+__device__ inline float to_acc(float v) { return v; }
+__device__ inline double to_acc(double v) { return v; }
+__device__ inline float to_acc(__nv_bfloat16 v) { return __bfloat162float(v); }
+__device__ inline float to_acc(__half v) { return __half2float(v); }
+
+template <class T>
+__device__ inline T from_acc(typename AccType<T>::type v);
+template <>
+__device__ inline float from_acc<float>(float v) { return v; }
+template <>
+__device__ inline double from_acc<double>(double v) { return v; }
+template <>
+__device__ inline __nv_bfloat16 from_acc<__nv_bfloat16>(float v) { return __float2bfloat16_rn(v); }
+template <>
+__device__ inline __half from_acc<__half>(float v) { return __float2half_rn(v); }
+
+__device__ inline float acc_exp(float x) { return expf(x); }
+__device__ inline double acc_exp(double x) { return exp(x); }
+__device__ inline float acc_log(float x) { return logf(x); }
+__device__ inline double acc_log(double x) { return log(x); }
+// max that ignores NaN (a NaN logit reaches the loss through the sum of exponentials instead).
+__device__ inline float acc_max(float a, float b) { return fmaxf(a, b); }
+__device__ inline double acc_max(double a, double b) { return fmax(a, b); }
+template <class T>
+__device__ inline T neg_inf() {
+  return -static_cast<T>(INFINITY);
+}
+
+template <class T>
+__device__ inline T shfl_xor(T v, int lane_mask) {
+  return __shfl_xor_sync(kFullMask, v, lane_mask);
+}
+template <class T>
+__device__ inline T shfl_lane0(T v) {
+  return __shfl_sync(kFullMask, v, 0);
+}
+
+// Offset of position p = n * S + s for strides (sn, ss).
+__device__ inline int64_t position_offset(int64_t p, int64_t S, int64_t sn, int64_t ss) {
+  if (S == 1) return p * sn;
+  const int64_t n = p / S;
+  return n * sn + (p - n * S) * ss;
+}
+
+// Elements before the first 16-byte aligned one in a row of `len` elements starting at `ptr` (at most len;
+// len when the row can never be aligned because the pointer is not even element-aligned).
+template <class T>
+__device__ inline int64_t vector_head(const T* ptr, int64_t len) {
+  const uintptr_t addr = reinterpret_cast<uintptr_t>(ptr);
+  if (addr % sizeof(T) != 0) return len;
+  const int64_t head = static_cast<int64_t>(((16 - (addr & 15)) & 15) / sizeof(T));
+  return head < len ? head : len;
+}
+
+template <class T>
+__device__ inline bool same_alignment(const T* a, const T* b) {
+  return ((reinterpret_cast<uintptr_t>(a) ^ reinterpret_cast<uintptr_t>(b)) & 15) == 0;
+}
+
+// ---------------------------------------------------------------------------------------------------------
+// Kernel arguments, shared by every forward and backward kernel (passed by value).
+template <class scalar_t>
+struct Params {
+  using acc_t = typename AccType<scalar_t>::type;
+  // Logits, the (N, C, S) view. Rows layout: x_sc == 1.
+  const scalar_t* x = nullptr;
+  int64_t N = 0, C = 0, S = 1;
+  int64_t x_sn = 0, x_ss = 0, x_sc = 1;
+  // Probability targets: the logits' shape, own strides (class stride 1 in the rows layout).
+  const scalar_t* tp = nullptr;
+  int64_t t_sn = 0, t_ss = 0, t_sc = 1;
+  // Class-index targets: int64, (N * S) contiguous.
+  const int64_t* target = nullptr;
+  int64_t ignore_index = -100;
+  // Class weights (C) or null; weight_total: device scalar sum_c w_c, or null for C (label smoothing).
+  const acc_t* weight = nullptr;
+  const acc_t* weight_total = nullptr;
+  acc_t one_minus_eps = 1;  // 1 - label_smoothing
+  acc_t eps_over_c = 0;     // label_smoothing / C
+  // Work decomposition: a block handles classes [chunk * k, ...) of its positions (rows: counted from the
+  // row's vector head), k = blockIdx.x % n_chunks. n_chunks == 1: whole rows.
+  int64_t chunk = 0, n_chunks = 1;
+  int row_warps = 1;     // rows layout: warps per position (1 or kWarps)
+  int class_groups = 1;  // lanes layout: warps per 32-position tile (1, 2, 4 or 8)
+  // Forward outputs.
+  acc_t* lse = nullptr;             // (P)
+  scalar_t* loss = nullptr;         // (P), reduction none; else null
+  acc_t* block_partials = nullptr;  // mean/sum: [n_blocks] losses then [n_blocks] weights; else null
+  int64_t n_blocks = 0;
+  acc_t* partials = nullptr;  // split: (P, n_chunks) States, 4 acc_t each
+  acc_t* q_out = nullptr;     // kProbWsum: (P)
+  // Backward inputs / output.
+  const scalar_t* grad_loss = nullptr;  // reduction none: (P) contiguous; else null
+  const acc_t* grad_scale = nullptr;    // sum/mean: device scalar grad_loss / denominator
+  const acc_t* lse_in = nullptr;        // (P)
+  const acc_t* q_in = nullptr;          // probability targets: (P) from the kProbWsum pass
+  scalar_t* grad = nullptr;
+  int64_t g_sn = 0, g_ss = 0, g_sc = 1;
+};
+
+// Online log-sum-exp state plus the dot products of one position (or a part of it).
+template <class acc_t>
+struct State {
+  acc_t m;     // running max (never NaN: NaN logits reach s instead)
+  acc_t s;     // sum of exp(x - m)
+  acc_t dot;   // kIndexSmooth: sum w_c x_c; kProb: sum w_c q_c x_c
+  acc_t wdot;  // kProb, kProbWsum: sum w_c q_c
+};
+
+template <class acc_t>
+__device__ inline State<acc_t> empty_state() {
+  return State<acc_t>{neg_inf<acc_t>(), acc_t(0), acc_t(0), acc_t(0)};
+}
+
+// Merges b into a. An all -inf (or empty) side has m == -inf and s == 0; +inf gives NaN, as it should.
+template <class acc_t>
+__device__ inline void merge_state(State<acc_t>& a, const State<acc_t>& b) {
+  const acc_t m = acc_max(a.m, b.m);
+  if (m == neg_inf<acc_t>()) {
+    a.s = a.s + b.s;
+  } else {
+    a.s = a.s * acc_exp(a.m - m) + b.s * acc_exp(b.m - m);
+  }
+  a.m = m;
+  a.dot += b.dot;
+  a.wdot += b.wdot;
+}
+
+// Butterfly over the warp; lane 0's result is deterministic (only lane 0's is used).
+template <int MODE, class acc_t>
+__device__ inline void warp_merge(State<acc_t>& st) {
+#pragma unroll
+  for (int off = 16; off > 0; off >>= 1) {
+    State<acc_t> o;
+    if constexpr (MODE != kProbWsum) {
+      o.m = shfl_xor(st.m, off);
+      o.s = shfl_xor(st.s, off);
+    } else {
+      o.m = neg_inf<acc_t>();
+      o.s = acc_t(0);
+    }
+    o.dot = (MODE == kIndexSmooth || MODE == kProb) ? shfl_xor(st.dot, off) : acc_t(0);
+    o.wdot = (MODE == kProb || MODE == kProbWsum) ? shfl_xor(st.wdot, off) : acc_t(0);
+    merge_state(st, o);
+  }
+}
+
+template <class acc_t>
+__device__ inline acc_t warp_sum(acc_t v) {
+#pragma unroll
+  for (int off = 16; off > 0; off >>= 1) v += shfl_xor(v, off);
+  return v;
+}
+
+// Sums (v0, v1) over the block in a fixed tree; thread 0 stores them to out0[0], out1[0] (out1 may be null).
+// Every thread of the block must call it. smem: 2 * kWarps acc_t.
+template <class acc_t>
+__device__ inline void block_sum2_store(acc_t v0, acc_t v1, acc_t* smem, acc_t* out0, acc_t* out1) {
+  const int warp = static_cast<int>(threadIdx.x) / 32, lane = static_cast<int>(threadIdx.x) % 32;
+  v0 = warp_sum(v0);
+  v1 = warp_sum(v1);
+  if (lane == 0) {
+    smem[warp] = v0;
+    smem[kWarps + warp] = v1;
+  }
+  __syncthreads();
+  if (threadIdx.x == 0) {
+    acc_t s0 = smem[0], s1 = smem[kWarps];
+    for (int w = 1; w < kWarps; ++w) {
+      s0 += smem[w];
+      s1 += smem[kWarps + w];
+    }
+    store_global(out0, s0);
+    if (out1 != nullptr) store_global(out1, s1);
+  }
+}
+
+template <class scalar_t>
+__device__ inline typename AccType<scalar_t>::type class_weight(const Params<scalar_t>& a, int64_t c) {
+  using acc_t = typename AccType<scalar_t>::type;
+  return a.weight != nullptr ? load_global(a.weight + c) : acc_t(1);
+}
+
+template <class scalar_t>
+__device__ inline typename AccType<scalar_t>::type weight_total(const Params<scalar_t>& a) {
+  using acc_t = typename AccType<scalar_t>::type;
+  return a.weight_total != nullptr ? load_global(a.weight_total) : static_cast<acc_t>(a.C);
+}
+
+// ---------------------------------------------------------------------------------------------------------
+// Forward: accumulation of V consecutive classes c0 .. c0 + V - 1 (x[i] and t[i] already in acc_t).
+template <int MODE, int V, class scalar_t, class acc_t>
+__device__ inline void accumulate(
+    State<acc_t>& st,
+    const acc_t (&x)[V],
+    const acc_t (&t)[V],
+    int64_t c0,
+    const Params<scalar_t>& a) {
+  if constexpr (MODE != kProbWsum) {
+    acc_t vmax = x[0];
+#pragma unroll
+    for (int i = 1; i < V; ++i) vmax = acc_max(vmax, x[i]);
+    if (vmax > st.m) {
+      st.s *= acc_exp(st.m - vmax);
+      st.m = vmax;
+    }
+    // Only -inf seen so far: exp(x - 0) is 0 for them (and -inf - -inf would be NaN).
+    const acc_t ref = st.m == neg_inf<acc_t>() ? acc_t(0) : st.m;
+    acc_t sum = 0;
+#pragma unroll
+    for (int i = 0; i < V; ++i) sum += acc_exp(x[i] - ref);
+    st.s += sum;
+  }
+  if constexpr (MODE == kIndexSmooth) {
+    if (a.weight != nullptr) {
+#pragma unroll
+      for (int i = 0; i < V; ++i) st.dot += load_global(a.weight + c0 + i) * x[i];
+    } else {
+#pragma unroll
+      for (int i = 0; i < V; ++i) st.dot += x[i];
+    }
+  }
+  if constexpr (MODE == kProb || MODE == kProbWsum) {
+#pragma unroll
+    for (int i = 0; i < V; ++i) {
+      const acc_t wq = class_weight(a, c0 + i) * (a.one_minus_eps * t[i] + a.eps_over_c);
+      st.wdot += wq;
+      if constexpr (MODE == kProb) st.dot += wq * x[i];
+    }
+  }
+}
+
+template <int MODE>
+constexpr bool reads_logits() {
+  return MODE != kProbWsum;
+}
+template <int MODE>
+constexpr bool reads_prob_target() {
+  return MODE == kProb || MODE == kProbWsum;
+}
+
+// Finishes position p from its merged State: stores lse (or Q for kProbWsum) and, for reduction none, the
+// loss; returns the loss and the weight w_t the mean divides by (0 for ignored positions).
+template <int MODE, class scalar_t, class acc_t>
+__device__ inline void finish_position(
+    const Params<scalar_t>& a,
+    int64_t p,
+    int64_t x_off,
+    const State<acc_t>& st,
+    acc_t& loss_out,
+    acc_t& weight_out) {
+  if constexpr (MODE == kProbWsum) {
+    store_global(a.q_out + p, st.wdot);
+    loss_out = 0;
+    weight_out = 0;
+    return;
+  } else {
+    const acc_t lse = st.m + acc_log(st.s);
+    store_global(a.lse + p, lse);
+    acc_t loss = 0, w = 0;
+    if constexpr (MODE == kProb) {
+      loss = lse * st.wdot - st.dot;
+      w = 1;
+    } else {
+      const int64_t t = load_global(a.target + p);
+      if (t != a.ignore_index) {
+        const bool valid = t >= 0 && t < a.C;
+        XENT_DEVICE_ASSERT(valid, "cross_entropy: target out of bounds (expected 0 <= target < C, or ignore_index)");
+        if (valid) {
+          const acc_t xt = to_acc(load_global(a.x + x_off + t * a.x_sc));
+          const acc_t wt = class_weight(a, t);
+          if constexpr (MODE == kIndex) {
+            loss = wt * (lse - xt);
+          } else {
+            loss = a.one_minus_eps * wt * (lse - xt) + a.eps_over_c * (weight_total(a) * lse - st.dot);
+          }
+          w = wt;
+        }
+      }
+    }
+    if (a.loss != nullptr) store_global(a.loss + p, from_acc<scalar_t>(loss));
+    loss_out = loss;
+    weight_out = w;
+  }
+}
+
+// Partial State of (position, chunk) in the split buffer.
+template <class acc_t>
+__device__ inline void store_partial(acc_t* partials, int64_t index, const State<acc_t>& st) {
+  acc_t* p = partials + index * 4;
+  store_global(p + 0, st.m);
+  store_global(p + 1, st.s);
+  store_global(p + 2, st.dot);
+  store_global(p + 3, st.wdot);
+}
+
+template <class acc_t>
+__device__ inline State<acc_t> load_partial(const acc_t* partials, int64_t index) {
+  const acc_t* p = partials + index * 4;
+  return State<acc_t>{load_global(p + 0), load_global(p + 1), load_global(p + 2), load_global(p + 3)};
+}
+
+// The classes [begin, end) a rows-layout block handles: chunk k of a row whose vector head is `head`.
+__device__ inline void row_chunk_range(
+    int64_t C,
+    int64_t head,
+    int64_t k,
+    int64_t chunk,
+    int64_t n_chunks,
+    int64_t& begin,
+    int64_t& end) {
+  if (n_chunks == 1) {
+    begin = 0;
+    end = C;
+    return;
+  }
+  begin = k == 0 ? 0 : head + k * chunk;
+  end = head + (k + 1) * chunk;
+  if (end > C) end = C;
+  if (begin > end) begin = end;
+}
+
+// ---------------------------------------------------------------------------------------------------------
+// Forward, rows layout. Block: kBlock threads = kWarps / row_warps positions (x n_chunks chunks).
+template <class scalar_t, int MODE>
+__global__ void XENT_CE_LAUNCH_BOUNDS(kBlock) fwd_rows_kernel(const Params<scalar_t> a) {
+  using acc_t = typename AccType<scalar_t>::type;
+  constexpr int V = 16 / sizeof(scalar_t);
+  using VecT = Vec<scalar_t, V>;
+  __shared__ acc_t sh_m[kWarps], sh_s[kWarps], sh_dot[kWarps], sh_wdot[kWarps];
+  __shared__ acc_t sh_sum[2 * kWarps];
+
+  const int warp = static_cast<int>(threadIdx.x) / 32, lane = static_cast<int>(threadIdx.x) % 32;
+  const int rw = a.row_warps;
+  const int row_threads = rw * 32;
+  const int rtid = (warp % rw) * 32 + lane;
+  const int64_t blk = blockIdx.x;
+  const int64_t k = blk % a.n_chunks;
+  const int64_t p = (blk / a.n_chunks) * (kWarps / rw) + warp / rw;
+  const int64_t P = a.N * a.S;
+  const bool active = p < P;
+
+  State<acc_t> st = empty_state<acc_t>();
+  int64_t x_off = 0;
+  if (active) {
+    x_off = position_offset(p, a.S, a.x_sn, a.x_ss);
+    const scalar_t* xr = a.x + x_off;
+    const scalar_t* tr = reads_prob_target<MODE>() ? a.tp + position_offset(p, a.S, a.t_sn, a.t_ss) : nullptr;
+    // The vector head follows the pointer every 128-bit load uses: the logits (the target for kProbWsum).
+    const int64_t head = vector_head(reads_logits<MODE>() ? xr : tr, a.C);
+    int64_t begin, end;
+    row_chunk_range(a.C, head, k, a.chunk, a.n_chunks, begin, end);
+    int64_t vbegin = begin > head ? begin : head;
+    if (vbegin > end) vbegin = end;
+    const int64_t nvec = (end - vbegin) / V;
+    const int64_t vend = vbegin + nvec * V;
+    const int64_t n_head = vbegin - begin, n_scalar = n_head + (end - vend);
+
+    // Scalar head and tail (fewer than 2 V elements, unless the row cannot be aligned at all).
+    for (int64_t i = rtid; i < n_scalar; i += row_threads) {
+      const int64_t c = i < n_head ? begin + i : vend + (i - n_head);
+      acc_t x1[1] = {acc_t(0)}, t1[1] = {acc_t(0)};
+      if constexpr (reads_logits<MODE>()) x1[0] = to_acc(load_global(xr + c));
+      if constexpr (reads_prob_target<MODE>()) t1[0] = to_acc(load_global(tr + c));
+      accumulate<MODE, 1>(st, x1, t1, c, a);
+    }
+
+    // 128-bit body, two vectors in flight per thread.
+    const bool t_vec = reads_prob_target<MODE>() && (!reads_logits<MODE>() || same_alignment(xr, tr));
+    auto load_vec = [&](int64_t c, acc_t (&xv)[V], acc_t (&tv)[V]) {
+      if constexpr (reads_logits<MODE>()) {
+        const VecT v = load_global(reinterpret_cast<const VecT*>(xr + c));
+#pragma unroll
+        for (int i = 0; i < V; ++i) xv[i] = to_acc(v.val[i]);
+      } else {
+#pragma unroll
+        for (int i = 0; i < V; ++i) xv[i] = 0;
+      }
+      if constexpr (reads_prob_target<MODE>()) {
+        if (t_vec) {
+          const VecT v = load_global(reinterpret_cast<const VecT*>(tr + c));
+#pragma unroll
+          for (int i = 0; i < V; ++i) tv[i] = to_acc(v.val[i]);
+        } else {
+#pragma unroll
+          for (int i = 0; i < V; ++i) tv[i] = to_acc(load_global(tr + c + i));
+        }
+      } else {
+#pragma unroll
+        for (int i = 0; i < V; ++i) tv[i] = 0;
+      }
+    };
+    int64_t j = rtid;
+    for (; j + row_threads < nvec; j += 2 * row_threads) {
+      acc_t x0[V], t0[V], x1[V], t1[V];
+      const int64_t c0 = vbegin + j * V, c1 = c0 + static_cast<int64_t>(row_threads) * V;
+      load_vec(c0, x0, t0);
+      load_vec(c1, x1, t1);
+      accumulate<MODE, V>(st, x0, t0, c0, a);
+      accumulate<MODE, V>(st, x1, t1, c1, a);
+    }
+    if (j < nvec) {
+      acc_t x0[V], t0[V];
+      const int64_t c0 = vbegin + j * V;
+      load_vec(c0, x0, t0);
+      accumulate<MODE, V>(st, x0, t0, c0, a);
+    }
+  }
+
+  // Merge: warp butterfly, then the row's warps in order through shared memory.
+  warp_merge<MODE>(st);
+  if (lane == 0) {
+    sh_m[warp] = st.m;
+    sh_s[warp] = st.s;
+    sh_dot[warp] = st.dot;
+    sh_wdot[warp] = st.wdot;
+  }
+  __syncthreads();
+  acc_t loss = 0, w = 0;
+  if (active && warp % rw == 0 && lane == 0) {
+    State<acc_t> row = State<acc_t>{sh_m[warp], sh_s[warp], sh_dot[warp], sh_wdot[warp]};
+    for (int i = 1; i < rw; ++i) {
+      merge_state(row, State<acc_t>{sh_m[warp + i], sh_s[warp + i], sh_dot[warp + i], sh_wdot[warp + i]});
+    }
+    if (a.n_chunks > 1) {
+      store_partial(a.partials, p * a.n_chunks + k, row);
+    } else {
+      finish_position<MODE>(a, p, x_off, row, loss, w);
+    }
+  }
+  if (a.n_chunks == 1 && a.block_partials != nullptr) {
+    block_sum2_store(loss, w, sh_sum, a.block_partials + blk, a.block_partials + a.n_blocks + blk);
+  }
+}
+
+// ---------------------------------------------------------------------------------------------------------
+// Forward, lanes layout. Block: kWarps / class_groups tiles of 32 consecutive positions (x n_chunks chunks of
+// classes); the class_groups warps of a tile take classes c = begin + group, + class_groups, ...
+template <class scalar_t, int MODE>
+__global__ void XENT_CE_LAUNCH_BOUNDS(kBlock) fwd_lanes_kernel(const Params<scalar_t> a) {
+  using acc_t = typename AccType<scalar_t>::type;
+  __shared__ acc_t sh_m[kBlock], sh_s[kBlock], sh_dot[kBlock], sh_wdot[kBlock];
+  __shared__ acc_t sh_sum[2 * kWarps];
+
+  const int warp = static_cast<int>(threadIdx.x) / 32, lane = static_cast<int>(threadIdx.x) % 32;
+  const int G = a.class_groups;
+  const int group = warp % G;
+  const int64_t blk = blockIdx.x;
+  const int64_t k = blk % a.n_chunks;
+  const int64_t p = ((blk / a.n_chunks) * (kWarps / G) + warp / G) * 32 + lane;
+  const int64_t P = a.N * a.S;
+  const bool active = p < P;
+
+  State<acc_t> st = empty_state<acc_t>();
+  int64_t x_off = 0;
+  if (active) {
+    x_off = position_offset(p, a.S, a.x_sn, a.x_ss);
+    const int64_t t_off = reads_prob_target<MODE>() ? position_offset(p, a.S, a.t_sn, a.t_ss) : 0;
+    const int64_t begin = k * a.chunk;
+    const int64_t end = begin + a.chunk < a.C ? begin + a.chunk : a.C;
+    auto load1 = [&](int64_t c, acc_t& xv, acc_t& tv) {
+      xv = reads_logits<MODE>() ? to_acc(load_global(a.x + x_off + c * a.x_sc)) : acc_t(0);
+      tv = reads_prob_target<MODE>() ? to_acc(load_global(a.tp + t_off + c * a.t_sc)) : acc_t(0);
+    };
+    int64_t c = begin + group;
+    // Four classes in flight per thread; accumulate() sees them as one 4-vector (class c + i * G).
+    for (; c + 3 * G < end; c += 4 * G) {
+      acc_t xv[4], tv[4];
+#pragma unroll
+      for (int i = 0; i < 4; ++i) load1(c + i * G, xv[i], tv[i]);
+      if constexpr (MODE == kIndexSmooth || MODE == kProb || MODE == kProbWsum) {
+        // The dot products need each class's own weight: feed them one by one (same online result).
+#pragma unroll
+        for (int i = 0; i < 4; ++i) {
+          acc_t x1[1] = {xv[i]}, t1[1] = {tv[i]};
+          accumulate<MODE, 1>(st, x1, t1, c + i * G, a);
+        }
+      } else {
+        accumulate<MODE, 4>(st, xv, tv, c, a);
+      }
+    }
+    for (; c < end; c += G) {
+      acc_t x1[1], t1[1];
+      load1(c, x1[0], t1[0]);
+      accumulate<MODE, 1>(st, x1, t1, c, a);
+    }
+  }
+
+  // Merge the class groups of each tile in group order.
+  sh_m[threadIdx.x] = st.m;
+  sh_s[threadIdx.x] = st.s;
+  sh_dot[threadIdx.x] = st.dot;
+  sh_wdot[threadIdx.x] = st.wdot;
+  __syncthreads();
+  acc_t loss = 0, w = 0;
+  if (active && group == 0) {
+    for (int i = 1; i < G; ++i) {
+      const int o = threadIdx.x + i * 32;
+      merge_state(st, State<acc_t>{sh_m[o], sh_s[o], sh_dot[o], sh_wdot[o]});
+    }
+    if (a.n_chunks > 1) {
+      store_partial(a.partials, p * a.n_chunks + k, st);
+    } else {
+      finish_position<MODE>(a, p, x_off, st, loss, w);
+    }
+  }
+  if (a.n_chunks == 1 && a.block_partials != nullptr) {
+    block_sum2_store(loss, w, sh_sum, a.block_partials + blk, a.block_partials + a.n_blocks + blk);
+  }
+}
+
+// Forward, split positions: merges each position's n_chunks partials in order and finishes it.
+// One thread per position.
+template <class scalar_t, int MODE>
+__global__ void XENT_CE_LAUNCH_BOUNDS(kBlock) fwd_merge_kernel(const Params<scalar_t> a) {
+  using acc_t = typename AccType<scalar_t>::type;
+  __shared__ acc_t sh_sum[2 * kWarps];
+  const int64_t blk = blockIdx.x;
+  const int64_t p = blk * kBlock + threadIdx.x;
+  acc_t loss = 0, w = 0;
+  if (p < a.N * a.S) {
+    State<acc_t> st = load_partial(a.partials, p * a.n_chunks);
+    for (int64_t k = 1; k < a.n_chunks; ++k) merge_state(st, load_partial(a.partials, p * a.n_chunks + k));
+    finish_position<MODE>(a, p, position_offset(p, a.S, a.x_sn, a.x_ss), st, loss, w);
+  }
+  if (a.block_partials != nullptr) {
+    block_sum2_store(loss, w, sh_sum, a.block_partials + blk, a.block_partials + a.n_blocks + blk);
+  }
+}
+
+// ---------------------------------------------------------------------------------------------------------
+// Reductions.
+
+// Sum over positions of w_t (0 for ignored positions): one partial per block of kWeightPositionsPerBlock
+// positions (the mean's denominator in the backward).
+template <class acc_t>
+__global__ void XENT_CE_LAUNCH_BOUNDS(kBlock) target_weight_kernel(
+    const int64_t* target,
+    int64_t P,
+    int64_t C,
+    int64_t ignore_index,
+    const acc_t* weight,
+    acc_t* partials) {
+  __shared__ acc_t sh_sum[2 * kWarps];
+  const int64_t blk = blockIdx.x;
+  acc_t sum = 0;
+#pragma unroll
+  for (int i = 0; i < kWeightPositionsPerBlock / kBlock; ++i) {
+    const int64_t p = blk * kWeightPositionsPerBlock + i * kBlock + threadIdx.x;
+    if (p < P) {
+      const int64_t t = load_global(target + p);
+      if (t != ignore_index) {
+        const bool valid = t >= 0 && t < C;
+        XENT_DEVICE_ASSERT(valid, "cross_entropy: target out of bounds (expected 0 <= target < C, or ignore_index)");
+        if (valid) sum += weight != nullptr ? load_global(weight + t) : acc_t(1);
+      }
+    }
+  }
+  block_sum2_store(sum, acc_t(0), sh_sum, partials + blk, static_cast<acc_t*>(nullptr));
+}
+
+template <class scalar_t>
+struct FinishParams {
+  using acc_t = typename AccType<scalar_t>::type;
+  const acc_t* num = nullptr;  // n values summed into the numerator (null: none)
+  const acc_t* den = nullptr;  // n values summed into the denominator (null: den_const)
+  int64_t n = 0;
+  acc_t den_const = 1;
+  const scalar_t* grad = nullptr;  // backward: acc_out = grad / den
+  scalar_t* loss_out = nullptr;    // forward: loss_out = num / den
+  acc_t* acc_out = nullptr;        // forward: acc_out = num / den (if set)
+};
+
+// A single block: sums num[0:n] and den[0:n] in a fixed order (strided per thread, then a fixed tree).
+template <class scalar_t>
+__global__ void XENT_CE_LAUNCH_BOUNDS(kFinishBlock) finish_kernel(const FinishParams<scalar_t> f) {
+  using acc_t = typename AccType<scalar_t>::type;
+  constexpr int kFinishWarps = kFinishBlock / 32;
+  __shared__ acc_t sh_num[kFinishWarps], sh_den[kFinishWarps];
+  const int warp = static_cast<int>(threadIdx.x) / 32, lane = static_cast<int>(threadIdx.x) % 32;
+  acc_t num = 0, den = 0;
+  for (int64_t i = threadIdx.x; i < f.n; i += kFinishBlock) {
+    if (f.num != nullptr) num += load_global(f.num + i);
+    if (f.den != nullptr) den += load_global(f.den + i);
+  }
+  num = warp_sum(num);
+  den = warp_sum(den);
+  if (lane == 0) {
+    sh_num[warp] = num;
+    sh_den[warp] = den;
+  }
+  __syncthreads();
+  if (threadIdx.x == 0) {
+    num = sh_num[0];
+    den = sh_den[0];
+    for (int w = 1; w < kFinishWarps; ++w) {
+      num += sh_num[w];
+      den += sh_den[w];
+    }
+    if (f.den == nullptr) den = f.den_const;
+    if (f.grad != nullptr) {
+      store_global(f.acc_out, to_acc(load_global(f.grad)) / den);
+    } else {
+      const acc_t v = num / den;
+      if (f.loss_out != nullptr) store_global(f.loss_out, from_acc<scalar_t>(v));
+      if (f.acc_out != nullptr) store_global(f.acc_out, v);
+    }
+  }
+}
+
+// ---------------------------------------------------------------------------------------------------------
+// Backward.
+
+// Per-position coefficients: grad_c = sm_c * A - B * w_c (label smoothing) - [c == t] D (class-index), or
+// grad_c = sm_c * A - s * w_c * q_c (probability targets, A = s * Q).
+template <class acc_t>
+struct RowCoef {
+  acc_t lse, A, B, D, s;
+  int64_t t;
+  bool zero;  // ignored position (or invalid target): the row's gradient is 0
+};
+
+// Loads what position p needs (called by one thread).
+template <int MODE, class scalar_t, class acc_t>
+__device__ inline RowCoef<acc_t> load_row_coef(const Params<scalar_t>& a, int64_t p) {
+  RowCoef<acc_t> r{};
+  r.s = a.grad_loss != nullptr ? to_acc(load_global(a.grad_loss + p)) : load_global(a.grad_scale);
+  r.lse = load_global(a.lse_in + p);
+  r.t = -1;
+  r.zero = false;
+  if constexpr (MODE == kProb) {
+    r.A = r.s * load_global(a.q_in + p);
+  } else {
+    const int64_t t = load_global(a.target + p);
+    r.t = t;
+    if (t == a.ignore_index) {
+      r.zero = true;
+    } else {
+      const bool valid = t >= 0 && t < a.C;
+      XENT_DEVICE_ASSERT(valid, "cross_entropy: target out of bounds (expected 0 <= target < C, or ignore_index)");
+      if (!valid) {
+        r.zero = true;
+      } else {
+        const acc_t wt = class_weight(a, t);
+        if constexpr (MODE == kIndex) {
+          r.A = r.s * wt;
+          r.D = r.A;
+        } else {
+          r.A = r.s * (a.one_minus_eps * wt + a.eps_over_c * weight_total(a));
+          r.D = r.s * a.one_minus_eps * wt;
+          r.B = r.s * a.eps_over_c;
+        }
+      }
+    }
+  }
+  return r;
+}
+
+template <int MODE, class scalar_t, class acc_t>
+__device__ inline acc_t grad_value(const Params<scalar_t>& a, const RowCoef<acc_t>& r, int64_t c, acc_t x, acc_t t) {
+  acc_t g = acc_exp(x - r.lse) * r.A;
+  if constexpr (MODE == kIndexSmooth) g -= r.B * class_weight(a, c);
+  if constexpr (MODE == kProb) g -= r.s * class_weight(a, c) * (a.one_minus_eps * t + a.eps_over_c);
+  if constexpr (MODE != kProb) {
+    if (c == r.t) g -= r.D;
+  }
+  return g;
+}
+
+// Backward, rows layout: same blocks as fwd_rows_kernel; elementwise over the chunk's classes.
+template <class scalar_t, int MODE>
+__global__ void XENT_CE_LAUNCH_BOUNDS(kBlock) bwd_rows_kernel(const Params<scalar_t> a) {
+  using acc_t = typename AccType<scalar_t>::type;
+  constexpr int V = 16 / sizeof(scalar_t);
+  using VecT = Vec<scalar_t, V>;
+  const int warp = static_cast<int>(threadIdx.x) / 32, lane = static_cast<int>(threadIdx.x) % 32;
+  const int rw = a.row_warps;
+  const int row_threads = rw * 32;
+  const int rtid = (warp % rw) * 32 + lane;
+  const int64_t blk = blockIdx.x;
+  const int64_t k = blk % a.n_chunks;
+  const int64_t p = (blk / a.n_chunks) * (kWarps / rw) + warp / rw;
+  if (p >= a.N * a.S) return;  // no block-wide synchronisation below
+
+  // Lane 0 loads the position's values and the warp shares them.
+  RowCoef<acc_t> r{};
+  if (lane == 0) r = load_row_coef<MODE, scalar_t, acc_t>(a, p);
+  r.s = shfl_lane0(r.s);
+  r.lse = shfl_lane0(r.lse);
+  r.A = shfl_lane0(r.A);
+  r.B = shfl_lane0(r.B);
+  r.D = shfl_lane0(r.D);
+  r.t = shfl_lane0(r.t);
+  r.zero = shfl_lane0(static_cast<int>(r.zero)) != 0;
+
+  const scalar_t* xr = a.x + position_offset(p, a.S, a.x_sn, a.x_ss);
+  const scalar_t* tr = MODE == kProb ? a.tp + position_offset(p, a.S, a.t_sn, a.t_ss) : nullptr;
+  scalar_t* gr = a.grad + position_offset(p, a.S, a.g_sn, a.g_ss);
+  const int64_t head = vector_head(xr, a.C);
+  int64_t begin, end;
+  row_chunk_range(a.C, head, k, a.chunk, a.n_chunks, begin, end);
+  int64_t vbegin = begin > head ? begin : head;
+  if (vbegin > end) vbegin = end;
+  const int64_t nvec = (end - vbegin) / V;
+  const int64_t vend = vbegin + nvec * V;
+  const int64_t n_head = vbegin - begin, n_scalar = n_head + (end - vend);
+  const bool g_vec = same_alignment(xr, static_cast<const scalar_t*>(gr));
+  const bool t_vec = MODE == kProb && same_alignment(xr, tr);
+
+  for (int64_t i = rtid; i < n_scalar; i += row_threads) {
+    const int64_t c = i < n_head ? begin + i : vend + (i - n_head);
+    acc_t g = 0;
+    if (!r.zero) {
+      const acc_t t = MODE == kProb ? to_acc(load_global(tr + c)) : acc_t(0);
+      g = grad_value<MODE>(a, r, c, to_acc(load_global(xr + c)), t);
+    }
+    store_global(gr + c, from_acc<scalar_t>(g));
+  }
+
+  auto store_vec = [&](int64_t c, const VecT& v) {
+    if (g_vec) {
+      store_global(reinterpret_cast<VecT*>(gr + c), v);
+    } else {
+#pragma unroll
+      for (int i = 0; i < V; ++i) store_global(gr + c + i, v.val[i]);
+    }
+  };
+  if (r.zero) {
+    VecT z;
+#pragma unroll
+    for (int i = 0; i < V; ++i) z.val[i] = from_acc<scalar_t>(acc_t(0));
+    for (int64_t j = rtid; j < nvec; j += row_threads) store_vec(vbegin + j * V, z);
+    return;
+  }
+  for (int64_t j = rtid; j < nvec; j += row_threads) {
+    const int64_t c = vbegin + j * V;
+    const VecT xv = load_global(reinterpret_cast<const VecT*>(xr + c));
+    VecT tv;
+    if constexpr (MODE == kProb) {
+      if (t_vec) {
+        tv = load_global(reinterpret_cast<const VecT*>(tr + c));
+      } else {
+#pragma unroll
+        for (int i = 0; i < V; ++i) tv.val[i] = load_global(tr + c + i);
+      }
+    }
+    VecT gv;
+#pragma unroll
+    for (int i = 0; i < V; ++i) {
+      const acc_t t = MODE == kProb ? to_acc(tv.val[i]) : acc_t(0);
+      gv.val[i] = from_acc<scalar_t>(grad_value<MODE>(a, r, c + i, to_acc(xv.val[i]), t));
+    }
+    store_vec(c, gv);
+  }
+}
+
+// Backward, lanes layout: same blocks as fwd_lanes_kernel; each thread writes its position's classes
+// c = begin + group, + class_groups, ... of the block's chunk.
+template <class scalar_t, int MODE>
+__global__ void XENT_CE_LAUNCH_BOUNDS(kBlock) bwd_lanes_kernel(const Params<scalar_t> a) {
+  using acc_t = typename AccType<scalar_t>::type;
+  const int warp = static_cast<int>(threadIdx.x) / 32, lane = static_cast<int>(threadIdx.x) % 32;
+  const int G = a.class_groups;
+  const int group = warp % G;
+  const int64_t blk = blockIdx.x;
+  const int64_t k = blk % a.n_chunks;
+  const int64_t p = ((blk / a.n_chunks) * (kWarps / G) + warp / G) * 32 + lane;
+  if (p >= a.N * a.S) return;
+
+  const RowCoef<acc_t> r = load_row_coef<MODE, scalar_t, acc_t>(a, p);
+  const int64_t x_off = position_offset(p, a.S, a.x_sn, a.x_ss);
+  const int64_t t_off = MODE == kProb ? position_offset(p, a.S, a.t_sn, a.t_ss) : 0;
+  const int64_t g_off = position_offset(p, a.S, a.g_sn, a.g_ss);
+  const int64_t begin = k * a.chunk;
+  const int64_t end = begin + a.chunk < a.C ? begin + a.chunk : a.C;
+  if (r.zero) {
+    for (int64_t c = begin + group; c < end; c += G) {
+      store_global(a.grad + g_off + c * a.g_sc, from_acc<scalar_t>(acc_t(0)));
+    }
+    return;
+  }
+  int64_t c = begin + group;
+  for (; c + 3 * G < end; c += 4 * G) {
+    acc_t xv[4], tv[4];
+#pragma unroll
+    for (int i = 0; i < 4; ++i) {
+      xv[i] = to_acc(load_global(a.x + x_off + (c + i * G) * a.x_sc));
+      tv[i] = MODE == kProb ? to_acc(load_global(a.tp + t_off + (c + i * G) * a.t_sc)) : acc_t(0);
+    }
+#pragma unroll
+    for (int i = 0; i < 4; ++i) {
+      const int64_t ci = c + i * G;
+      store_global(a.grad + g_off + ci * a.g_sc, from_acc<scalar_t>(grad_value<MODE>(a, r, ci, xv[i], tv[i])));
+    }
+  }
+  for (; c < end; c += G) {
+    const acc_t x = to_acc(load_global(a.x + x_off + c * a.x_sc));
+    const acc_t t = MODE == kProb ? to_acc(load_global(a.tp + t_off + c * a.t_sc)) : acc_t(0);
+    store_global(a.grad + g_off + c * a.g_sc, from_acc<scalar_t>(grad_value<MODE>(a, r, c, x, t)));
+  }
+}
+
+} // namespace xent::cuda::ce

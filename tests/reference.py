@@ -1,0 +1,113 @@
+"""Slow, obviously-correct float64 reference implementations of the losses.
+
+Written from the math with plain torch ops (log_softmax, gather, masks, sums), independently of
+torch.nn.functional.cross_entropy, so that the parity tests compare xent against two implementations
+that do not share code: PyTorch's own loss in float64 and this one. ``test_reference_matches_pytorch``
+in tests/test_cross_entropy.py checks the two agree.
+
+The functions are differentiable (float64 autograd through them is the reference gradient, also with
+respect to probability targets) and work on any device.
+
+Notation, per position p (a batch row n and spatial index s), with C classes, class weights w (all 1
+when absent), W = sum_c w_c, label smoothing eps and log-probabilities logp = log_softmax(x) over dim 1:
+
+* class-index target t:  loss_p = (1 - eps) * w_t * (-logp_t) + eps / C * sum_c w_c * (-logp_c)
+  for non-ignored positions, 0 for ignored ones (t == ignore_index). 'mean' divides the sum by
+  sum_p w_{t_p} over the non-ignored positions (0 / 0 = NaN when all are ignored).
+* probability target t:  q = (1 - eps) * t + eps / C,  loss_p = -sum_c w_c * q_c * logp_c.
+  'mean' divides the sum by the number of positions N * d1 * ... * dk (NaN when there are none).
+"""
+
+import math
+
+import torch
+
+
+def _reduce(per_position, reduction, denominator):
+    if reduction == "none":
+        return per_position
+    total = per_position.sum()
+    if reduction == "sum":
+        return total
+    if reduction == "mean":
+        return total / denominator
+    raise ValueError(f"{reduction} is not a valid value for reduction")
+
+
+def _class_view(v, ndim):
+    """A (C) vector shaped to broadcast against (N, C, d1, ..., dk)."""
+    return v.reshape([1, -1] + [1] * (ndim - 2))
+
+
+def cross_entropy_reference(input, target, weight=None, ignore_index=-100, reduction="mean", label_smoothing=0.0):
+    """The cross-entropy loss in float64 (see the module docstring for the formulas).
+
+    input: (C), (N, C) or (N, C, d1, ..., dk) logits of any float dtype (computed in float64).
+    target: class indices of shape (), (N) or (N, d1, ..., dk) (any integer dtype), or class
+        probabilities with the input's shape (any float dtype; computed in float64).
+    Returns a float64 tensor: () for 'mean'/'sum', the positions' shape for 'none'.
+    """
+    x = input.double()
+    unbatched = x.dim() == 1
+    if unbatched:
+        x = x.unsqueeze(0)
+        target = target.unsqueeze(0)
+    C = x.shape[1]
+    w = torch.ones(C, dtype=torch.float64, device=x.device) if weight is None else weight.double()
+    eps = float(label_smoothing)
+    logp = torch.log_softmax(x, dim=1)
+    wc = _class_view(w, x.dim())
+
+    if target.is_floating_point():  # probability targets, the input's shape
+        assert target.shape == x.shape
+        q = (1.0 - eps) * target.double() + eps / C
+        per_position = -(wc * q * logp).sum(dim=1)
+        positions = per_position.numel()
+        denominator = torch.tensor(float(positions) if positions else math.nan, dtype=torch.float64)
+    else:
+        target = target.long()
+        keep = target != ignore_index
+        safe_target = torch.where(keep, target, torch.zeros_like(target))  # any valid class; masked below
+        if keep.any():  # the kernels raise for these; the reference must not silently gather garbage
+            kept = target[keep]
+            assert bool(((kept >= 0) & (kept < C)).all()), "target out of range"
+        logp_t = logp.gather(1, safe_target.unsqueeze(1)).squeeze(1)  # (N, *)
+        w_t = w[safe_target]  # (N, *)
+        nll = -w_t * logp_t
+        if eps > 0:
+            smooth = -(wc * logp).sum(dim=1)
+            per_position = (1.0 - eps) * nll + eps / C * smooth
+        else:
+            per_position = nll
+        zero = torch.zeros((), dtype=torch.float64, device=x.device)
+        per_position = torch.where(keep, per_position, zero)
+        denominator = torch.where(keep, w_t, zero).sum()
+
+    loss = _reduce(per_position, reduction, denominator)
+    if unbatched and reduction == "none":
+        loss = loss.squeeze(0)
+    return loss
+
+
+def cross_entropy_reference_chunked(input, target, chunk_elements=1 << 26):
+    """Mean cross-entropy over (N, C) logits with class-index targets, never materializing a float64
+    copy of more than ``chunk_elements`` logits at once (for inputs with more than 2**31 elements).
+
+    Each row's log-sum-exp is accumulated over column chunks with the streaming (max, sum of exp)
+    recurrence, in float64. Returns (mean loss, per-row losses), float64.
+    """
+    N, C = input.shape
+    cols = max(1, chunk_elements // max(N, 1))
+    row_max = torch.full((N,), -math.inf, dtype=torch.float64)
+    row_sum = torch.zeros(N, dtype=torch.float64)
+    for c0 in range(0, C, cols):
+        block = input[:, c0 : c0 + cols].double()
+        block_max = block.max(dim=1).values
+        new_max = torch.maximum(row_max, block_max)
+        row_sum = row_sum * torch.exp(row_max - new_max) + torch.exp(block - new_max.unsqueeze(1)).sum(dim=1)
+        row_max = new_max
+        del block
+    lse = row_max + torch.log(row_sum)
+    x_t = input.gather(1, target.long().unsqueeze(1)).squeeze(1).double()
+    per_row = lse - x_t
+    return per_row.mean(), per_row
