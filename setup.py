@@ -109,6 +109,8 @@ else:
     )
 
 if _truthy("XENT_BUILD_EMULATOR"):
+    if CUDA_HOME is None:
+        raise RuntimeError("XENT_BUILD_EMULATOR=1 needs the CUDA toolkit's headers (set CUDA_HOME)")
     # The CUDA host launch code and device code compiled by g++ against tests/simt/simt_emulator.h and
     # registered as CPU kernels of the `xent_emulated` library (same schemas, see csrc/ops.cpp).
     sanitize = ["-fsanitize=address,undefined", "-fno-omit-frame-pointer"] if _truthy(
@@ -124,7 +126,8 @@ if _truthy("XENT_BUILD_EMULATOR"):
                 ]
                 + glob.glob(os.path.join(ROOT, "csrc", "*_host.cpp"))
             ),
-            include_dirs=[os.path.join(ROOT, "csrc"), os.path.join(ROOT, "tests", "simt")],
+            # cuda_bf16.h / cuda_fp16.h / vector_types.h from the toolkit compile under g++ for the host.
+            include_dirs=[os.path.join(ROOT, "csrc"), os.path.join(ROOT, "tests", "simt"), os.path.join(CUDA_HOME, "include")],
             define_macros=[("XENT_EMULATED_BUILD", "1"), ("XENT_SIMT_EMULATOR", "1")],
             extra_compile_args={
                 "cxx": COMMON_CXX[:1]

@@ -302,10 +302,10 @@ struct Launch {
   std::string error;
   Traffic traffic;
 
-  void record_error(int64_t block, std::string msg) {
+  void record_error(int64_t block_index, std::string msg) {
     std::lock_guard lock(mu);
-    if (block < error_block) {
-      error_block = block;
+    if (block_index < error_block) {
+      error_block = block_index;
       error = std::move(msg);
     }
     failed.store(true);
@@ -393,14 +393,14 @@ inline unsigned lanes_in_warp(const Launch& l, unsigned warp) {
 // ---------------------------------------------------------------------------------------------------------
 // Messages.
 
-inline std::string format(const char* fmt, auto... args) {
+inline std::string strprintf(const char* fmt, auto... args) {
   char buf[512];
   std::snprintf(buf, sizeof buf, fmt, args...);
   return buf;
 }
 
 inline std::string describe_thread(const Fiber& f) {
-  return format("thread (%u,%u,%u) (warp %u lane %u)", f.tid.x, f.tid.y, f.tid.z, f.warp, f.lane);
+  return strprintf("thread (%u,%u,%u) (warp %u lane %u)", f.tid.x, f.tid.y, f.tid.z, f.warp, f.lane);
 }
 
 inline std::string describe_wait(const Fiber& f) {
@@ -411,8 +411,8 @@ inline std::string describe_wait(const Fiber& f) {
     case State::AtBarrier: return "__syncthreads()";
     case State::AtCollective:
       if (f.op >= Op::ShflIdx && f.op <= Op::ShflXor)
-        return format("%s(mask=0x%08x, width=%u)", kNames[int(f.op)], f.mask, f.width);
-      return format("%s(mask=0x%08x)", kNames[int(f.op)], f.mask);
+        return strprintf("%s(mask=0x%08x, width=%u)", kNames[int(f.op)], f.mask, f.width);
+      return strprintf("%s(mask=0x%08x)", kNames[int(f.op)], f.mask);
     case State::Exited: return "(exited)";
     default: return "(running)";
   }
@@ -450,7 +450,9 @@ inline void set_error(Fiber& f, std::string msg) {
   __builtin_unreachable();
 }
 
-inline void fiber_main(void* arg) {
+// Never returns (its last act is the switch back), so it is not instrumented by ASan: its redzones would stay
+// poisoned on the stack for the next fiber that uses it.
+[[gnu::no_sanitize_address]] inline void fiber_main(void* arg) {
   Fiber& f = *static_cast<Fiber*>(arg);
   Worker& w = *f.worker;
   asan_finish_switch(nullptr, &w.sched_stack_bottom, &w.sched_stack_size);
@@ -490,12 +492,12 @@ inline uint64_t wait_at_collective(Op op, unsigned mask, unsigned width, unsigne
   const unsigned existing = lanes == kWarpSize ? ~0u : (1u << lanes) - 1;
   const char* problem = !(mask >> f.lane & 1) ? " with a mask that leaves out its own lane"
                         : (mask & ~existing)   ? " naming lanes that do not exist"
-                        : (width == 0 || width > kWarpSize || !std::has_single_bit(width))
+                        : (width == 0 || width > kWarpSize || (width & (width - 1)) != 0)
                             ? ": width must be a power of two in [1, 32]"
                             : nullptr;
   if (problem) {
     set_error(f, describe_thread(f) + " calls " + describe_wait(f) + problem +
-                     format(" (this warp has %u lanes)", lanes));
+                     strprintf(" (this warp has %u lanes)", lanes));
     trap(f);
   }
   to_scheduler(f, false);
@@ -567,7 +569,7 @@ inline std::string diagnose_stuck(Worker& w) {
         const Fiber& g = lanes[std::countr_zero(m)];
         if (g.state != State::AtCollective || g.op != f.op || g.mask != f.mask || g.width != f.width)
           return "divergent warp collective: " + describe_thread(f) + " waits at " + describe_wait(f) +
-                 format(" but lane %u named in its mask waits at ", g.lane) + describe_wait(g);
+                 strprintf(" but lane %u named in its mask waits at ", g.lane) + describe_wait(g);
       }
     }
     if (f.state == State::AtBarrier) {
@@ -580,7 +582,7 @@ inline std::string diagnose_stuck(Worker& w) {
     }
   }
   if (at_barrier && exited)
-    return format("deadlock: %u thread(s) wait at __syncthreads() but %u thread(s) exited without reaching it "
+    return strprintf("deadlock: %u thread(s) wait at __syncthreads() but %u thread(s) exited without reaching it "
                   "(__syncthreads() in divergent code?), e.g. ", waiting, gone) +
            describe_thread(*at_barrier) + " waits and " + describe_thread(*exited) + " exited";
   return "deadlock: no thread can make progress";
@@ -610,7 +612,7 @@ inline bool release_waits(Worker& w) {
       if (f.state != State::AtCollective || (done >> i & 1)) continue;
       if (f.mask & exited) {
         w.error = describe_thread(f) + " waits at " + describe_wait(f) +
-                  format(" but lanes 0x%08x named in its mask have exited", f.mask & exited);
+                  strprintf(" but lanes 0x%08x named in its mask have exited", f.mask & exited);
         return false;
       }
       bool arrived = true;
@@ -700,7 +702,9 @@ inline void run_block(Worker& w, int64_t b) {
     f.lane = i % kWarpSize;
     f.state = State::Ready;
     f.asan_fake_stack = nullptr;
-    make_context(f.ctx, s.base, kStackBytes, &fiber_main, &f);
+    // Stacks lie a whole number of pages apart, so their hot tops would share the same few L1 sets: stagger
+    // them within a page.
+    make_context(f.ctx, s.base, kStackBytes - i % 16 * 256, &fiber_main, &f);
   }
   // Seeded by block index, so a block's random order does not depend on the worker that runs it.
   w.rng = l.seed ^ (uint64_t(b) * 0xd1b54a32d192ed03ull);
@@ -716,7 +720,7 @@ inline void run_block(Worker& w, int64_t b) {
   }
   for (unsigned i = 0; i < l.threads; ++i) w.stacks[i].abandoned = w.fibers[i].state != State::Exited;
   if (!w.error.empty())
-    w.launch.record_error(b, format("xent_simt: block (%u,%u,%u): ", w.block_idx.x, w.block_idx.y, w.block_idx.z) +
+    w.launch.record_error(b, strprintf("xent_simt: block (%u,%u,%u): ", w.block_idx.x, w.block_idx.y, w.block_idx.z) +
                                  w.error);
 }
 
@@ -740,7 +744,7 @@ inline void run_worker(Launch& l) {
 
 inline void check_config(const dim3& grid, const dim3& block, size_t smem) {
   const auto fail = [&](const char* why) {
-    throw std::runtime_error(format("xent_simt: invalid configuration argument: grid (%u,%u,%u), block (%u,%u,%u), "
+    throw std::runtime_error(strprintf("xent_simt: invalid configuration argument: grid (%u,%u,%u), block (%u,%u,%u), "
                                     "%zu bytes of dynamic shared memory: %s",
                                     grid.x, grid.y, grid.z, block.x, block.y, block.z, smem, why));
   };
@@ -752,7 +756,8 @@ inline void check_config(const dim3& grid, const dim3& block, size_t smem) {
   if (smem > kMaxDynamicSmem) fail("dynamic shared memory exceeds 227 KiB");
 }
 
-inline void run_grid(const dim3& grid, const dim3& block, size_t smem, void (*invoke)(const void*), const void* kernel) {
+inline void run_grid(const dim3& grid, const dim3& block, size_t smem, void (*invoke)(const void*),
+                     const void* kernel) {
   if (tl_fiber) throw std::logic_error("xent_simt: kernel launches from device code are not supported");
   check_config(grid, block, smem);
   Launch l;
@@ -815,7 +820,7 @@ Launcher<Body> make_launcher(dim3 grid, dim3 block, size_t smem, Stream, Body bo
 
 [[noreturn]] inline void device_assert_fail(const char* cond, const char* msg, const char* file, int line) {
   Fiber& f = self();
-  set_error(f, format("device-side assert triggered at %s:%d by ", file, line) + describe_thread(f) + ": " + msg +
+  set_error(f, strprintf("device-side assert triggered at %s:%d by ", file, line) + describe_thread(f) + ": " + msg +
                    " (" + cond + ")");
   trap(f);
 }

@@ -52,31 +52,35 @@ const Schedule kSchedules[] = {Schedule::Forward, Schedule::Reverse, Schedule::R
 // ----------------------------------------------------------------------------------------------------------
 // Kernels.
 
-__device__ float warp_sum(float v) {
-  for (int offset = 16; offset > 0; offset >>= 1) v += __shfl_xor_sync(kFull, v, offset);
+template <class Op>
+__device__ float warp_reduce(float v, Op op) {
+  for (int offset = 16; offset > 0; offset >>= 1) v = op(v, __shfl_xor_sync(kFull, v, offset));
   return v;
 }
 
-// Sum of all threads' values; blockDim.x must be a multiple of 32. Ends with a barrier so that it can be
-// called again (shared memory is reused).
-__device__ float block_sum(float v) {
+// Reduces all threads' values; `identity` fills the lanes past the last warp. blockDim.x must be a multiple
+// of 32. Ends with a barrier so that it can be called again (shared memory is reused).
+template <class Op>
+__device__ float block_reduce(float v, Op op, float identity) {
   __shared__ float partial[32];
   const unsigned lane = threadIdx.x % 32, warp = threadIdx.x / 32;
-  v = warp_sum(v);
+  v = warp_reduce(v, op);
   if (lane == 0) partial[warp] = v;
   __syncthreads();
-  v = lane < blockDim.x / 32 ? partial[lane] : 0.0f;
-  v = warp_sum(v);
+  v = warp_reduce(lane < blockDim.x / 32 ? partial[lane] : identity, op);
   __syncthreads();
   return v;
 }
+
+const auto add_op = [](float a, float b) { return a + b; };
+const auto max_op = [](float a, float b) { return fmaxf(a, b); };
 
 // One block per row: out[row] = sum of x[row, :].
 __global__ void row_sum_kernel(float* out, const float* x, int cols) {
   const float* row = x + int64_t(blockIdx.x) * cols;
   float v = 0.0f;
   for (int i = threadIdx.x; i < cols; i += blockDim.x) v += load_global(row + i);
-  v = block_sum(v);
+  v = block_reduce(v, add_op, 0.0f);
   if (threadIdx.x == 0) store_global(out + blockIdx.x, v);
 }
 
@@ -99,20 +103,9 @@ __global__ void row_logsumexp_kernel(float* XENT_RESTRICT lse, const float* XENT
     for (float e : v.val) add(e);
   }
   for (int i = head + vecs * 4 + threadIdx.x; i < cols; i += blockDim.x) add(load_global(row + i));
-  __shared__ float block_max_slot;
-  float block_max = m;
-  for (int offset = 16; offset > 0; offset >>= 1) block_max = fmaxf(block_max, __shfl_xor_sync(kFull, block_max, offset));
-  __shared__ float maxes[32];
-  if (threadIdx.x % 32 == 0) maxes[threadIdx.x / 32] = block_max;
-  __syncthreads();
-  if (threadIdx.x == 0) {
-    float b = maxes[0];
-    for (unsigned w = 1; w < blockDim.x / 32; ++w) b = fmaxf(b, maxes[w]);
-    block_max_slot = b;
-  }
-  __syncthreads();
-  const float total = block_sum(s * __expf(m - block_max_slot));
-  if (threadIdx.x == 0) store_global(lse + blockIdx.x, block_max_slot + __logf(total));
+  const float row_max = block_reduce(m, max_op, -INFINITY);
+  const float total = block_reduce(s * __expf(m - row_max), add_op, 0.0f);
+  if (threadIdx.x == 0) store_global(lse + blockIdx.x, row_max + __logf(total));
 }
 
 // Every thread of a 3-d grid of 3-d blocks writes its global linear index and a checksum of its coordinates.
@@ -367,7 +360,8 @@ void test_partial_warp() {
     CHECK(out[3 * t + 2] == float(t / 32 * 32 + 3));
     CHECK(masks[t] == (short_warp ? 0xffffu : kFull));
   }
-  const auto err = launch_error([&] { XENT_LAUNCH(1, threads, 0, nullptr, full_mask_on_partial_warp_kernel)(out.data()); });
+  const auto err =
+      launch_error([&] { XENT_LAUNCH(1, threads, 0, nullptr, full_mask_on_partial_warp_kernel)(out.data()); });
   CHECK(contains(err, "do not exist"));
 }
 
