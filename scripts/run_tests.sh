@@ -4,5 +4,6 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup_env.sh
-if [ -x scripts/check_cuda_static.sh ]; then bash scripts/check_cuda_static.sh; fi
+# Register spills, stack frames and 128-bit accesses of the CUDA kernels (sm_80, sm_90), no GPU needed.
+.venv/bin/python scripts/check_cuda_static.py
 exec .venv/bin/python -m pytest "$@"

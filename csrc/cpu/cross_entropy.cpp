@@ -1,7 +1,9 @@
 // CPU cross-entropy ops: argument checks, layout selection, threading and reductions around the
 // per-ISA kernels of kernels_impl.h.
 #include "cpu/grad_buffer.h"
+#include "cpu/isa.h"
 #include "cpu/kernels.h"
+#include "cpu/reductions.h"
 #include "cross_entropy_host.h"
 
 #include <ATen/Parallel.h>
@@ -22,53 +24,17 @@ namespace xent::cpu {
 namespace {
 
 // ---------------------------------------------------------------------------------------------------
-// Instruction-set selection.
+// The kernel table of the active instruction set (csrc/cpu/isa.h).
 
-bool cpu_has(const std::string& isa) {
-#if defined(__x86_64__) || defined(_M_X64)
-  __builtin_cpu_init();
-  if (isa == "avx512")
-    return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
-           __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq") &&
-           __builtin_cpu_supports("fma");
-  if (isa == "avx2") return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
-#endif
-  return isa == "generic";
+const KernelTable& kernels() {
+  const std::string& isa = active_cpu_isa();
+  const KernelTable* t = isa == "avx512" ? kernels_avx512() : isa == "avx2" ? kernels_avx2() : nullptr;
+  return t ? *t : *kernels_generic();
 }
-
-const KernelTable* table_for(const std::string& isa) {
-  if (!cpu_has(isa)) return nullptr;
-  if (isa == "avx512") return kernels_avx512();
-  if (isa == "avx2") return kernels_avx2();
-  if (isa == "generic") return kernels_generic();
-  return nullptr;
-}
-
-std::atomic<const KernelTable*>& active_table() {
-  static std::atomic<const KernelTable*> table = [] {
-    // XENT_CPU_ISA caps the instruction set (e.g. to compare against AVX2 on an AVX-512 machine).
-    if (const char* env = std::getenv("XENT_CPU_ISA")) {
-      if (const KernelTable* t = table_for(env)) return t;
-      TORCH_WARN("xent: XENT_CPU_ISA=", env, " is not available on this CPU; choosing automatically");
-    }
-    for (const char* isa : {"avx512", "avx2", "generic"})
-      if (const KernelTable* t = table_for(isa)) return t;
-    return kernels_generic();
-  }();
-  return table;
-}
-
-const KernelTable& kernels() { return *active_table().load(std::memory_order_relaxed); }
 
 std::string cpu_isa(c10::string_view isa) {
-  if (!isa.empty()) {
-    const std::string name(isa);
-    const KernelTable* t = table_for(name);
-    TORCH_CHECK_VALUE(t != nullptr, "xent: CPU instruction set '", name,
-                      "' is unknown or not supported by this CPU (choose avx512, avx2 or generic)");
-    active_table().store(t);
-  }
-  return kernels().name;
+  if (!isa.empty()) set_cpu_isa(std::string(isa));
+  return active_cpu_isa();
 }
 
 DType kernel_dtype(at::ScalarType t) {
@@ -148,87 +114,12 @@ void set_strides(const NCSView& v, int64_t& n, int64_t& c, int64_t& s) {
 }
 
 // ---------------------------------------------------------------------------------------------------
-// Targets: validation, conversion, and the mean's denominator.
-
-constexpr int64_t kReduceBlock = 4096;
 // Gradients at least this large are written with non-temporal stores: they cannot stay in cache anyway.
-constexpr int64_t kStreamGradBytes = int64_t(32) << 20;  // fixed blocks: sums do not depend on the thread count
-
-// Class-index targets as contiguous int64 (N * S). Raises IndexError for the first (lowest position)
-// target that is neither ignore_index nor in [0, C). Returns the sum of w[target] over non-ignored
-// positions (their count when there is no weight), reduced in a fixed order.
-double validate_targets(const at::Tensor& target64, int64_t C, int64_t ignore_index, const at::Tensor& weight) {
-  const int64_t P = target64.numel();
-  const int64_t* t = target64.const_data_ptr<int64_t>();
-  const int64_t n_blocks = (P + kReduceBlock - 1) / kReduceBlock;
-  std::vector<double> block_sum(n_blocks, 0.0);
-  std::vector<int64_t> block_bad(n_blocks, -1);
-  const double* w64 = weight.defined() && weight.scalar_type() == at::kDouble ? weight.const_data_ptr<double>() : nullptr;
-  const float* w32 = weight.defined() && weight.scalar_type() == at::kFloat ? weight.const_data_ptr<float>() : nullptr;
-  at::parallel_for(0, n_blocks, 1, [&](int64_t b0, int64_t b1) {
-    for (int64_t b = b0; b < b1; ++b) {
-      double sum = 0;
-      const int64_t end = std::min(P, (b + 1) * kReduceBlock);
-      for (int64_t p = b * kReduceBlock; p < end; ++p) {
-        const int64_t tp = t[p];
-        if (tp == ignore_index) continue;
-        if (tp < 0 || tp >= C) {
-          block_bad[b] = p;
-          break;
-        }
-        sum += w64 ? w64[tp] : w32 ? static_cast<double>(w32[tp]) : 1.0;
-      }
-      block_sum[b] = sum;
-    }
-  });
-  double total = 0;
-  for (int64_t b = 0; b < n_blocks; ++b) {
-    TORCH_CHECK_INDEX(block_bad[b] < 0, "Target ", t[block_bad[b]], " is out of bounds.");
-    total += block_sum[b];
-  }
-  return total;
-}
-
-at::Tensor targets_as_int64(const at::Tensor& target) {
-  return target.to(at::kLong).contiguous().view({-1});
-}
+constexpr int64_t kStreamGradBytes = int64_t(32) << 20;
 
 double weight_total(const at::Tensor& weight) {
   if (!weight.defined()) return 0;
-  double total = 0;
-  if (weight.scalar_type() == at::kDouble) {
-    const double* w = weight.const_data_ptr<double>();
-    for (int64_t c = 0; c < weight.numel(); ++c) total += w[c];
-  } else {
-    const float* w = weight.const_data_ptr<float>();
-    for (int64_t c = 0; c < weight.numel(); ++c) total += w[c];
-  }
-  return total;
-}
-
-// Sum of the (N * S) acc-dtype losses, in fixed blocks.
-double sum_losses(const at::Tensor& loss) {
-  const int64_t P = loss.numel();
-  const int64_t n_blocks = (P + kReduceBlock - 1) / kReduceBlock;
-  std::vector<double> block_sum(n_blocks, 0.0);
-  const bool f64 = loss.scalar_type() == at::kDouble;
-  at::parallel_for(0, n_blocks, 1, [&](int64_t b0, int64_t b1) {
-    for (int64_t b = b0; b < b1; ++b) {
-      double sum = 0;
-      const int64_t end = std::min(P, (b + 1) * kReduceBlock);
-      if (f64) {
-        const double* l = loss.const_data_ptr<double>();
-        for (int64_t p = b * kReduceBlock; p < end; ++p) sum += l[p];
-      } else {
-        const float* l = loss.const_data_ptr<float>();
-        for (int64_t p = b * kReduceBlock; p < end; ++p) sum += l[p];
-      }
-      block_sum[b] = sum;
-    }
-  });
-  double total = 0;
-  for (double s : block_sum) total += s;
-  return total;
+  return deterministic_sum(weight);
 }
 
 // ---------------------------------------------------------------------------------------------------
@@ -364,7 +255,7 @@ std::tuple<at::Tensor, at::Tensor> forward_impl(const at::Tensor& logits, const 
   if (reduction == at::Reduction::None) {
     return {acc == logits.scalar_type() ? loss : loss.to(logits.scalar_type()), lse};
   }
-  double total = sum_losses(loss);
+  double total = deterministic_sum(loss);
   if (reduction == at::Reduction::Mean) total /= pr.mean_denominator;  // 0 / 0 = NaN, as PyTorch
   return {at::scalar_tensor(total, logits.options()), lse};
 }
