@@ -45,6 +45,40 @@ TORCH_LIBRARY(XENT_OPS_NAMESPACE, m) {
       "cross_entropy_prob_bwd(Tensor grad_loss, Tensor logits, Tensor target, Tensor? weight, Tensor lse, *, "
       "int reduction=1, float label_smoothing=0.0) -> Tensor grad_logits");
 
+  // Negative log-likelihood: input holds log-probabilities (N, C, *), target class indices (N, *).
+  //   loss: () for mean/sum, (N, *) for none. total_weight: () in the input's dtype, the mean's
+  //   denominator (sum of weight[target] over non-ignored targets), saved for the backward as in ATen.
+  m.def(
+      "nll_loss_fwd(Tensor input, Tensor target, Tensor? weight=None, *, int reduction=1, int ignore_index=-100) "
+      "-> (Tensor loss, Tensor total_weight)");
+  m.def(
+      "nll_loss_bwd(Tensor grad_loss, Tensor input, Tensor target, Tensor? weight, Tensor total_weight, *, "
+      "int reduction=1, int ignore_index=-100) -> Tensor grad_input");
+
+  // Binary losses, elementwise: input (*) and target of the same shape; weight broadcastable to the
+  // input; pos_weight broadcastable along the last dimension (one value per class). loss: () for
+  // mean/sum, the input's shape for none.
+  //   binary_cross_entropy: input holds probabilities in [0, 1]; logs are clamped at -100 as in PyTorch.
+  m.def("binary_cross_entropy_fwd(Tensor input, Tensor target, Tensor? weight=None, *, int reduction=1) -> Tensor loss");
+  m.def(
+      "binary_cross_entropy_bwd(Tensor grad_loss, Tensor input, Tensor target, Tensor? weight, *, int reduction=1) "
+      "-> Tensor grad_input");
+  //   binary_cross_entropy_with_logits: input holds logits.
+  m.def(
+      "binary_cross_entropy_with_logits_fwd(Tensor input, Tensor target, Tensor? weight=None, "
+      "Tensor? pos_weight=None, *, int reduction=1) -> Tensor loss");
+  m.def(
+      "binary_cross_entropy_with_logits_bwd(Tensor grad_loss, Tensor input, Tensor target, Tensor? weight, "
+      "Tensor? pos_weight, *, int reduction=1) -> Tensor grad_input");
+  //   sigmoid_focal_loss: torchvision.ops.sigmoid_focal_loss (alpha < 0 disables alpha weighting), with
+  //   weight and pos_weight applied to its binary cross-entropy term as in binary_cross_entropy_with_logits.
+  m.def(
+      "sigmoid_focal_loss_fwd(Tensor input, Tensor target, Tensor? weight=None, Tensor? pos_weight=None, *, "
+      "float alpha=0.25, float gamma=2.0, int reduction=0) -> Tensor loss");
+  m.def(
+      "sigmoid_focal_loss_bwd(Tensor grad_loss, Tensor input, Tensor target, Tensor? weight, Tensor? pos_weight, *, "
+      "float alpha=0.25, float gamma=2.0, int reduction=0) -> Tensor grad_input");
+
   // Test and tuning hooks (leading underscore: not API).
   //   _cpu_exp: the CPU kernels' vectorized exp applied to a float32 tensor, to test its accuracy.
   m.def("_cpu_exp(Tensor x) -> Tensor");

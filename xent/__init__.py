@@ -10,7 +10,7 @@ autograd formulas and the PyTorch-compatible functional and module APIs.
 
 from . import _ops  # noqa: F401  (loads the kernels, registers fake kernels and autograd)
 from . import nn, testing
-from .functional import cross_entropy
+from .functional import cross_entropy, nll_loss
 
-__all__ = ["cross_entropy", "nn", "testing"]
+__all__ = ["cross_entropy", "nll_loss", "nn", "testing"]
 __version__ = "0.1.0"

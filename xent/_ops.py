@@ -295,6 +295,60 @@ def _prob_target_grad(grad_loss, logits, weight, lse, kw):
     return (-(1 - eps) * s * _prob_weight(weight, logits, acc) * log_softmax).to(logits.dtype)
 
 
+# ------------------------------------------------------------------------------------------------
+# NLL loss.
+
+
+def _register_nll(ns):
+    ops = getattr(torch.ops, ns)
+
+    @torch.library.register_fake(f"{ns}::nll_loss_fwd")
+    def _(input, target, weight=None, *, reduction=1, ignore_index=-100):
+        _check_common(input, weight, reduction, 0.0)
+        _check_index_target(input, target)
+        loss_shape = position_shape(input) if reduction == REDUCTION_NONE else ()
+        return input.new_empty(loss_shape), input.new_empty(())
+
+    @torch.library.register_fake(f"{ns}::nll_loss_bwd")
+    def _(grad_loss, input, target, weight, total_weight, *, reduction=1, ignore_index=-100):
+        _check_common(input, weight, reduction, 0.0)
+        _check_index_target(input, target)
+        return _fake_grad(input)
+
+    def setup_fwd(ctx, inputs, keyword_only_inputs, output):
+        input, target, weight = inputs
+        ctx.mark_non_differentiable(output[1])
+        ctx.save_for_backward(input, target, weight, output[1])
+        ctx.kw = keyword_only_inputs
+
+    def backward_fwd(ctx, grad_loss, _grad_total_weight):
+        input, target, weight, total_weight = ctx.saved_tensors
+        grad_input = None
+        if ctx.needs_input_grad[0]:
+            grad_input = ops.nll_loss_bwd(grad_loss, input, target, weight, total_weight, **ctx.kw)
+        return grad_input, None, None
+
+    torch.library.register_autograd(f"{ns}::nll_loss_fwd", backward_fwd, setup_context=setup_fwd)
+
+    def setup_bwd(ctx, inputs, keyword_only_inputs, output):
+        ctx.save_for_backward(*inputs)
+        ctx.kw = keyword_only_inputs
+
+    def backward_bwd(ctx, v):
+        # grad_input = -s w_t onehot(t) is linear in grad_loss and constant in the input.
+        grad_loss, input, target, weight, total_weight = ctx.saved_tensors
+        grad_grad_loss = None
+        if ctx.needs_input_grad[0]:
+            keep, _, w_t, _, onehot, _ = _index_terms(input, target, weight, ctx.kw.get("ignore_index", -100), 0.0)
+            per_position = -(onehot * v.to(w_t.dtype)).sum(1) * w_t
+            reduction = ctx.kw.get("reduction", REDUCTION_MEAN)
+            grad_grad_loss = _reduce_positions(per_position, reduction, total_weight.to(w_t.dtype)).to(grad_loss.dtype)
+        return grad_grad_loss, None, None, None, None
+
+    torch.library.register_autograd(f"{ns}::nll_loss_bwd", backward_bwd, setup_context=setup_bwd)
+
+
 for _ns in NAMESPACES:
     _register_fakes(_ns)
     _register_autograd(_ns)
+    _register_nll(_ns)

@@ -111,3 +111,48 @@ def cross_entropy(
     if unbatched and code == _ops.REDUCTION_NONE:
         loss = loss.squeeze(0)
     return loss
+
+
+def nll_loss(
+    input: Tensor,
+    target: Tensor,
+    weight: Optional[Tensor] = None,
+    size_average: Optional[bool] = None,
+    ignore_index: int = -100,
+    reduce: Optional[bool] = None,
+    reduction: str = "mean",
+) -> Tensor:
+    """Negative log-likelihood of log-probabilities; the arguments and results of
+    :func:`torch.nn.functional.nll_loss`: input (C), (N, C) or (N, C, d1, ..., dk), class-index targets
+    (), (N) or (N, d1, ..., dk), per-class weight, ignore_index, reduction (mean divides by the summed
+    weights of the non-ignored targets; NaN when all are ignored)."""
+    if has_torch_function_variadic(input, target, weight):
+        return handle_torch_function(
+            nll_loss,
+            (input, target, weight),
+            input,
+            target,
+            weight=weight,
+            size_average=size_average,
+            ignore_index=ignore_index,
+            reduce=reduce,
+            reduction=reduction,
+        )
+    if size_average is not None or reduce is not None:
+        reduction = _Reduction.legacy_get_string(size_average, reduce)
+    code = _reduction_code(reduction)
+    if input.dim() < 1:
+        raise ValueError(f"Expected 1 or more dimensions (got {input.dim()})")
+    _check_weight_grad(weight)
+    unbatched = input.dim() == 1
+    if unbatched:
+        input = input.unsqueeze(0)
+        target = target.unsqueeze(0)
+    if target.dim() >= 1 and target.shape[0] != input.shape[0]:
+        raise ValueError(
+            f"Expected input batch_size ({input.shape[0]}) to match target batch_size ({target.shape[0]})."
+        )
+    loss, _ = testing._active_ops().nll_loss_fwd(input, target, weight, reduction=code, ignore_index=int(ignore_index))
+    if unbatched and code == _ops.REDUCTION_NONE:
+        loss = loss.squeeze(0)
+    return loss

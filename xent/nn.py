@@ -39,4 +39,27 @@ class CrossEntropyLoss(_WeightedLoss):
         )
 
 
-__all__ = ["CrossEntropyLoss"]
+class NLLLoss(_WeightedLoss):
+    """:class:`torch.nn.NLLLoss` with xent's kernels: same constructor arguments and results."""
+
+    __constants__ = ["ignore_index", "reduction"]
+    ignore_index: int
+
+    def __init__(
+        self,
+        weight: Optional[Tensor] = None,
+        size_average=None,
+        ignore_index: int = -100,
+        reduce=None,
+        reduction: str = "mean",
+    ) -> None:
+        super().__init__(weight, size_average, reduce, reduction)
+        self.ignore_index = ignore_index
+
+    def forward(self, input: Tensor, target: Tensor) -> Tensor:
+        return functional.nll_loss(
+            input, target, weight=self.weight, ignore_index=self.ignore_index, reduction=self.reduction
+        )
+
+
+__all__ = ["CrossEntropyLoss", "NLLLoss"]

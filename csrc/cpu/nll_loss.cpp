@@ -1,0 +1,169 @@
+// CPU negative log-likelihood: loss_p = -weight[t] * input[n, t, s] for each position p = (n, s) whose
+// target t is not ignore_index. No pass over the classes: the forward gathers one element per position
+// and the backward writes zeros and one element per position.
+#include "cpu/grad_buffer.h"
+#include "cpu/reductions.h"
+#include "cross_entropy_host.h"
+
+#include <ATen/Parallel.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/scalar_tensor.h>
+#include <c10/util/BFloat16.h>
+#include <c10/util/Exception.h>
+#include <c10/util/Half.h>
+#include <torch/library.h>
+
+#include <cstring>
+
+namespace xent::cpu {
+namespace {
+
+template <class F>
+void dispatch_float(at::ScalarType t, F&& f) {
+  switch (t) {
+    case at::kFloat: f(float{}); break;
+    case at::kDouble: f(double{}); break;
+    case at::kBFloat16: f(c10::BFloat16{}); break;
+    case at::kHalf: f(c10::Half{}); break;
+    default: TORCH_CHECK(false, "nll_loss: unsupported dtype ", t);
+  }
+}
+
+struct NllPlan {
+  at::Tensor input, target64, weight;  // input possibly made contiguous; weight (C) acc dtype or undefined
+  NCSView view;
+  double total_weight = 0;  // sum of weight[target] over non-ignored positions
+};
+
+NllPlan prepare(const at::Tensor& input, const at::Tensor& target, const std::optional<at::Tensor>& weight,
+                int64_t reduction, int64_t ignore_index) {
+  check_logits(input, "nll_loss");
+  check_index_target(input, target);
+  check_weight(input, weight);
+  check_reduction(reduction);
+  TORCH_CHECK(input.device().is_cpu(), "xent: the CPU kernel got input on ", input.device());
+  NllPlan plan;
+  plan.input = input;
+  auto v = ncs_view(input);
+  if (!v) {
+    plan.input = input.contiguous();
+    v = ncs_view(plan.input);
+  }
+  plan.view = *v;
+  plan.target64 = targets_as_int64(target);
+  plan.weight = weight_for_kernel(input, weight);
+  plan.total_weight = validate_targets(plan.target64, plan.view.C, ignore_index, plan.weight);
+  return plan;
+}
+
+double weight_of(const at::Tensor& weight, int64_t t) {
+  if (!weight.defined()) return 1.0;
+  return weight.scalar_type() == at::kDouble ? weight.const_data_ptr<double>()[t]
+                                             : static_cast<double>(weight.const_data_ptr<float>()[t]);
+}
+
+std::tuple<at::Tensor, at::Tensor> nll_loss_fwd(const at::Tensor& input, const at::Tensor& target,
+                                                const std::optional<at::Tensor>& weight, int64_t reduction,
+                                                int64_t ignore_index) {
+  NllPlan plan = prepare(input, target, weight, reduction, ignore_index);
+  const NCSView& v = plan.view;
+  const int64_t P = v.N * v.S;
+  const auto acc = acc_dtype(input.scalar_type());
+  at::Tensor loss = at::empty({P}, input.options().dtype(acc));
+  const int64_t* t = plan.target64.const_data_ptr<int64_t>();
+  dispatch_float(input.scalar_type(), [&](auto tag) {
+    using scalar_t = decltype(tag);
+    const scalar_t* x = plan.input.const_data_ptr<scalar_t>();
+    at::parallel_for(0, P, kReduceBlock, [&](int64_t p0, int64_t p1) {
+      for (int64_t p = p0; p < p1; ++p) {
+        const int64_t n = p / v.S, s = p % v.S, tp = t[p];
+        double l = 0;
+        if (tp != ignore_index) {
+          l = -weight_of(plan.weight, tp) * static_cast<double>(x[n * v.stride_n + tp * v.stride_c + s * v.stride_s]);
+        }
+        if (acc == at::kDouble) loss.data_ptr<double>()[p] = l;
+        else loss.data_ptr<float>()[p] = static_cast<float>(l);
+      }
+    });
+  });
+  at::Tensor total_weight = at::scalar_tensor(plan.total_weight, input.options());
+  if (reduction == at::Reduction::None) {
+    return {loss.to(input.scalar_type()).view(position_sizes(input)), total_weight};
+  }
+  double sum = deterministic_sum(loss);
+  if (reduction == at::Reduction::Mean) sum /= plan.total_weight;  // 0 / 0 = NaN when all ignored, as PyTorch
+  return {at::scalar_tensor(sum, input.options()), total_weight};
+}
+
+at::Tensor nll_loss_bwd(const at::Tensor& grad_loss, const at::Tensor& input, const at::Tensor& target,
+                        const std::optional<at::Tensor>& weight, const at::Tensor& total_weight, int64_t reduction,
+                        int64_t ignore_index) {
+  NllPlan plan = prepare(input, target, weight, reduction, ignore_index);
+  check_same_device(input, grad_loss, "grad_loss");
+  check_same_device(input, total_weight, "total_weight");
+  const auto positions = position_sizes(input);
+  if (reduction == at::Reduction::None) {
+    TORCH_CHECK(grad_loss.sizes().equals(positions), "nll_loss backward: expected grad_loss of shape ",
+                c10::IntArrayRef(positions), ", got ", grad_loss.sizes());
+  } else {
+    TORCH_CHECK(grad_loss.dim() == 0, "nll_loss backward: expected a 0-d grad_loss, got ", grad_loss.sizes());
+  }
+  TORCH_CHECK(total_weight.numel() == 1, "nll_loss backward: expected a one-element total_weight");
+
+  // A dense gradient with the input's strides (as the fake kernel promises), written through its own
+  // (N, C, S) view; a dense layout without one (permuted K-dim) is written contiguously and copied.
+  at::Tensor grad = empty_grad_buffer(input.sizes(), dense_strides_like(input), input.scalar_type());
+  auto gv = ncs_view(grad);
+  if (!gv) {
+    at::Tensor contiguous_grad =
+        nll_loss_bwd(grad_loss, input.contiguous(), target, weight, total_weight, reduction, ignore_index);
+    return grad.copy_(contiguous_grad);
+  }
+  const auto acc = acc_dtype(input.scalar_type());
+  const NCSView& v = *gv;
+  const int64_t P = v.N * v.S;
+  at::Tensor scale_per_position;
+  double scale = 0;
+  if (reduction == at::Reduction::None) {
+    scale_per_position = grad_loss.to(acc).contiguous();
+  } else {
+    // CPU scalars: reading them is not a device synchronization.
+    scale = grad_loss.item<double>();
+    if (reduction == at::Reduction::Mean) scale /= total_weight.item<double>();
+  }
+  const int64_t* t = plan.target64.const_data_ptr<int64_t>();
+  dispatch_float(input.scalar_type(), [&](auto tag) {
+    using scalar_t = decltype(tag);
+    scalar_t* g = grad.data_ptr<scalar_t>();
+    // Zero the whole (dense) storage in parallel blocks, then write one element per position.
+    const int64_t bytes = grad.numel() * static_cast<int64_t>(sizeof(scalar_t));
+    constexpr int64_t kZeroBlock = int64_t(1) << 20;
+    at::parallel_for(0, (bytes + kZeroBlock - 1) / kZeroBlock, 1, [&](int64_t b0, int64_t b1) {
+      const int64_t begin = b0 * kZeroBlock, end = std::min(bytes, b1 * kZeroBlock);
+      std::memset(reinterpret_cast<char*>(g) + begin, 0, end - begin);
+    });
+    at::parallel_for(0, P, kReduceBlock, [&](int64_t p0, int64_t p1) {
+      for (int64_t p = p0; p < p1; ++p) {
+        const int64_t tp = t[p];
+        if (tp == ignore_index || P == 0) continue;
+        const double s = scale_per_position.defined()
+                             ? (acc == at::kDouble ? scale_per_position.const_data_ptr<double>()[p]
+                                                   : static_cast<double>(scale_per_position.const_data_ptr<float>()[p]))
+                             : scale;
+        const int64_t n = p / v.S, sp = p % v.S;
+        g[n * v.stride_n + tp * v.stride_c + sp * v.stride_s] = static_cast<scalar_t>(-weight_of(plan.weight, tp) * s);
+      }
+    });
+  });
+  return grad;
+}
+
+} // namespace
+
+TORCH_LIBRARY_IMPL(xent, CPU, m) {
+  m.impl("nll_loss_fwd", &nll_loss_fwd);
+  m.impl("nll_loss_bwd", &nll_loss_bwd);
+}
+
+} // namespace xent::cpu
