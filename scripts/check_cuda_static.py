@@ -24,8 +24,8 @@ ALL_ARCHS = ["75", "80", "86", "89", "90", "100", "120"]
 
 # Kernels that must use 128-bit global accesses: name fragment -> required SASS opcodes.
 VECTORIZED = {
-    "rows_forward": ["LDG.E.128"],
-    "rows_backward": ["LDG.E.128", "STG.E.128"],
+    "fwd_rows_kernel": ["LDG.E.128"],
+    "bwd_rows_kernel": ["LDG.E.128", "STG.E.128"],
 }
 
 

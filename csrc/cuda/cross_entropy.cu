@@ -189,10 +189,12 @@ Plan plan_rows(int64_t P, int64_t C, int64_t elt, int sms) {
 
 Plan plan_lanes(int64_t P, int64_t C, int sms) {
   Plan pl;
-  pl.class_groups = C >= 64 ? 8 : C >= 32 ? 4 : C >= 16 ? 2 : 1;
+  const int64_t target_blocks = kSplitPositionsPerSM * sms;
+  // Warps share a tile's classes only when the tiles alone are too few to fill the GPU: a shared tile costs
+  // a shared-memory merge (forward) and repeated per-position loads (backward).
+  if (ceil_div(P, kBlock) < target_blocks) pl.class_groups = C >= 64 ? 8 : C >= 32 ? 4 : C >= 16 ? 2 : 1;
   pl.chunk = C;
   const int64_t tiles = ceil_div(P, 32 * (kWarps / pl.class_groups));
-  const int64_t target_blocks = kSplitPositionsPerSM * sms;
   if (tiles < target_blocks && C >= 2 * kLanesMinChunk) {
     const int64_t want = ceil_div(target_blocks, tiles);
     const int64_t chunk = std::max(ceil_div(C, want), kLanesMinChunk);

@@ -32,10 +32,14 @@
 // per block; finish_kernel, a single block, sums the partials in a fixed order and divides. No floating-point
 // atomics anywhere, and nothing is read back by the host.
 //
+// Ignored positions (class-index target == ignore_index) are not read: their loss and lse are 0, as on the
+// CPU, and their gradient rows are written as zeros.
+//
 // Backward: the gradient is elementwise given lse, so the backward kernels read each logit once and write
-// each gradient element once, over (position, chunk of classes) blocks. Ignored positions write zeros
-// without reading their logits. The upstream gradient per position is grad_loss[p] (reduction none) or the
-// device scalar grad_scale = grad_loss / denominator that finish_kernel computes (sum, mean).
+// each gradient element once, over (position, chunk of classes) blocks. The upstream gradient per position
+// is grad_loss[p] (reduction none) or the device scalar grad_scale = grad_loss / denominator that
+// finish_kernel computes (sum, mean). Probability targets first run a kProbWsum pass (Q = sum_c w_c q_c per
+// position, the forward kernels without the logits), so their backward reads the target twice.
 //
 // Indices: positions, offsets and class indices are int64 everywhere (inputs may exceed 2^31 elements).
 #pragma once
@@ -45,15 +49,23 @@
 #include <cmath>
 #include <cstdint>
 
+// `#pragma unroll` for nvcc; g++ (the emulator build) gets its own spelling instead of a warning.
 #if defined(__CUDACC__)
-#define XENT_CE_LAUNCH_BOUNDS(n) __launch_bounds__(n)
+#define XENT_CE_UNROLL _Pragma("unroll")
 #else
-#define XENT_CE_LAUNCH_BOUNDS(n)
+#define XENT_CE_UNROLL _Pragma("GCC unroll 16")
 #endif
+
+// The message of the device-side check of class-index targets (a string literal, as compat.cuh requires).
+#define XENT_CE_TARGET_OUT_OF_BOUNDS \
+  "cross_entropy: target out of bounds: a class-index target must be in [0, C) or equal ignore_index"
 
 namespace xent::cuda::ce {
 
-// Every kernel runs 256-thread blocks (8 warps), except finish_kernel (kFinishBlock threads).
+// Every kernel runs 256-thread blocks (8 warps), except finish_kernel (kFinishBlock threads). The kernels
+// declare __launch_bounds__(threads, 1): without the minimum-blocks hint ptxas picks a 64-80 register target
+// for the fp64 kernels and spills around the inlined exp(double); with it nothing spills (the emulator
+// defines __launch_bounds__ away).
 constexpr int kBlock = 256;
 constexpr int kWarps = kBlock / 32;
 constexpr int kFinishBlock = 512;
@@ -135,6 +147,19 @@ __device__ inline int64_t vector_head(const T* ptr, int64_t len) {
   return head < len ? head : len;
 }
 
+// 128-bit accesses index arrays of Vec from a 16-byte aligned base (`vec_base(row + vbegin)[j]`), never
+// `reinterpret_cast<Vec*>(row + c)` with an element offset c: the backend folds constant element offsets into
+// the address and then only trusts their alignment (MinAlign(16, 4 * k)), splitting one STG.E.128 into
+// 32/64-bit stores.
+template <class T, int V>
+__device__ inline const Vec<T, V>* vec_base(const T* p) {
+  return reinterpret_cast<const Vec<T, V>*>(p);
+}
+template <class T, int V>
+__device__ inline Vec<T, V>* vec_base(T* p) {
+  return reinterpret_cast<Vec<T, V>*>(p);
+}
+
 template <class T>
 __device__ inline bool same_alignment(const T* a, const T* b) {
   return ((reinterpret_cast<uintptr_t>(a) ^ reinterpret_cast<uintptr_t>(b)) & 15) == 0;
@@ -212,7 +237,7 @@ __device__ inline void merge_state(State<acc_t>& a, const State<acc_t>& b) {
 // Butterfly over the warp; lane 0's result is deterministic (only lane 0's is used).
 template <int MODE, class acc_t>
 __device__ inline void warp_merge(State<acc_t>& st) {
-#pragma unroll
+XENT_CE_UNROLL
   for (int off = 16; off > 0; off >>= 1) {
     State<acc_t> o;
     if constexpr (MODE != kProbWsum) {
@@ -230,7 +255,7 @@ __device__ inline void warp_merge(State<acc_t>& st) {
 
 template <class acc_t>
 __device__ inline acc_t warp_sum(acc_t v) {
-#pragma unroll
+XENT_CE_UNROLL
   for (int off = 16; off > 0; off >>= 1) v += shfl_xor(v, off);
   return v;
 }
@@ -281,7 +306,7 @@ __device__ inline void accumulate(
     const Params<scalar_t>& a) {
   if constexpr (MODE != kProbWsum) {
     acc_t vmax = x[0];
-#pragma unroll
+XENT_CE_UNROLL
     for (int i = 1; i < V; ++i) vmax = acc_max(vmax, x[i]);
     if (vmax > st.m) {
       st.s *= acc_exp(st.m - vmax);
@@ -290,21 +315,21 @@ __device__ inline void accumulate(
     // Only -inf seen so far: exp(x - 0) is 0 for them (and -inf - -inf would be NaN).
     const acc_t ref = st.m == neg_inf<acc_t>() ? acc_t(0) : st.m;
     acc_t sum = 0;
-#pragma unroll
+XENT_CE_UNROLL
     for (int i = 0; i < V; ++i) sum += acc_exp(x[i] - ref);
     st.s += sum;
   }
   if constexpr (MODE == kIndexSmooth) {
     if (a.weight != nullptr) {
-#pragma unroll
+XENT_CE_UNROLL
       for (int i = 0; i < V; ++i) st.dot += load_global(a.weight + c0 + i) * x[i];
     } else {
-#pragma unroll
+XENT_CE_UNROLL
       for (int i = 0; i < V; ++i) st.dot += x[i];
     }
   }
   if constexpr (MODE == kProb || MODE == kProbWsum) {
-#pragma unroll
+XENT_CE_UNROLL
     for (int i = 0; i < V; ++i) {
       const acc_t wq = class_weight(a, c0 + i) * (a.one_minus_eps * t[i] + a.eps_over_c);
       st.wdot += wq;
@@ -323,12 +348,14 @@ constexpr bool reads_prob_target() {
 }
 
 // Finishes position p from its merged State: stores lse (or Q for kProbWsum) and, for reduction none, the
-// loss; returns the loss and the weight w_t the mean divides by (0 for ignored positions).
+// loss; returns the loss and the weight w_t the mean divides by. t: the class-index target of p. Ignored
+// positions were not read: their loss, weight and lse are 0 (as on the CPU).
 template <int MODE, class scalar_t, class acc_t>
 __device__ inline void finish_position(
     const Params<scalar_t>& a,
     int64_t p,
     int64_t x_off,
+    int64_t t,
     const State<acc_t>& st,
     acc_t& loss_out,
     acc_t& weight_out) {
@@ -338,17 +365,18 @@ __device__ inline void finish_position(
     weight_out = 0;
     return;
   } else {
-    const acc_t lse = st.m + acc_log(st.s);
+    const bool ignored = MODE != kProb && t == a.ignore_index;
+    const acc_t lse = ignored ? acc_t(0) : st.m + acc_log(st.s);
     store_global(a.lse + p, lse);
     acc_t loss = 0, w = 0;
     if constexpr (MODE == kProb) {
       loss = lse * st.wdot - st.dot;
       w = 1;
     } else {
-      const int64_t t = load_global(a.target + p);
-      if (t != a.ignore_index) {
-        const bool valid = t >= 0 && t < a.C;
-        XENT_DEVICE_ASSERT(valid, "cross_entropy: target out of bounds (expected 0 <= target < C, or ignore_index)");
+      if (!ignored) {
+        const int64_t C = a.C;
+        const bool valid = t >= 0 && t < C;
+        XENT_DEVICE_ASSERT(t >= 0 && t < C, XENT_CE_TARGET_OUT_OF_BOUNDS);
         if (valid) {
           const acc_t xt = to_acc(load_global(a.x + x_off + t * a.x_sc));
           const acc_t wt = class_weight(a, t);
@@ -406,7 +434,7 @@ __device__ inline void row_chunk_range(
 // ---------------------------------------------------------------------------------------------------------
 // Forward, rows layout. Block: kBlock threads = kWarps / row_warps positions (x n_chunks chunks).
 template <class scalar_t, int MODE>
-__global__ void XENT_CE_LAUNCH_BOUNDS(kBlock) fwd_rows_kernel(const Params<scalar_t> a) {
+__global__ void __launch_bounds__(kBlock, 1) fwd_rows_kernel(const Params<scalar_t> a) {
   using acc_t = typename AccType<scalar_t>::type;
   constexpr int V = 16 / sizeof(scalar_t);
   using VecT = Vec<scalar_t, V>;
@@ -423,9 +451,20 @@ __global__ void XENT_CE_LAUNCH_BOUNDS(kBlock) fwd_rows_kernel(const Params<scala
   const int64_t P = a.N * a.S;
   const bool active = p < P;
 
+  // Class-index targets: the warp's lane 0 loads the target; ignored positions are not read.
+  int64_t t = 0;
+  bool skip = !active;
+  if constexpr (MODE == kIndex || MODE == kIndexSmooth) {
+    if (active) {  // uniform over the warp
+      if (lane == 0) t = load_global(a.target + p);
+      t = shfl_lane0(t);
+      skip = t == a.ignore_index;
+    }
+  }
+
   State<acc_t> st = empty_state<acc_t>();
   int64_t x_off = 0;
-  if (active) {
+  if (!skip) {
     x_off = position_offset(p, a.S, a.x_sn, a.x_ss);
     const scalar_t* xr = a.x + x_off;
     const scalar_t* tr = reads_prob_target<MODE>() ? a.tp + position_offset(p, a.S, a.t_sn, a.t_ss) : nullptr;
@@ -450,43 +489,45 @@ __global__ void XENT_CE_LAUNCH_BOUNDS(kBlock) fwd_rows_kernel(const Params<scala
 
     // 128-bit body, two vectors in flight per thread.
     const bool t_vec = reads_prob_target<MODE>() && (!reads_logits<MODE>() || same_alignment(xr, tr));
-    auto load_vec = [&](int64_t c, acc_t (&xv)[V], acc_t (&tv)[V]) {
+    const VecT* xvec = reads_logits<MODE>() ? vec_base<scalar_t, V>(xr + vbegin) : nullptr;
+    const VecT* tvec = reads_prob_target<MODE>() ? vec_base<scalar_t, V>(tr + vbegin) : nullptr;
+    // Vector j holds classes c = vbegin + j * V.
+    auto load_vec = [&](int64_t j, acc_t (&xv)[V], acc_t (&tv)[V]) {
+      const int64_t c = vbegin + j * V;
       if constexpr (reads_logits<MODE>()) {
-        const VecT v = load_global(reinterpret_cast<const VecT*>(xr + c));
-#pragma unroll
+        const VecT v = load_global(xvec + j);
+XENT_CE_UNROLL
         for (int i = 0; i < V; ++i) xv[i] = to_acc(v.val[i]);
       } else {
-#pragma unroll
+XENT_CE_UNROLL
         for (int i = 0; i < V; ++i) xv[i] = 0;
       }
       if constexpr (reads_prob_target<MODE>()) {
         if (t_vec) {
-          const VecT v = load_global(reinterpret_cast<const VecT*>(tr + c));
-#pragma unroll
+          const VecT v = load_global(tvec + j);
+XENT_CE_UNROLL
           for (int i = 0; i < V; ++i) tv[i] = to_acc(v.val[i]);
         } else {
-#pragma unroll
+XENT_CE_UNROLL
           for (int i = 0; i < V; ++i) tv[i] = to_acc(load_global(tr + c + i));
         }
       } else {
-#pragma unroll
+XENT_CE_UNROLL
         for (int i = 0; i < V; ++i) tv[i] = 0;
       }
     };
     int64_t j = rtid;
     for (; j + row_threads < nvec; j += 2 * row_threads) {
       acc_t x0[V], t0[V], x1[V], t1[V];
-      const int64_t c0 = vbegin + j * V, c1 = c0 + static_cast<int64_t>(row_threads) * V;
-      load_vec(c0, x0, t0);
-      load_vec(c1, x1, t1);
-      accumulate<MODE, V>(st, x0, t0, c0, a);
-      accumulate<MODE, V>(st, x1, t1, c1, a);
+      load_vec(j, x0, t0);
+      load_vec(j + row_threads, x1, t1);
+      accumulate<MODE, V>(st, x0, t0, vbegin + j * V, a);
+      accumulate<MODE, V>(st, x1, t1, vbegin + (j + row_threads) * V, a);
     }
     if (j < nvec) {
       acc_t x0[V], t0[V];
-      const int64_t c0 = vbegin + j * V;
-      load_vec(c0, x0, t0);
-      accumulate<MODE, V>(st, x0, t0, c0, a);
+      load_vec(j, x0, t0);
+      accumulate<MODE, V>(st, x0, t0, vbegin + j * V, a);
     }
   }
 
@@ -508,7 +549,7 @@ __global__ void XENT_CE_LAUNCH_BOUNDS(kBlock) fwd_rows_kernel(const Params<scala
     if (a.n_chunks > 1) {
       store_partial(a.partials, p * a.n_chunks + k, row);
     } else {
-      finish_position<MODE>(a, p, x_off, row, loss, w);
+      finish_position<MODE>(a, p, x_off, t, row, loss, w);
     }
   }
   if (a.n_chunks == 1 && a.block_partials != nullptr) {
@@ -520,7 +561,7 @@ __global__ void XENT_CE_LAUNCH_BOUNDS(kBlock) fwd_rows_kernel(const Params<scala
 // Forward, lanes layout. Block: kWarps / class_groups tiles of 32 consecutive positions (x n_chunks chunks of
 // classes); the class_groups warps of a tile take classes c = begin + group, + class_groups, ...
 template <class scalar_t, int MODE>
-__global__ void XENT_CE_LAUNCH_BOUNDS(kBlock) fwd_lanes_kernel(const Params<scalar_t> a) {
+__global__ void __launch_bounds__(kBlock, 1) fwd_lanes_kernel(const Params<scalar_t> a) {
   using acc_t = typename AccType<scalar_t>::type;
   __shared__ acc_t sh_m[kBlock], sh_s[kBlock], sh_dot[kBlock], sh_wdot[kBlock];
   __shared__ acc_t sh_sum[2 * kWarps];
@@ -534,9 +575,18 @@ __global__ void XENT_CE_LAUNCH_BOUNDS(kBlock) fwd_lanes_kernel(const Params<scal
   const int64_t P = a.N * a.S;
   const bool active = p < P;
 
+  int64_t t = 0;
+  bool skip = !active;
+  if constexpr (MODE == kIndex || MODE == kIndexSmooth) {
+    if (active) {
+      t = load_global(a.target + p);
+      skip = t == a.ignore_index;
+    }
+  }
+
   State<acc_t> st = empty_state<acc_t>();
   int64_t x_off = 0;
-  if (active) {
+  if (!skip) {
     x_off = position_offset(p, a.S, a.x_sn, a.x_ss);
     const int64_t t_off = reads_prob_target<MODE>() ? position_offset(p, a.S, a.t_sn, a.t_ss) : 0;
     const int64_t begin = k * a.chunk;
@@ -549,11 +599,11 @@ __global__ void XENT_CE_LAUNCH_BOUNDS(kBlock) fwd_lanes_kernel(const Params<scal
     // Four classes in flight per thread; accumulate() sees them as one 4-vector (class c + i * G).
     for (; c + 3 * G < end; c += 4 * G) {
       acc_t xv[4], tv[4];
-#pragma unroll
+XENT_CE_UNROLL
       for (int i = 0; i < 4; ++i) load1(c + i * G, xv[i], tv[i]);
       if constexpr (MODE == kIndexSmooth || MODE == kProb || MODE == kProbWsum) {
         // The dot products need each class's own weight: feed them one by one (same online result).
-#pragma unroll
+XENT_CE_UNROLL
         for (int i = 0; i < 4; ++i) {
           acc_t x1[1] = {xv[i]}, t1[1] = {tv[i]};
           accumulate<MODE, 1>(st, x1, t1, c + i * G, a);
@@ -584,7 +634,7 @@ __global__ void XENT_CE_LAUNCH_BOUNDS(kBlock) fwd_lanes_kernel(const Params<scal
     if (a.n_chunks > 1) {
       store_partial(a.partials, p * a.n_chunks + k, st);
     } else {
-      finish_position<MODE>(a, p, x_off, st, loss, w);
+      finish_position<MODE>(a, p, x_off, t, st, loss, w);
     }
   }
   if (a.n_chunks == 1 && a.block_partials != nullptr) {
@@ -595,16 +645,17 @@ __global__ void XENT_CE_LAUNCH_BOUNDS(kBlock) fwd_lanes_kernel(const Params<scal
 // Forward, split positions: merges each position's n_chunks partials in order and finishes it.
 // One thread per position.
 template <class scalar_t, int MODE>
-__global__ void XENT_CE_LAUNCH_BOUNDS(kBlock) fwd_merge_kernel(const Params<scalar_t> a) {
+__global__ void __launch_bounds__(kBlock, 1) fwd_merge_kernel(const Params<scalar_t> a) {
   using acc_t = typename AccType<scalar_t>::type;
   __shared__ acc_t sh_sum[2 * kWarps];
   const int64_t blk = blockIdx.x;
   const int64_t p = blk * kBlock + threadIdx.x;
   acc_t loss = 0, w = 0;
   if (p < a.N * a.S) {
+    const int64_t t = MODE == kIndex || MODE == kIndexSmooth ? load_global(a.target + p) : 0;
     State<acc_t> st = load_partial(a.partials, p * a.n_chunks);
     for (int64_t k = 1; k < a.n_chunks; ++k) merge_state(st, load_partial(a.partials, p * a.n_chunks + k));
-    finish_position<MODE>(a, p, position_offset(p, a.S, a.x_sn, a.x_ss), st, loss, w);
+    finish_position<MODE>(a, p, position_offset(p, a.S, a.x_sn, a.x_ss), t, st, loss, w);
   }
   if (a.block_partials != nullptr) {
     block_sum2_store(loss, w, sh_sum, a.block_partials + blk, a.block_partials + a.n_blocks + blk);
@@ -617,7 +668,7 @@ __global__ void XENT_CE_LAUNCH_BOUNDS(kBlock) fwd_merge_kernel(const Params<scal
 // Sum over positions of w_t (0 for ignored positions): one partial per block of kWeightPositionsPerBlock
 // positions (the mean's denominator in the backward).
 template <class acc_t>
-__global__ void XENT_CE_LAUNCH_BOUNDS(kBlock) target_weight_kernel(
+__global__ void __launch_bounds__(kBlock, 1) target_weight_kernel(
     const int64_t* target,
     int64_t P,
     int64_t C,
@@ -627,14 +678,14 @@ __global__ void XENT_CE_LAUNCH_BOUNDS(kBlock) target_weight_kernel(
   __shared__ acc_t sh_sum[2 * kWarps];
   const int64_t blk = blockIdx.x;
   acc_t sum = 0;
-#pragma unroll
+XENT_CE_UNROLL
   for (int i = 0; i < kWeightPositionsPerBlock / kBlock; ++i) {
     const int64_t p = blk * kWeightPositionsPerBlock + i * kBlock + threadIdx.x;
     if (p < P) {
       const int64_t t = load_global(target + p);
       if (t != ignore_index) {
         const bool valid = t >= 0 && t < C;
-        XENT_DEVICE_ASSERT(valid, "cross_entropy: target out of bounds (expected 0 <= target < C, or ignore_index)");
+        XENT_DEVICE_ASSERT(t >= 0 && t < C, XENT_CE_TARGET_OUT_OF_BOUNDS);
         if (valid) sum += weight != nullptr ? load_global(weight + t) : acc_t(1);
       }
     }
@@ -656,7 +707,7 @@ struct FinishParams {
 
 // A single block: sums num[0:n] and den[0:n] in a fixed order (strided per thread, then a fixed tree).
 template <class scalar_t>
-__global__ void XENT_CE_LAUNCH_BOUNDS(kFinishBlock) finish_kernel(const FinishParams<scalar_t> f) {
+__global__ void __launch_bounds__(kFinishBlock, 1) finish_kernel(const FinishParams<scalar_t> f) {
   using acc_t = typename AccType<scalar_t>::type;
   constexpr int kFinishWarps = kFinishBlock / 32;
   __shared__ acc_t sh_num[kFinishWarps], sh_den[kFinishWarps];
@@ -719,8 +770,9 @@ __device__ inline RowCoef<acc_t> load_row_coef(const Params<scalar_t>& a, int64_
     if (t == a.ignore_index) {
       r.zero = true;
     } else {
-      const bool valid = t >= 0 && t < a.C;
-      XENT_DEVICE_ASSERT(valid, "cross_entropy: target out of bounds (expected 0 <= target < C, or ignore_index)");
+      const int64_t C = a.C;
+      const bool valid = t >= 0 && t < C;
+      XENT_DEVICE_ASSERT(t >= 0 && t < C, XENT_CE_TARGET_OUT_OF_BOUNDS);
       if (!valid) {
         r.zero = true;
       } else {
@@ -752,7 +804,7 @@ __device__ inline acc_t grad_value(const Params<scalar_t>& a, const RowCoef<acc_
 
 // Backward, rows layout: same blocks as fwd_rows_kernel; elementwise over the chunk's classes.
 template <class scalar_t, int MODE>
-__global__ void XENT_CE_LAUNCH_BOUNDS(kBlock) bwd_rows_kernel(const Params<scalar_t> a) {
+__global__ void __launch_bounds__(kBlock, 1) bwd_rows_kernel(const Params<scalar_t> a) {
   using acc_t = typename AccType<scalar_t>::type;
   constexpr int V = 16 / sizeof(scalar_t);
   using VecT = Vec<scalar_t, V>;
@@ -787,8 +839,35 @@ __global__ void XENT_CE_LAUNCH_BOUNDS(kBlock) bwd_rows_kernel(const Params<scala
   const int64_t nvec = (end - vbegin) / V;
   const int64_t vend = vbegin + nvec * V;
   const int64_t n_head = vbegin - begin, n_scalar = n_head + (end - vend);
-  const bool g_vec = same_alignment(xr, static_cast<const scalar_t*>(gr));
   const bool t_vec = MODE == kProb && same_alignment(xr, tr);
+
+  // The gradient row is not aligned like the logits row (a fresh gradient next to logits with an odd
+  // storage offset): scalar, coalesced loads and stores, four in flight per thread. (A separate loop: given
+  // the same values and addresses, the compiler would merge a scalar fallback inside the vector loop with
+  // the 128-bit stores and emit 32/64-bit stores for both.)
+  if (!same_alignment(xr, static_cast<const scalar_t*>(gr))) {
+    auto value = [&](int64_t c, acc_t x, acc_t t) {
+      return from_acc<scalar_t>(r.zero ? acc_t(0) : grad_value<MODE>(a, r, c, x, t));
+    };
+    int64_t c = begin + rtid;
+    for (; c + 3 * row_threads < end; c += 4 * row_threads) {
+      acc_t xv[4], tv[4];
+XENT_CE_UNROLL
+      for (int i = 0; i < 4; ++i) {
+        const int64_t ci = c + i * row_threads;
+        xv[i] = r.zero ? acc_t(0) : to_acc(load_global(xr + ci));
+        tv[i] = MODE == kProb && !r.zero ? to_acc(load_global(tr + ci)) : acc_t(0);
+      }
+XENT_CE_UNROLL
+      for (int i = 0; i < 4; ++i) store_global(gr + c + i * row_threads, value(c + i * row_threads, xv[i], tv[i]));
+    }
+    for (; c < end; c += row_threads) {
+      const acc_t x = r.zero ? acc_t(0) : to_acc(load_global(xr + c));
+      const acc_t t = MODE == kProb && !r.zero ? to_acc(load_global(tr + c)) : acc_t(0);
+      store_global(gr + c, value(c, x, t));
+    }
+    return;
+  }
 
   for (int64_t i = rtid; i < n_scalar; i += row_threads) {
     const int64_t c = i < n_head ? begin + i : vend + (i - n_head);
@@ -800,47 +879,61 @@ __global__ void XENT_CE_LAUNCH_BOUNDS(kBlock) bwd_rows_kernel(const Params<scala
     store_global(gr + c, from_acc<scalar_t>(g));
   }
 
-  auto store_vec = [&](int64_t c, const VecT& v) {
-    if (g_vec) {
-      store_global(reinterpret_cast<VecT*>(gr + c), v);
-    } else {
-#pragma unroll
-      for (int i = 0; i < V; ++i) store_global(gr + c + i, v.val[i]);
-    }
-  };
   if (r.zero) {
     VecT z;
-#pragma unroll
+XENT_CE_UNROLL
     for (int i = 0; i < V; ++i) z.val[i] = from_acc<scalar_t>(acc_t(0));
-    for (int64_t j = rtid; j < nvec; j += row_threads) store_vec(vbegin + j * V, z);
+    VecT* gvec = vec_base<scalar_t, V>(gr + vbegin);
+    for (int64_t j = rtid; j < nvec; j += row_threads) store_global(gvec + j, z);
     return;
   }
-  for (int64_t j = rtid; j < nvec; j += row_threads) {
-    const int64_t c = vbegin + j * V;
-    const VecT xv = load_global(reinterpret_cast<const VecT*>(xr + c));
-    VecT tv;
+  // Vector j holds classes c = vbegin + j * V.
+  const VecT* xvec = vec_base<scalar_t, V>(xr + vbegin);
+  const VecT* tvec = MODE == kProb ? vec_base<scalar_t, V>(tr + vbegin) : nullptr;
+  VecT* gvec = vec_base<scalar_t, V>(gr + vbegin);
+  auto load_vec = [&](int64_t j, VecT& xv, VecT& tv) {
+    xv = load_global(xvec + j);
     if constexpr (MODE == kProb) {
       if (t_vec) {
-        tv = load_global(reinterpret_cast<const VecT*>(tr + c));
+        tv = load_global(tvec + j);
       } else {
-#pragma unroll
+        const int64_t c = vbegin + j * V;
+XENT_CE_UNROLL
         for (int i = 0; i < V; ++i) tv.val[i] = load_global(tr + c + i);
       }
     }
+  };
+  auto emit_vec = [&](int64_t j, const VecT& xv, const VecT& tv) {
+    const int64_t c = vbegin + j * V;
     VecT gv;
-#pragma unroll
+XENT_CE_UNROLL
     for (int i = 0; i < V; ++i) {
       const acc_t t = MODE == kProb ? to_acc(tv.val[i]) : acc_t(0);
       gv.val[i] = from_acc<scalar_t>(grad_value<MODE>(a, r, c + i, to_acc(xv.val[i]), t));
     }
-    store_vec(c, gv);
+    store_global(gvec + j, gv);
+  };
+  // Two vectors in flight per thread: both loads are issued before the first store (the compiler cannot
+  // move a load above a store to the gradient, which might alias the logits as far as it knows).
+  int64_t j = rtid;
+  for (; j + row_threads < nvec; j += 2 * row_threads) {
+    VecT x0, t0, x1, t1;
+    load_vec(j, x0, t0);
+    load_vec(j + row_threads, x1, t1);
+    emit_vec(j, x0, t0);
+    emit_vec(j + row_threads, x1, t1);
+  }
+  if (j < nvec) {
+    VecT x0, t0;
+    load_vec(j, x0, t0);
+    emit_vec(j, x0, t0);
   }
 }
 
 // Backward, lanes layout: same blocks as fwd_lanes_kernel; each thread writes its position's classes
 // c = begin + group, + class_groups, ... of the block's chunk.
 template <class scalar_t, int MODE>
-__global__ void XENT_CE_LAUNCH_BOUNDS(kBlock) bwd_lanes_kernel(const Params<scalar_t> a) {
+__global__ void __launch_bounds__(kBlock, 1) bwd_lanes_kernel(const Params<scalar_t> a) {
   using acc_t = typename AccType<scalar_t>::type;
   const int warp = static_cast<int>(threadIdx.x) / 32, lane = static_cast<int>(threadIdx.x) % 32;
   const int G = a.class_groups;
@@ -865,12 +958,12 @@ __global__ void XENT_CE_LAUNCH_BOUNDS(kBlock) bwd_lanes_kernel(const Params<scal
   int64_t c = begin + group;
   for (; c + 3 * G < end; c += 4 * G) {
     acc_t xv[4], tv[4];
-#pragma unroll
+XENT_CE_UNROLL
     for (int i = 0; i < 4; ++i) {
       xv[i] = to_acc(load_global(a.x + x_off + (c + i * G) * a.x_sc));
       tv[i] = MODE == kProb ? to_acc(load_global(a.tp + t_off + (c + i * G) * a.t_sc)) : acc_t(0);
     }
-#pragma unroll
+XENT_CE_UNROLL
     for (int i = 0; i < 4; ++i) {
       const int64_t ci = c + i * G;
       store_global(a.grad + g_off + ci * a.g_sc, from_acc<scalar_t>(grad_value<MODE>(a, r, ci, xv[i], tv[i])));
