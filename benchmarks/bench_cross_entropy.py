@@ -378,7 +378,8 @@ def check_correctness(shape: Sequence[int], dtype_name: str, device: str, seed: 
             loss = fn(x, t)
             loss.backward()
             sync(device)
-            entry[name] = {"loss": float(loss), "loss_rel_err": rel_err(loss.cpu(), ref_loss),
+            loss = loss.detach().cpu()
+            entry[name] = {"loss": float(loss), "loss_rel_err": rel_err(loss, ref_loss),
                            "grad_rel_err": rel_err(x.grad[:rows], ref_grad)}
         except Exception as exc:  # noqa: BLE001 - reported (and fatal for xent) below
             entry[name] = {"error": f"{type(exc).__name__}: {exc}"}
@@ -457,6 +458,8 @@ def environment(args) -> dict:
         "threads": torch.get_num_threads(),
         "cpu_model": cpu_model(),
         "cpu_count": os.cpu_count(),
+        # Other load on the machine skews CPU timings; recorded at the start and (below) the end of the run.
+        "loadavg_start": _read("/proc/loadavg"),
         "platform": platform.platform(),
         "xent_cpu_isa": torch.ops.xent._cpu_isa() if hasattr(torch.ops.xent, "_cpu_isa") else None,
         "xent_cpu_grad_cache": (list(torch.ops.xent._cpu_grad_cache())
@@ -503,8 +506,14 @@ def fmt_ms(result: dict) -> str:
 
 def fmt_mib(result: dict) -> str:
     if "peak_extra_bytes" in result:
-        return f"{result['peak_extra_bytes'] / MIB:.0f}"
+        return fmt_size(result["peak_extra_bytes"])
     return "—"
+
+
+def fmt_size(nbytes: float) -> str:
+    """MiB with one decimal below 100 MiB (small shapes), whole MiB above."""
+    mib = nbytes / MIB
+    return f"{mib:.1f}" if abs(mib) < 100 else f"{mib:.0f}"
 
 
 def correctness_table(entries: Sequence[dict]) -> str:
@@ -541,7 +550,7 @@ def results_table(entries: Sequence[dict], impls: Sequence[str], device: str) ->
                 if "peak_fraction" in r:
                     cell += f" ({100 * r['peak_fraction']:.0f}%)"
                 row.append(cell)
-        row += [fmt_mib(res[n]) for n in impls] + [f"{e['grad_bytes'] / MIB:.0f}"]
+        row += [fmt_mib(res[n]) for n in impls] + [fmt_size(e["grad_bytes"])]
         rows.append(row)
     return md_table(header, rows)
 
@@ -623,7 +632,8 @@ def write_chart(path: str, data: dict) -> None:
     ax.set_ylim(top=ymax * (3 if log_scale else 1.25))
     env = data["environment"]
     where = env.get("gpu") or f"{env['cpu_model']}, {env['threads']} threads"
-    ax.set_title(f"cross-entropy fwd+bwd: xent speedup annotated\n{where}, torch {env['torch']}", fontsize=9)
+    ax.set_title("cross-entropy fwd+bwd time (annotations: xent speedup = other / xent)\n"
+                 f"{where}, torch {env['torch']}", fontsize=9)
     ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
@@ -716,28 +726,30 @@ def benchmark_config(shape, dtype_name, impls, args, progress) -> dict:
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--quick", action="store_true",
                    help="small shapes and few repeats (" + ", ".join(map(shape_str, QUICK_SHAPES)) + ")")
-    p.add_argument("--device", choices=("cpu", "cuda"), default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--device", choices=("cpu", "cuda"), default="cuda" if torch.cuda.is_available() else "cpu",
+                   help="default: %(default)s (cuda when available)")
     p.add_argument("--shapes", type=lambda s: [parse_shape(v) for v in s.split(",") if v.strip()],
                    help="comma-separated N x C [x d1 ...] shapes, class dim 1 (default: "
                         + ", ".join(map(shape_str, FULL_SHAPES)) + ")")
     p.add_argument("--dtypes", type=lambda s: [v.strip() for v in s.split(",") if v.strip()],
-                   default=list(DEFAULT_DTYPES), help="comma-separated: " + ", ".join(DTYPES))
+                   default=list(DEFAULT_DTYPES),
+                   help="comma-separated, of " + ", ".join(DTYPES) + " (default: " + ",".join(DEFAULT_DTYPES) + ")")
     p.add_argument("--impls", type=lambda s: [v.strip() for v in s.split(",") if v.strip()],
                    help="implementations to time (default: xent, eager, compile; on CUDA also liger, flash_attn)")
     p.add_argument("--repeats", type=int, help="maximum timed repeats per measurement (default 25, quick 5)")
     p.add_argument("--warmup", type=int, help="untimed warm-up iterations (default 2, quick 1)")
     p.add_argument("--budget", type=float, default=4.0,
                    help="seconds of timed repeats to aim for per measurement (fewer repeats for slow configs); "
-                        "0 always runs --repeats")
-    p.add_argument("--threads", type=int, default=2, help="torch.set_num_threads")
-    p.add_argument("--seed", type=int, default=0)
+                        "0 always runs --repeats (default: %(default)s)")
+    p.add_argument("--threads", type=int, default=2, help="torch.set_num_threads (default: %(default)s)")
+    p.add_argument("--seed", type=int, default=0, help="input seed (default: %(default)s)")
     p.add_argument("--memory", action=argparse.BooleanOptionalAction, default=True,
-                   help="measure peak extra memory (CPU: one fresh subprocess per measurement)")
-    p.add_argument("--out", default=os.path.join("benchmarks", "results"), help="output directory")
+                   help="measure peak extra memory (CPU: one fresh subprocess per measurement; default: on)")
+    p.add_argument("--out", default=os.path.join("benchmarks", "results"),
+                   help="output directory (default: %(default)s)")
     # Internal: measure the memory of one (impl, shape, dtype) in this fresh process and print it as JSON.
     p.add_argument("--measure-memory", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--impl", help=argparse.SUPPRESS)
@@ -800,6 +812,7 @@ def main(argv=None) -> int:
         + (", with peak memory" if args.memory else "") + ") ==")
     results = [benchmark_config(shape, dtype, args.impls, args, log) for shape, dtype in configs]
 
+    env["loadavg_end"] = _read("/proc/loadavg")
     data = {
         "environment": env,
         "settings": {"device": args.device, "impls": args.impls, "shapes": [list(s) for s in args.shapes],
