@@ -564,6 +564,62 @@ def environment_md(env: dict) -> str:
     return "\n".join(lines)
 
 
+# ------------------------------------------------------------------------------------------------
+# Memory-traffic model of the CUDA kernels (measured by the SIMT emulator, no GPU needed).
+
+H100_BYTES_PER_S = 3.35e12
+# PyTorch eager's cross-entropy on CUDA as a kernel sequence, in logit-sized passes (reads + writes):
+# log_softmax (read x, write logp) = 2; nll_loss backward (zero-fill grad_logp, scatter) = 1;
+# log_softmax backward (read grad_logp and logp, write grad) = 3. The nll forward gather is O(N).
+PYTORCH_EAGER_PASSES = 6
+
+
+def _proxy_shape(shape: Sequence[int]) -> Tuple[int, ...]:
+    """A small shape with the same class count and layout, cheap enough for the emulator."""
+    return (2, shape[1]) if len(shape) == 2 else (1, shape[1]) + tuple(min(d, 64) for d in shape[2:])
+
+
+def traffic_model(shapes: Sequence[Sequence[int]], dtypes: Sequence[str]) -> List[dict]:
+    """Bytes moved per logit by xent's CUDA forward and backward, counted by the emulator on a proxy
+    shape, and the resulting H100 time floor for the real shape next to PyTorch eager's."""
+    import xent
+
+    if not xent.testing.emulated_cuda_available():
+        return []
+    ops = torch.ops.xent_emulated
+    rows = []
+    for shape in shapes:
+        for dtype_name in dtypes:
+            proxy = _proxy_shape(shape)
+            x, t = make_inputs(proxy, dtype_name, "cpu", 0)
+            x = x.detach()
+            ops._simt_traffic()
+            loss, lse = ops.cross_entropy_fwd(x, t, None, reduction=1)
+            fwd = sum(ops._simt_traffic())
+            ops.cross_entropy_bwd(torch.ones_like(loss), x, t, None, lse, reduction=1)
+            bwd = sum(ops._simt_traffic())
+            n, elt = numel(proxy), elem_size(dtype_name)
+            per_logit = (fwd + bwd) / n
+            full = numel(shape)
+            rows.append({
+                "shape": list(shape), "dtype": dtype_name, "proxy": list(proxy),
+                "fwd_bytes_per_logit": fwd / n, "bwd_bytes_per_logit": bwd / n,
+                "xent_h100_floor_ms": per_logit * full / H100_BYTES_PER_S * 1e3,
+                "pytorch_bytes_per_logit": PYTORCH_EAGER_PASSES * elt,
+                "pytorch_h100_floor_ms": PYTORCH_EAGER_PASSES * elt * full / H100_BYTES_PER_S * 1e3,
+            })
+    return rows
+
+
+def traffic_table(rows: Sequence[dict]) -> str:
+    header = ["shape", "dtype", "xent fwd B/logit", "xent bwd B/logit", "xent H100 floor ms",
+              "PyTorch eager B/logit (model)", "PyTorch H100 floor ms"]
+    body = [[shape_str(r["shape"]), r["dtype"], f"{r['fwd_bytes_per_logit']:.2f}", f"{r['bwd_bytes_per_logit']:.2f}",
+             f"{r['xent_h100_floor_ms']:.3f}", f"{r['pytorch_bytes_per_logit']}", f"{r['pytorch_h100_floor_ms']:.3f}"]
+            for r in rows]
+    return md_table(header, body) if rows else "(the emulator build is not available)"
+
+
 def write_markdown(path: str, data: dict) -> None:
     impls, device = data["settings"]["impls"], data["settings"]["device"]
     timing_unit = "CUDA events" if device == "cuda" else "time.perf_counter"
@@ -589,6 +645,15 @@ def write_markdown(path: str, data: dict) -> None:
         + "; grad MiB: the gradient's own size.",
         "",
         results_table(data["results"], impls, device),
+        "",
+        "## CUDA memory traffic (emulated)",
+        "",
+        "Global-memory bytes per logit of xent's CUDA forward and backward (fwd+bwd of one mean-reduced loss), "
+        "counted by the SIMT emulator on a proxy with the same class count, and the time floor they imply at "
+        "the H100's 3.35 TB/s for the full shape; PyTorch eager's bytes are a model of its kernel sequence "
+        "(log_softmax, nll_loss, their backwards: 6 logit-sized passes).",
+        "",
+        traffic_table(data.get("traffic", [])),
         "",
         "## Environment",
         "",
@@ -812,6 +877,11 @@ def main(argv=None) -> int:
         + (", with peak memory" if args.memory else "") + ") ==")
     results = [benchmark_config(shape, dtype, args.impls, args, log) for shape, dtype in configs]
 
+    # 3. CUDA memory-traffic model (emulated; no GPU needed).
+    traffic = traffic_model(args.shapes, args.dtypes)
+    if traffic:
+        log("\n== CUDA traffic model (emulated) ==\n" + traffic_table(traffic))
+
     env["loadavg_end"] = _read("/proc/loadavg")
     data = {
         "environment": env,
@@ -822,6 +892,7 @@ def main(argv=None) -> int:
                      "grad_check_rows": GRAD_CHECK_ROWS},
         "correctness": correctness,
         "results": results,
+        "traffic": traffic,
         "elapsed_s": time.perf_counter() - started,
     }
 
