@@ -51,6 +51,9 @@ struct Coefficients {
   }
   // The softmax coefficient of an index-target gradient row: grad_j = s * (a * softmax_j - b_j) - ...
   double index_softmax_coef(int64_t t) const { return (1.0 - eps) * w(t) + eps_over_c * weight_sum; }
+  // What the target element subtracts from a * softmax_t: eps w_t / C + (1 - eps) w_t, summed in the same
+  // order as index_softmax_coef so that a single class (C = 1, softmax = 1) gives exactly 0.
+  double target_term(int64_t t) const { return (1.0 - eps) * w(t) + eps_over_c * w(t); }
 };
 
 template <class acc>
@@ -323,8 +326,7 @@ struct RowsLayout {
       }
       if (t >= c0 && t < c1) {
         const acc p_t = scalar_exp(static_cast<acc>(to_acc(x[t]) - lse_in[row]));
-        const double g_t = s * coef.index_softmax_coef(t) * p_t - s * coef.eps_over_c * coef.w(t) -
-                           s * (1.0 - coef.eps) * coef.w(t);
+        const double g_t = s * (coef.index_softmax_coef(t) * p_t - coef.target_term(t));
         from_acc(g + t, static_cast<acc>(g_t));
       }
     }
@@ -461,8 +463,7 @@ struct LanesLayout {
         }
         const acc p_t = scalar_exp(static_cast<acc>(to_acc(x[t * a.stride_c + i]) - lse[i]));
         const double sc = scale[i];
-        const double g_t = soft[i] * static_cast<double>(p_t) - sc * coef.eps_over_c * coef.w(t) -
-                           sc * (1.0 - coef.eps) * coef.w(t);
+        const double g_t = sc * (coef.index_softmax_coef(t) * static_cast<double>(p_t) - coef.target_term(t));
         from_acc(g + t * a.grad_stride_c + i, static_cast<acc>(g_t));
       }
     });
