@@ -48,7 +48,8 @@ void check_logits(const at::Tensor& logits, const char* op) {
   TORCH_CHECK(
       logits.dim() >= 2,
       op, ": expected logits of shape (N, C) or (N, C, d1, ..., dk), got a ", logits.dim(), "-d tensor");
-  TORCH_CHECK(
+  // NotImplementedError, as PyTorch's kernels raise for an unsupported dtype.
+  TORCH_CHECK_NOT_IMPLEMENTED(
       at::isFloatingType(logits.scalar_type()) &&
           (logits.scalar_type() == at::kFloat || logits.scalar_type() == at::kDouble ||
            logits.scalar_type() == at::kBFloat16 || logits.scalar_type() == at::kHalf),

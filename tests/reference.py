@@ -89,25 +89,25 @@ def cross_entropy_reference(input, target, weight=None, ignore_index=-100, reduc
     return loss
 
 
-def cross_entropy_reference_chunked(input, target, chunk_elements=1 << 26):
-    """Mean cross-entropy over (N, C) logits with class-index targets, never materializing a float64
-    copy of more than ``chunk_elements`` logits at once (for inputs with more than 2**31 elements).
+def cross_entropy_reference_chunked(input, target, chunk_elements=1 << 20):
+    """Cross-entropy of (N, C) logits with class-index targets (no weight, smoothing or ignore_index),
+    for inputs with more than 2**31 elements: never materializes a float64 copy of more than
+    ``chunk_elements`` logits at once (8 MiB by default).
 
-    Each row's log-sum-exp is accumulated over column chunks with the streaming (max, sum of exp)
-    recurrence, in float64. Returns (mean loss, per-row losses), float64.
+    Each row's log-sum-exp is accumulated over blocks of rows and columns in float64: the log-sum-exp
+    of every block merged with logaddexp. Returns (mean loss, per-row losses), float64.
     """
     N, C = input.shape
-    cols = max(1, chunk_elements // max(N, 1))
-    row_max = torch.full((N,), -math.inf, dtype=torch.float64)
-    row_sum = torch.zeros(N, dtype=torch.float64)
-    for c0 in range(0, C, cols):
-        block = input[:, c0 : c0 + cols].double()
-        block_max = block.max(dim=1).values
-        new_max = torch.maximum(row_max, block_max)
-        row_sum = row_sum * torch.exp(row_max - new_max) + torch.exp(block - new_max.unsqueeze(1)).sum(dim=1)
-        row_max = new_max
-        del block
-    lse = row_max + torch.log(row_sum)
+    rows = max(1, chunk_elements // max(C, 1))
+    cols = max(1, min(C, chunk_elements))
+    lse = torch.empty(N, dtype=torch.float64)
+    for r0 in range(0, N, rows):
+        r1 = min(N, r0 + rows)
+        acc = torch.full((r1 - r0,), -math.inf, dtype=torch.float64)
+        for c0 in range(0, C, cols):
+            block = input[r0:r1, c0 : c0 + cols].double()
+            acc = torch.logaddexp(acc, torch.logsumexp(block, dim=1))
+        lse[r0:r1] = acc
     x_t = input.gather(1, target.long().unsqueeze(1)).squeeze(1).double()
     per_row = lse - x_t
     return per_row.mean(), per_row

@@ -9,8 +9,23 @@ autograd formulas and the PyTorch-compatible functional and module APIs.
 """
 
 from . import _ops  # noqa: F401  (loads the kernels, registers fake kernels and autograd)
+from . import _binary_ops  # noqa: F401  (the binary losses' fake kernels and autograd)
 from . import nn, testing
-from .functional import cross_entropy, nll_loss
+from .functional import (
+    binary_cross_entropy,
+    binary_cross_entropy_with_logits,
+    cross_entropy,
+    nll_loss,
+    sigmoid_focal_loss,
+)
 
-__all__ = ["cross_entropy", "nll_loss", "nn", "testing"]
+__all__ = [
+    "binary_cross_entropy",
+    "binary_cross_entropy_with_logits",
+    "cross_entropy",
+    "nll_loss",
+    "nn",
+    "sigmoid_focal_loss",
+    "testing",
+]
 __version__ = "0.1.0"

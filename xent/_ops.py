@@ -56,6 +56,16 @@ def _check_common(logits, weight, reduction, label_smoothing):
         )
 
 
+def _check_devices(logits, *others):
+    # A fake kernel also runs for mixed real and meta arguments: it must refuse them as the kernels do.
+    for other in others:
+        if other is not None:
+            torch._check(
+                other.device == logits.device,
+                lambda: f"Expected all tensors to be on the same device, but found {logits.device} and {other.device}",
+            )
+
+
 def _check_index_target(logits, target):
     torch._check(
         target.dtype in (torch.int64, torch.int32, torch.uint8),
@@ -90,24 +100,28 @@ def _register_fakes(ns):
     @torch.library.register_fake(f"{ns}::cross_entropy_fwd")
     def _(logits, target, weight=None, *, reduction=1, ignore_index=-100, label_smoothing=0.0):
         _check_common(logits, weight, reduction, label_smoothing)
+        _check_devices(logits, target, weight)
         _check_index_target(logits, target)
         return _fake_forward(logits, reduction)
 
     @torch.library.register_fake(f"{ns}::cross_entropy_bwd")
     def _(grad_loss, logits, target, weight, lse, *, reduction=1, ignore_index=-100, label_smoothing=0.0):
         _check_common(logits, weight, reduction, label_smoothing)
+        _check_devices(logits, grad_loss, target, weight, lse)
         _check_index_target(logits, target)
         return _fake_grad(logits)
 
     @torch.library.register_fake(f"{ns}::cross_entropy_prob_fwd")
     def _(logits, target, weight=None, *, reduction=1, label_smoothing=0.0):
         _check_common(logits, weight, reduction, label_smoothing)
+        _check_devices(logits, target, weight)
         _check_prob_target(logits, target)
         return _fake_forward(logits, reduction)
 
     @torch.library.register_fake(f"{ns}::cross_entropy_prob_bwd")
     def _(grad_loss, logits, target, weight, lse, *, reduction=1, label_smoothing=0.0):
         _check_common(logits, weight, reduction, label_smoothing)
+        _check_devices(logits, grad_loss, target, weight, lse)
         _check_prob_target(logits, target)
         return _fake_grad(logits)
 
@@ -258,7 +272,7 @@ def _register_autograd(ns):
         w_c = _prob_weight(weight, logits, p.dtype)
         q = (1 - eps) * target.to(p.dtype) + eps / C
         A = (w_c * q).sum(1, keepdim=True)
-        denominator = float(max(logits.numel() // max(C, 1), 0))
+        denominator = _position_count(logits)
         s = _upstream_scale(grad_loss, reduction, denominator, logits)
         pv = (p * v).sum(1, keepdim=True)
         grad_grad_loss = grad_logits = grad_target = None
@@ -272,6 +286,15 @@ def _register_autograd(ns):
         return grad_grad_loss, grad_logits, grad_target, None, None
 
     torch.library.register_autograd(f"{ns}::cross_entropy_prob_bwd", backward_prob_bwd, setup_context=setup_prob_bwd)
+
+
+def _position_count(logits):
+    """N * d1 * ... * dk, the probability-target mean's denominator, kept symbolic under dynamic shapes
+    (float() or numel() // C would specialize the compiled graph on the batch size)."""
+    count = 1
+    for size in position_shape(logits):
+        count = count * size
+    return count
 
 
 def _prob_weight(weight, logits, dtype):
@@ -290,7 +313,7 @@ def _prob_target_grad(grad_loss, logits, weight, lse, kw):
     acc = lse.dtype
     # Recomputed rather than logits - lse: lse is not differentiable, and this term must be (double backward).
     log_softmax = torch.log_softmax(logits.to(acc), 1)
-    denominator = float(logits.numel() // max(C, 1))
+    denominator = _position_count(logits)
     s = _upstream_scale(grad_loss, reduction, denominator, logits)
     return (-(1 - eps) * s * _prob_weight(weight, logits, acc) * log_softmax).to(logits.dtype)
 
@@ -305,6 +328,7 @@ def _register_nll(ns):
     @torch.library.register_fake(f"{ns}::nll_loss_fwd")
     def _(input, target, weight=None, *, reduction=1, ignore_index=-100):
         _check_common(input, weight, reduction, 0.0)
+        _check_devices(input, target, weight)
         _check_index_target(input, target)
         loss_shape = position_shape(input) if reduction == REDUCTION_NONE else ()
         return input.new_empty(loss_shape), input.new_empty(())
@@ -312,6 +336,7 @@ def _register_nll(ns):
     @torch.library.register_fake(f"{ns}::nll_loss_bwd")
     def _(grad_loss, input, target, weight, total_weight, *, reduction=1, ignore_index=-100):
         _check_common(input, weight, reduction, 0.0)
+        _check_devices(input, grad_loss, target, weight, total_weight)
         _check_index_target(input, target)
         return _fake_grad(input)
 

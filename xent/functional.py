@@ -7,7 +7,7 @@ from torch import Tensor
 from torch.nn import _reduction as _Reduction
 from torch.overrides import handle_torch_function, has_torch_function_variadic
 
-from . import _ops, testing
+from . import _binary_ops, _ops, testing  # noqa: F401  (_binary_ops: the binary losses' fakes/autograd)
 
 _REDUCTIONS = {"none": _ops.REDUCTION_NONE, "mean": _ops.REDUCTION_MEAN, "sum": _ops.REDUCTION_SUM}
 
@@ -17,6 +17,15 @@ def _reduction_code(reduction: str) -> int:
         return _REDUCTIONS[reduction]
     except (KeyError, TypeError):
         raise ValueError(f"{reduction} is not a valid value for reduction") from None
+
+
+def _check_devices(input: Tensor, *others: Optional[Tensor]) -> None:
+    # Checked here because a tensor on the meta device would send the op to its fake kernel.
+    for other in others:
+        if other is not None and other.device != input.device:
+            raise RuntimeError(
+                f"Expected all tensors to be on the same device, but found {input.device} and {other.device}"
+            )
 
 
 def _check_weight_grad(weight: Optional[Tensor]) -> None:
@@ -77,12 +86,19 @@ def cross_entropy(
     if not (0.0 <= label_smoothing <= 1.0):
         raise RuntimeError(f"label_smoothing must be between 0.0 and 1.0. Got: {label_smoothing}")
     if input.dim() < 1:
-        raise ValueError(f"Expected 1 or more dimensions (got {input.dim()})")
+        # PyTorch's error types for a 0-d input: IndexError (probabilities), RuntimeError (class indices).
+        error = IndexError if target.is_floating_point() else RuntimeError
+        raise error(f"cross_entropy: expected an input with 1 or more dimensions (got {input.dim()})")
+    _check_devices(input, target, weight)
     _check_weight_grad(weight)
 
     # Probability targets are recognised as PyTorch does: by having the input's shape.
     probabilities = input.shape == target.shape
+    if probabilities and ignore_index >= 0:
+        raise RuntimeError("ignore_index is not supported for floating point target")
     unbatched = input.dim() == 1
+    if unbatched and not probabilities and target.dim() == 1 and target.numel() == 1:
+        target = target.reshape(())  # PyTorch accepts a (1,) class target for a (C) input
     if unbatched:
         input = input.unsqueeze(0)
         target = target.unsqueeze(0)
@@ -143,7 +159,10 @@ def nll_loss(
     code = _reduction_code(reduction)
     if input.dim() < 1:
         raise ValueError(f"Expected 1 or more dimensions (got {input.dim()})")
+    _check_devices(input, target, weight)
     _check_weight_grad(weight)
+    if input.dim() == 1 and target.dim() == 1 and target.numel() != 1:
+        raise ValueError(f"For 1D input, 1D target must have size 1, but got target size: {target.numel()}")
     unbatched = input.dim() == 1
     if unbatched:
         input = input.unsqueeze(0)
@@ -156,3 +175,192 @@ def nll_loss(
     if unbatched and code == _ops.REDUCTION_NONE:
         loss = loss.squeeze(0)
     return loss
+
+
+# ------------------------------------------------------------------------------------------------
+# Binary losses: binary_cross_entropy, binary_cross_entropy_with_logits, sigmoid_focal_loss.
+
+
+def _dtype_name(dtype: torch.dtype) -> str:
+    """PyTorch's name of a dtype in error messages ('Float', 'Long', ...)."""
+    return torch.empty((), dtype=dtype).type().split(".")[-1].replace("Tensor", "")
+
+
+def _check_not_differentiable(function: str, name: str, t: Optional[Tensor]) -> None:
+    # PyTorch's autograd raises this when the op is called (in grad mode), not at backward time.
+    if t is not None and t.requires_grad and torch.is_grad_enabled():
+        raise RuntimeError(
+            f"The function '{function}' is not differentiable with respect to argument '{name}'. "
+            "This input cannot have requires_grad True."
+        )
+
+
+def _reduction_enum(size_average: Optional[bool], reduce: Optional[bool], reduction: str) -> int:
+    # _Reduction.get_enum also accepts the deprecated 'elementwise_mean' (with a warning), as F does.
+    if size_average is not None or reduce is not None:
+        return _Reduction.legacy_get_enum(size_average, reduce)
+    return _Reduction.get_enum(reduction)
+
+
+def _logits_dtypes(function: str, input: Tensor, target: Tensor, result_dtype) -> "tuple[Tensor, Tensor]":
+    """Input and target in one dtype, following PyTorch's type promotion of the composite formula: the
+    with-logits loss takes the target's dtype (ATen computes (1 - target).mul_(input)...), the focal
+    loss the promoted dtype. Non-floating arguments raise what PyTorch raises."""
+    if not input.is_floating_point():
+        raise NotImplementedError(f"\"{function}\" not implemented for '{_dtype_name(input.dtype)}'")
+    if target.dtype == torch.bool:
+        raise NotImplementedError(f"{function}: boolean targets are not supported; pass target.float()")
+    if not target.is_floating_point():
+        raise RuntimeError(
+            f"result type {_dtype_name(input.dtype)} can't be cast to the desired output type "
+            f"{_dtype_name(target.dtype)}"
+        )
+    dtype = result_dtype(input.dtype, target.dtype)
+    return input.to(dtype), target.to(dtype)
+
+
+def binary_cross_entropy(
+    input: Tensor,
+    target: Tensor,
+    weight: Optional[Tensor] = None,
+    size_average: Optional[bool] = None,
+    reduce: Optional[bool] = None,
+    reduction: str = "mean",
+) -> Tensor:
+    """Binary cross-entropy between probabilities and targets; the arguments and results of
+    :func:`torch.nn.functional.binary_cross_entropy`.
+
+    Args:
+        input: probabilities in [0, 1], any shape (*); float32, float64, bfloat16 or float16. A value
+            outside [0, 1] (or NaN) raises RuntimeError, as PyTorch's CPU kernel does.
+        target: the input's shape and dtype, values in [0, 1] (checked likewise).
+        weight: optional rescaling weight, broadcastable to the input (any real dtype).
+        size_average, reduce: deprecated, as in PyTorch (they override ``reduction``).
+        reduction: 'none' | 'mean' | 'sum'.
+
+    Returns:
+        -w (y max(log x, -100) + (1 - y) max(log(1 - x), -100)) in the input's dtype: a scalar for
+        'mean' (NaN for an empty input) / 'sum', the input's shape for 'none'.
+    """
+    if has_torch_function_variadic(input, target, weight):
+        return handle_torch_function(
+            binary_cross_entropy,
+            (input, target, weight),
+            input,
+            target,
+            weight=weight,
+            size_average=size_average,
+            reduce=reduce,
+            reduction=reduction,
+        )
+    code = _reduction_enum(size_average, reduce, reduction)
+    if target.size() != input.size():
+        raise ValueError(
+            f"Using a target size ({target.size()}) that is different to the input size ({input.size()}) is "
+            "deprecated. Please ensure they have the same size."
+        )
+    _check_not_differentiable("binary_cross_entropy", "weight", weight)
+    return testing._active_ops().binary_cross_entropy_fwd(input, target, weight, reduction=code)
+
+
+def binary_cross_entropy_with_logits(
+    input: Tensor,
+    target: Tensor,
+    weight: Optional[Tensor] = None,
+    size_average: Optional[bool] = None,
+    reduce: Optional[bool] = None,
+    reduction: str = "mean",
+    pos_weight: Optional[Tensor] = None,
+) -> Tensor:
+    """Binary cross-entropy between logits and targets; the arguments and results of
+    :func:`torch.nn.functional.binary_cross_entropy_with_logits`.
+
+    Args:
+        input: logits, any shape (*); float32, float64, bfloat16 or float16.
+        target: the input's shape; any floating dtype (the result takes the target's dtype, as in
+            PyTorch). Soft targets are fine.
+        weight: optional rescaling weight, broadcastable to the input.
+        size_average, reduce: deprecated, as in PyTorch.
+        reduction: 'none' | 'mean' | 'sum'.
+        pos_weight: optional weight of the positive term, broadcastable to the input; typically one value
+            per class, shape (C) for an input (N, C).
+
+    Returns:
+        w ((1 - y) x - (1 + (pw - 1) y) log_sigmoid(x)), computed without cancellation: a scalar for
+        'mean' / 'sum', the input's shape for 'none'.
+    """
+    if has_torch_function_variadic(input, target, weight, pos_weight):
+        return handle_torch_function(
+            binary_cross_entropy_with_logits,
+            (input, target, weight, pos_weight),
+            input,
+            target,
+            weight=weight,
+            size_average=size_average,
+            reduce=reduce,
+            reduction=reduction,
+            pos_weight=pos_weight,
+        )
+    code = _reduction_enum(size_average, reduce, reduction)
+    if not (target.size() == input.size()):
+        raise ValueError(f"Target size ({target.size()}) must be the same as input size ({input.size()})")
+    _check_not_differentiable("binary_cross_entropy_with_logits", "weight", weight)
+    _check_not_differentiable("binary_cross_entropy_with_logits", "pos_weight", pos_weight)
+    input, target = _logits_dtypes("binary_cross_entropy_with_logits", input, target, lambda a, b: b)
+    return testing._active_ops().binary_cross_entropy_with_logits_fwd(
+        input, target, weight, pos_weight, reduction=code
+    )
+
+
+def sigmoid_focal_loss(
+    inputs: Tensor,
+    targets: Tensor,
+    alpha: float = 0.25,
+    gamma: float = 2.0,
+    reduction: str = "none",
+    weight: Optional[Tensor] = None,
+    pos_weight: Optional[Tensor] = None,
+) -> Tensor:
+    """The focal loss of RetinaNet (https://arxiv.org/abs/1708.02002); the arguments and results of
+    :func:`torchvision.ops.sigmoid_focal_loss`, plus ``weight`` and ``pos_weight``.
+
+    Args:
+        inputs: logits, any shape (*); float32, float64, bfloat16 or float16.
+        targets: the inputs' shape, binary (or soft) labels; any floating dtype (the result takes the
+            promoted dtype, as torchvision's).
+        alpha: weight of the positives in [0, 1]; a negative value disables the alpha weighting.
+        gamma: exponent of the modulating factor (1 - p_t). Integer values use exact products.
+        reduction: 'none' | 'mean' | 'sum' (default 'none', as torchvision).
+        weight, pos_weight: applied to the binary cross-entropy term exactly as in
+            :func:`binary_cross_entropy_with_logits` (broadcastable to the inputs). Not in torchvision.
+
+    Returns:
+        alpha_t * ce * (1 - p_t)^gamma, ce = binary_cross_entropy_with_logits(inputs, targets, weight,
+        pos_weight, reduction='none'), p_t = p y + (1 - p)(1 - y), p = sigmoid(inputs),
+        alpha_t = alpha y + (1 - alpha)(1 - y); reduced as asked.
+    """
+    if has_torch_function_variadic(inputs, targets, weight, pos_weight):
+        return handle_torch_function(
+            sigmoid_focal_loss,
+            (inputs, targets, weight, pos_weight),
+            inputs,
+            targets,
+            alpha=alpha,
+            gamma=gamma,
+            reduction=reduction,
+            weight=weight,
+            pos_weight=pos_weight,
+        )
+    if reduction not in ("none", "mean", "sum"):
+        raise ValueError(
+            f"Invalid Value for arg 'reduction': '{reduction} \n Supported reduction modes: 'none', 'mean', 'sum'"
+        )
+    code = _REDUCTIONS[reduction]
+    if not (targets.size() == inputs.size()):
+        raise ValueError(f"Target size ({targets.size()}) must be the same as input size ({inputs.size()})")
+    _check_not_differentiable("sigmoid_focal_loss", "weight", weight)
+    _check_not_differentiable("sigmoid_focal_loss", "pos_weight", pos_weight)
+    inputs, targets = _logits_dtypes("sigmoid_focal_loss", inputs, targets, torch.promote_types)
+    return testing._active_ops().sigmoid_focal_loss_fwd(
+        inputs, targets, weight, pos_weight, alpha=float(alpha), gamma=float(gamma), reduction=code
+    )

@@ -3,7 +3,8 @@
 from typing import Optional
 
 from torch import Tensor
-from torch.nn.modules.loss import _WeightedLoss
+from torch.nn import Module
+from torch.nn.modules.loss import _Loss, _WeightedLoss
 
 from . import functional
 
@@ -62,4 +63,77 @@ class NLLLoss(_WeightedLoss):
         )
 
 
-__all__ = ["CrossEntropyLoss", "NLLLoss"]
+class BCELoss(_WeightedLoss):
+    """:class:`torch.nn.BCELoss` with xent's kernels: same constructor arguments (``weight`` is a buffer)
+    and results."""
+
+    __constants__ = ["reduction"]
+
+    def __init__(self, weight: Optional[Tensor] = None, size_average=None, reduce=None, reduction: str = "mean") -> None:
+        super().__init__(weight, size_average, reduce, reduction)
+
+    def forward(self, input: Tensor, target: Tensor) -> Tensor:
+        return functional.binary_cross_entropy(input, target, weight=self.weight, reduction=self.reduction)
+
+
+class BCEWithLogitsLoss(_Loss):
+    """:class:`torch.nn.BCEWithLogitsLoss` with xent's kernels: same constructor arguments (``weight`` and
+    ``pos_weight`` are buffers) and results."""
+
+    def __init__(
+        self,
+        weight: Optional[Tensor] = None,
+        size_average=None,
+        reduce=None,
+        reduction: str = "mean",
+        pos_weight: Optional[Tensor] = None,
+    ) -> None:
+        super().__init__(size_average, reduce, reduction)
+        self.register_buffer("weight", weight)
+        self.register_buffer("pos_weight", pos_weight)
+        self.weight: Optional[Tensor]
+        self.pos_weight: Optional[Tensor]
+
+    def forward(self, input: Tensor, target: Tensor) -> Tensor:
+        return functional.binary_cross_entropy_with_logits(
+            input, target, self.weight, pos_weight=self.pos_weight, reduction=self.reduction
+        )
+
+
+class SigmoidFocalLoss(Module):
+    """:func:`torchvision.ops.sigmoid_focal_loss` as a module (see :func:`xent.sigmoid_focal_loss`);
+    ``weight`` and ``pos_weight`` are buffers."""
+
+    __constants__ = ["alpha", "gamma", "reduction"]
+
+    def __init__(
+        self,
+        alpha: float = 0.25,
+        gamma: float = 2.0,
+        reduction: str = "none",
+        weight: Optional[Tensor] = None,
+        pos_weight: Optional[Tensor] = None,
+    ) -> None:
+        super().__init__()
+        if reduction not in ("none", "mean", "sum"):
+            raise ValueError(
+                f"Invalid Value for arg 'reduction': '{reduction} \n Supported reduction modes: 'none', 'mean', 'sum'"
+            )
+        self.alpha = alpha
+        self.gamma = gamma
+        self.reduction = reduction
+        self.register_buffer("weight", weight)
+        self.register_buffer("pos_weight", pos_weight)
+        self.weight: Optional[Tensor]
+        self.pos_weight: Optional[Tensor]
+
+    def forward(self, input: Tensor, target: Tensor) -> Tensor:
+        return functional.sigmoid_focal_loss(
+            input, target, self.alpha, self.gamma, self.reduction, weight=self.weight, pos_weight=self.pos_weight
+        )
+
+    def extra_repr(self) -> str:
+        return f"alpha={self.alpha}, gamma={self.gamma}, reduction={self.reduction}"
+
+
+__all__ = ["CrossEntropyLoss", "NLLLoss", "BCELoss", "BCEWithLogitsLoss", "SigmoidFocalLoss"]

@@ -225,7 +225,7 @@ struct VecF {
     // below exp(-87.33) (the smallest normal float) to 0. NaN stays NaN (second operand of max/min).
     const __m256 lo = _mm256_set1_ps(-87.33654f);
     __m256 xc = _mm256_max_ps(lo, x.v);
-    xc = _mm256_min_ps(_mm256_set1_ps(88.37626f), xc);
+    xc = _mm256_min_ps(_mm256_set1_ps(88.72283f), xc);  // exp(88.72283) is FLT_MAX
     __m256 n = _mm256_round_ps(_mm256_mul_ps(xc, _mm256_set1_ps(kLog2e)), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
     __m256 r = _mm256_fnmadd_ps(n, _mm256_set1_ps(kLn2Hi), xc);
     r = _mm256_fnmadd_ps(n, _mm256_set1_ps(kLn2Lo), r);
@@ -236,10 +236,14 @@ struct VecF {
     p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(kExpP4));
     p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(kExpP5));
     __m256 y = _mm256_fmadd_ps(p, _mm256_mul_ps(r, r), _mm256_add_ps(r, _mm256_set1_ps(1.0f)));
-    // n is in [-126, 128] here; n = 128 only for x near 88.7, whose result overflows to inf as it should
-    // after the multiply by 2^127 * 2.
-    __m256i e = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(126)), 23);
-    y = _mm256_mul_ps(_mm256_mul_ps(y, _mm256_castsi256_ps(e)), _mm256_set1_ps(2.0f));
+    // 2^n as 2^(n - k) * 2^k with k = 1 for n > 0 and k = -1 otherwise, so both factors stay normal for
+    // n in [-126, 128] (n = -126 must not become the exponent field 0, n = 128 not inf).
+    const __m256i ni = _mm256_cvtps_epi32(n);
+    const __m256i positive = _mm256_cmpgt_epi32(ni, _mm256_setzero_si256());
+    const __m256i k = _mm256_blendv_epi8(_mm256_set1_epi32(-1), _mm256_set1_epi32(1), positive);
+    const __m256i e = _mm256_slli_epi32(_mm256_add_epi32(_mm256_sub_epi32(ni, k), _mm256_set1_epi32(127)), 23);
+    const __m256 two_k = _mm256_blendv_ps(_mm256_set1_ps(0.5f), _mm256_set1_ps(2.0f), _mm256_castsi256_ps(positive));
+    y = _mm256_mul_ps(_mm256_mul_ps(y, _mm256_castsi256_ps(e)), two_k);
     __m256 underflow = _mm256_cmp_ps(x.v, lo, _CMP_LT_OQ);
     return {_mm256_andnot_ps(underflow, y)};
   }
@@ -337,6 +341,225 @@ inline void store_partial(T* p, int64_t n, V x) {
   V::store(buf, x);
   for (int64_t i = 0; i < n; ++i) from_acc(p + i, buf[i]);
 }
+
+// ===================================================================================================
+// Elementwise math for the binary losses (binary_kernels_impl.h): comparisons and masks, selects,
+// min / abs / division, and log, log1p and pow with their accuracy.
+//
+// MaskF is a lane mask of VecF (MaskD1 of VecD1). Comparisons are ordered: a NaN lane compares false,
+// so !(x >= 0 && x <= 1) catches NaN too. vselect(m, a, b) is m ? a : b per lane.
+
+// Cephes' logf (S. L. Moshier): x = 2^e (1 + f) with f in [sqrt(1/2) - 1, sqrt(2) - 1],
+// log(1 + f) = f - f^2 / 2 + f^3 P(f), e ln2 added in two parts (ln2 = kLn2Hi + kLn2Lo, see exp). Peak
+// relative error 7.6e-8 (about 1.3 ulp) over the positive floats; no cancellation near x = 1, where the
+// result is f - f^2/2 + ... with f = x - 1 exact.
+constexpr float kLogP0 = 7.0376836292e-2f;
+constexpr float kLogP1 = -1.1514610310e-1f;
+constexpr float kLogP2 = 1.1676998740e-1f;
+constexpr float kLogP3 = -1.2420140846e-1f;
+constexpr float kLogP4 = 1.4249322787e-1f;
+constexpr float kLogP5 = -1.6668057665e-1f;
+constexpr float kLogP6 = 2.0000714765e-1f;
+constexpr float kLogP7 = -2.4999993993e-1f;
+constexpr float kLogP8 = 3.3333331174e-1f;
+constexpr float kSqrt2 = 1.41421356237f;
+
+#if defined(XENT_CPU_ISA_AVX512)
+
+struct MaskF { __mmask16 m; };
+inline MaskF vlt(VecF a, VecF b) { return {_mm512_cmp_ps_mask(a.v, b.v, _CMP_LT_OQ)}; }
+inline MaskF vle(VecF a, VecF b) { return {_mm512_cmp_ps_mask(a.v, b.v, _CMP_LE_OQ)}; }
+inline MaskF vge(VecF a, VecF b) { return {_mm512_cmp_ps_mask(a.v, b.v, _CMP_GE_OQ)}; }
+inline MaskF veq(VecF a, VecF b) { return {_mm512_cmp_ps_mask(a.v, b.v, _CMP_EQ_OQ)}; }
+inline MaskF visnan(VecF a) { return {_mm512_cmp_ps_mask(a.v, a.v, _CMP_UNORD_Q)}; }
+inline MaskF mask_and(MaskF a, MaskF b) { return {static_cast<__mmask16>(a.m & b.m)}; }
+inline MaskF mask_or(MaskF a, MaskF b) { return {static_cast<__mmask16>(a.m | b.m)}; }
+inline MaskF mask_not(MaskF a) { return {static_cast<__mmask16>(~a.m)}; }
+inline bool mask_any(MaskF a) { return a.m != 0; }
+inline VecF vselect(MaskF m, VecF a, VecF b) { return {_mm512_mask_blend_ps(m.m, b.v, a.v)}; }
+// minps semantics: the second operand when either is NaN.
+inline VecF vmin(VecF a, VecF b) { return {_mm512_min_ps(a.v, b.v)}; }
+inline VecF vabs(VecF a) { return {_mm512_abs_ps(a.v)}; }
+inline VecF vdiv(VecF a, VecF b) { return {_mm512_div_ps(a.v, b.v)}; }
+// 1 / x from the 14-bit rcp14 and one Newton step: within about 1 ulp, several times the throughput of a
+// division. For finite nonzero x only (0 and inf give NaN; NaN stays NaN).
+inline VecF vrecip(VecF x) {
+  const __m512 r = _mm512_rcp14_ps(x.v);
+  return {_mm512_fmadd_ps(r, _mm512_fnmadd_ps(x.v, r, _mm512_set1_ps(1.0f)), r)};
+}
+
+// x = 2^e m with m in [1, 2): getexp/getmant, which also normalize subnormals. Meaningful for positive
+// finite x only; vlog fixes up the rest.
+inline void vfrexp(VecF x, VecF& m, VecF& e) {
+  m = {_mm512_getmant_ps(x.v, _MM_MANT_NORM_1_2, _MM_MANT_SIGN_zero)};
+  e = {_mm512_getexp_ps(x.v)};
+}
+
+#elif defined(XENT_CPU_ISA_AVX2)
+
+struct MaskF { __m256 m; };
+inline MaskF vlt(VecF a, VecF b) { return {_mm256_cmp_ps(a.v, b.v, _CMP_LT_OQ)}; }
+inline MaskF vle(VecF a, VecF b) { return {_mm256_cmp_ps(a.v, b.v, _CMP_LE_OQ)}; }
+inline MaskF vge(VecF a, VecF b) { return {_mm256_cmp_ps(a.v, b.v, _CMP_GE_OQ)}; }
+inline MaskF veq(VecF a, VecF b) { return {_mm256_cmp_ps(a.v, b.v, _CMP_EQ_OQ)}; }
+inline MaskF visnan(VecF a) { return {_mm256_cmp_ps(a.v, a.v, _CMP_UNORD_Q)}; }
+inline MaskF mask_and(MaskF a, MaskF b) { return {_mm256_and_ps(a.m, b.m)}; }
+inline MaskF mask_or(MaskF a, MaskF b) { return {_mm256_or_ps(a.m, b.m)}; }
+inline MaskF mask_not(MaskF a) {
+  return {_mm256_xor_ps(a.m, _mm256_castsi256_ps(_mm256_set1_epi32(-1)))};
+}
+inline bool mask_any(MaskF a) { return _mm256_movemask_ps(a.m) != 0; }
+inline VecF vselect(MaskF m, VecF a, VecF b) { return {_mm256_blendv_ps(b.v, a.v, m.m)}; }
+inline VecF vmin(VecF a, VecF b) { return {_mm256_min_ps(a.v, b.v)}; }
+inline VecF vabs(VecF a) { return {_mm256_andnot_ps(_mm256_set1_ps(-0.0f), a.v)}; }
+inline VecF vdiv(VecF a, VecF b) { return {_mm256_div_ps(a.v, b.v)}; }
+// 1 / x from the 12-bit rcp and one Newton step: within about 2 ulp. For finite nonzero x only (0 and
+// inf give NaN; NaN stays NaN).
+inline VecF vrecip(VecF x) {
+  const __m256 r = _mm256_rcp_ps(x.v);
+  return {_mm256_fmadd_ps(r, _mm256_fnmadd_ps(x.v, r, _mm256_set1_ps(1.0f)), r)};
+}
+
+// x = 2^e m with m in [1, 2), from the exponent and mantissa bits; subnormals are first scaled by 2^23.
+inline void vfrexp(VecF x, VecF& m, VecF& e) {
+  const __m256 subnormal = _mm256_cmp_ps(x.v, _mm256_set1_ps(1.17549435e-38f), _CMP_LT_OQ);
+  const __m256 xs = _mm256_blendv_ps(x.v, _mm256_mul_ps(x.v, _mm256_set1_ps(8388608.0f)), subnormal);
+  const __m256i bits = _mm256_castps_si256(xs);
+  const __m256i biased = _mm256_srli_epi32(bits, 23);
+  e = {_mm256_sub_ps(_mm256_cvtepi32_ps(_mm256_sub_epi32(biased, _mm256_set1_epi32(127))),
+                     _mm256_and_ps(subnormal, _mm256_set1_ps(23.0f)))};
+  m = {_mm256_castsi256_ps(
+      _mm256_or_si256(_mm256_and_si256(bits, _mm256_set1_epi32(0x007fffff)), _mm256_set1_epi32(0x3f800000)))};
+}
+
+#else  // XENT_CPU_ISA_GENERIC
+
+struct MaskF { bool m; };
+inline MaskF vlt(VecF a, VecF b) { return {a.v < b.v}; }
+inline MaskF vle(VecF a, VecF b) { return {a.v <= b.v}; }
+inline MaskF vge(VecF a, VecF b) { return {a.v >= b.v}; }
+inline MaskF veq(VecF a, VecF b) { return {a.v == b.v}; }
+inline MaskF visnan(VecF a) { return {a.v != a.v}; }
+inline MaskF mask_and(MaskF a, MaskF b) { return {a.m && b.m}; }
+inline MaskF mask_or(MaskF a, MaskF b) { return {a.m || b.m}; }
+inline MaskF mask_not(MaskF a) { return {!a.m}; }
+inline bool mask_any(MaskF a) { return a.m; }
+inline VecF vselect(MaskF m, VecF a, VecF b) { return m.m ? a : b; }
+inline VecF vmin(VecF a, VecF b) { return {a.v < b.v ? a.v : b.v}; }
+inline VecF vabs(VecF a) { return {__builtin_fabsf(a.v)}; }
+inline VecF vdiv(VecF a, VecF b) { return {a.v / b.v}; }
+inline VecF vrecip(VecF x) { return {1.0f / x.v}; }
+
+inline void vfrexp(VecF x, VecF& m, VecF& e) {
+  float xs = x.v;
+  float adjust = 0.0f;
+  if (xs < 1.17549435e-38f) {
+    xs *= 8388608.0f;
+    adjust = 23.0f;
+  }
+  uint32_t bits;
+  std::memcpy(&bits, &xs, 4);
+  e = {static_cast<float>(static_cast<int32_t>(bits >> 23) - 127) - adjust};
+  const uint32_t mb = (bits & 0x007fffffu) | 0x3f800000u;
+  std::memcpy(&m.v, &mb, 4);
+}
+
+#endif
+
+// log(x) for positive normal or subnormal, finite x (no special cases): see kLogP0.
+inline VecF vlog_positive(VecF x) {
+  VecF m, e;
+  vfrexp(x, m, e);
+  const MaskF big = vlt(VecF::set1(kSqrt2), m);  // fold m in (sqrt2, 2) to m / 2 in (sqrt(1/2), 1)
+  m = vselect(big, m * VecF::set1(0.5f), m);
+  e = vselect(big, e + VecF::set1(1.0f), e);
+  const VecF f = m - VecF::set1(1.0f);  // exact (Sterbenz)
+  const VecF z = f * f;
+  VecF p = VecF::set1(kLogP0);
+  p = VecF::fma(p, f, VecF::set1(kLogP1));
+  p = VecF::fma(p, f, VecF::set1(kLogP2));
+  p = VecF::fma(p, f, VecF::set1(kLogP3));
+  p = VecF::fma(p, f, VecF::set1(kLogP4));
+  p = VecF::fma(p, f, VecF::set1(kLogP5));
+  p = VecF::fma(p, f, VecF::set1(kLogP6));
+  p = VecF::fma(p, f, VecF::set1(kLogP7));
+  p = VecF::fma(p, f, VecF::set1(kLogP8));
+  VecF y = p * z * f;
+  y = VecF::fma(e, VecF::set1(kLn2Lo), y);
+  y = VecF::fma(z, VecF::set1(-0.5f), y);
+  return VecF::fma(e, VecF::set1(kLn2Hi), f + y);
+}
+
+// log(x) for every float, with C's special values: log(+-0) = -inf, log(x < 0) = NaN, log(inf) = inf,
+// NaN stays NaN. Accuracy as kLogP0 (subnormals included).
+inline VecF vlog(VecF x) {
+  const VecF zero = VecF::set1(0.0f), inf = VecF::set1(__builtin_inff());
+  VecF r = vlog_positive(x);
+  r = vselect(veq(x, zero), VecF::set1(-__builtin_inff()), r);
+  r = vselect(vlt(x, zero), VecF::set1(__builtin_nanf("")), r);
+  r = vselect(veq(x, inf), inf, r);
+  return vselect(visnan(x), x, r);
+}
+
+// log(1 + a) for every float. u = 1 + a is rounded; log(u) + (a - (u - 1)) / u adds back the rounding
+// error a - (u - 1), which u - 1 (exact by Sterbenz for u in [1/2, 2], and the error is 0 outside) makes
+// computable: about 2 ulp, also for tiny |a| where log(u) alone would lose every digit (the correction is
+// then most of the result, so its reciprocal must be accurate: vrecip, not a bare rcp). log1p(-1) = -inf,
+// log1p(inf) = inf, log1p(a < -1) = NaN.
+inline VecF vlog1p(VecF a) {
+  const VecF one = VecF::set1(1.0f);
+  const VecF u = one + a;
+  VecF r = vlog(u) + (a - (u - one)) * vrecip(u);
+  r = vselect(veq(u, VecF::set1(0.0f)), VecF::set1(-__builtin_inff()), r);
+  return vselect(veq(a, VecF::set1(__builtin_inff())), a, r);
+}
+
+// log(1 + e) for e in [0, 1] (softplus(-|x|) with e = exp(-|x|)), without a log: log1p(e) = 2 atanh(s),
+// s = e / (2 + e) in [0, 1/3], atanh(s) = s (1 + t/3 + t^2/5 + ... + t^6/13) with t = s^2 <= 1/9 (the
+// truncation error t^7 / 15 < 1.5e-8 relative). About 3 ulp, the error of s itself; no cancellation, also
+// for tiny e (the result is then s ~ e / 2 doubled). NaN stays NaN. Half the work of vlog1p.
+inline VecF vlog1p_unit(VecF e) {
+  const VecF s = e * vrecip(VecF::set1(2.0f) + e);
+  const VecF t = s * s;
+  VecF p = VecF::set1(1.0f / 13.0f);
+  p = VecF::fma(p, t, VecF::set1(1.0f / 11.0f));
+  p = VecF::fma(p, t, VecF::set1(1.0f / 9.0f));
+  p = VecF::fma(p, t, VecF::set1(1.0f / 7.0f));
+  p = VecF::fma(p, t, VecF::set1(1.0f / 5.0f));
+  p = VecF::fma(p, t, VecF::set1(1.0f / 3.0f));
+  const VecF s2 = s + s;
+  return VecF::fma(s2 * t, p, s2);  // 2s + 2s t P(t): the leading term added last, exactly
+}
+
+// m^g = exp(g log m) for a non-integer g (integer powers are products, see binary_kernels_impl.h). The
+// relative error is about (|g log m| + 2) ulp: log's error is scaled by g log m. pow(0, g) = 0 for g > 0
+// and inf for g < 0; a negative m gives NaN, as C's pow for a non-integer exponent.
+inline VecF vpow(VecF m, float g) {
+  const VecF t = VecF::set1(g) * vlog(m);
+  const VecF inf = VecF::set1(__builtin_inff());
+  return vselect(veq(t, inf), inf, VecF::exp(t));  // VecF::exp saturates below inf at x > 88.7
+}
+
+// float64: libm, so float64 results (and gradcheck) keep full precision.
+struct MaskD1 { bool m; };
+inline MaskD1 vlt(VecD1 a, VecD1 b) { return {a.v < b.v}; }
+inline MaskD1 vle(VecD1 a, VecD1 b) { return {a.v <= b.v}; }
+inline MaskD1 vge(VecD1 a, VecD1 b) { return {a.v >= b.v}; }
+inline MaskD1 veq(VecD1 a, VecD1 b) { return {a.v == b.v}; }
+inline MaskD1 visnan(VecD1 a) { return {a.v != a.v}; }
+inline MaskD1 mask_and(MaskD1 a, MaskD1 b) { return {a.m && b.m}; }
+inline MaskD1 mask_or(MaskD1 a, MaskD1 b) { return {a.m || b.m}; }
+inline MaskD1 mask_not(MaskD1 a) { return {!a.m}; }
+inline bool mask_any(MaskD1 a) { return a.m; }
+inline VecD1 vselect(MaskD1 m, VecD1 a, VecD1 b) { return m.m ? a : b; }
+inline VecD1 vmin(VecD1 a, VecD1 b) { return {a.v < b.v ? a.v : b.v}; }
+inline VecD1 vabs(VecD1 a) { return {__builtin_fabs(a.v)}; }
+inline VecD1 vdiv(VecD1 a, VecD1 b) { return {a.v / b.v}; }
+inline VecD1 vrecip(VecD1 x) { return {1.0 / x.v}; }
+inline VecD1 vlog(VecD1 x) { return {__builtin_log(x.v)}; }
+inline VecD1 vlog1p(VecD1 a) { return {__builtin_log1p(a.v)}; }
+inline VecD1 vlog1p_unit(VecD1 e) { return {__builtin_log1p(e.v)}; }
+inline VecD1 vpow(VecD1 m, double g) { return {__builtin_pow(m.v, g)}; }
 
 } // namespace
 } // namespace xent::cpu

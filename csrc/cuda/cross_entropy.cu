@@ -3,7 +3,7 @@
 //
 // The same file is compiled by g++ for the SIMT emulator (tests/simt/emulated_ops.cpp, XENT_SIMT_EMULATOR):
 // then the tensors are CPU tensors, launches run the device code on the CPU and the ops are CPU kernels of
-// the `xent_emulated` library. Everything that differs lives in the "host compat" block below.
+// the `xent_emulated` library. Everything that differs lives in host_compat.h.
 //
 // No host synchronisation: nothing computed on the device is read here. Sums for mean/sum reductions, the
 // weight total of label smoothing and the mean's denominator in the backward are all reduced on the device
@@ -24,51 +24,11 @@
 #include <tuple>
 #include <type_traits>
 
-// ---- Host compat -----------------------------------------------------------------------------------------
-#ifdef XENT_SIMT_EMULATOR
-#define XENT_CE_LIBRARY xent_emulated
-#define XENT_CE_DISPATCH_KEY CPU
-#define XENT_CE_LAUNCH_CHECK() \
-  do {                         \
-  } while (0)
-namespace xent::cuda::host {
-struct DeviceGuard {
-  explicit DeviceGuard(const at::Device&) {}
-};
-inline xent_stream_t current_stream(const at::Device&) { return xent_stream_t{}; }
-// The emulated "GPU" has 4 SMs unless XENT_SIMT_SM_COUNT says otherwise (it moves the split-row thresholds).
-inline int sm_count(const at::Device&) {
-  const char* env = std::getenv("XENT_SIMT_SM_COUNT");
-  const int n = env != nullptr ? std::atoi(env) : 0;
-  return n > 0 ? n : 4;
-}
-} // namespace xent::cuda::host
-#else
-#include <c10/cuda/CUDAException.h>
-#include <c10/cuda/CUDAGuard.h>
-#include <c10/cuda/CUDAStream.h>
-#define XENT_CE_LIBRARY xent
-#define XENT_CE_DISPATCH_KEY CUDA
-#define XENT_CE_LAUNCH_CHECK() C10_CUDA_KERNEL_LAUNCH_CHECK()
-namespace xent::cuda::host {
-using DeviceGuard = c10::cuda::CUDAGuard;
-inline xent_stream_t current_stream(const at::Device& device) {
-  return c10::cuda::getCurrentCUDAStream(device.index()).stream();
-}
-inline int sm_count(const at::Device& device) {
-  static std::atomic<int> cache[64];
-  const int index = device.index();
-  if (index >= 0 && index < 64) {
-    const int cached = cache[index].load(std::memory_order_relaxed);
-    if (cached > 0) return cached;
-  }
-  int n = 0;
-  C10_CUDA_CHECK(cudaDeviceGetAttribute(&n, cudaDevAttrMultiProcessorCount, index));
-  if (index >= 0 && index < 64) cache[index].store(n, std::memory_order_relaxed);
-  return n;
-}
-} // namespace xent::cuda::host
-#endif
+// ---- Host compat (csrc/cuda/host_compat.h, shared with the other .cu files) ------------------------------
+#include "host_compat.h"
+#define XENT_CE_LIBRARY XENT_CUDA_LIBRARY
+#define XENT_CE_DISPATCH_KEY XENT_CUDA_DISPATCH_KEY
+#define XENT_CE_LAUNCH_CHECK() XENT_CUDA_LAUNCH_CHECK()
 // ----------------------------------------------------------------------------------------------------------
 
 namespace xent::cuda {

@@ -12,6 +12,7 @@
 #include "ops.cpp"
 
 #include "cuda/cross_entropy.cu"
+#include "cuda/nll_loss.cu"
 
 #include "simt_emulator.h"
 

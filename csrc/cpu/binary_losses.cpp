@@ -1,0 +1,338 @@
+// CPU binary losses: binary_cross_entropy, binary_cross_entropy_with_logits and sigmoid_focal_loss.
+// Argument checks, operand description (Note [Binary loss operands] in binary_kernels.h), threading and
+// reductions around the per-ISA kernels of binary_kernels_impl.h.
+//
+// Layout: the kernels read input and target as flat contiguous arrays (an elementwise loss has no
+// better order to exploit), so a non-contiguous input or target is copied to contiguous memory first;
+// a merely misaligned one (storage offset 1) is used as is. The unreduced loss and the gradient are
+// contiguous, as the fake kernels in xent/_binary_ops.py promise.
+#include "cpu/binary_kernels.h"
+#include "cpu/grad_buffer.h"
+#include "cpu/isa.h"
+
+#include <ATen/ExpandUtils.h>
+#include <ATen/Parallel.h>
+#include <ATen/core/Reduction.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/scalar_tensor.h>
+#include <c10/util/Exception.h>
+#include <torch/library.h>
+
+#include <cstdint>
+#include <string>
+#include <vector>
+
+namespace xent::cpu {
+namespace {
+
+// Blocks per parallel task: 16 x 2048 elements, so small inputs stay on one thread.
+constexpr int64_t kGrainBlocks = 16;
+
+const BinaryKernelTable& binary_kernels() {
+  const std::string& isa = active_cpu_isa();
+  const BinaryKernelTable* t =
+      isa == "avx512" ? binary_kernels_avx512() : isa == "avx2" ? binary_kernels_avx2() : nullptr;
+  return t ? *t : *binary_kernels_generic();
+}
+
+bool kernel_float(at::ScalarType t) {
+  return t == at::kFloat || t == at::kDouble || t == at::kBFloat16 || t == at::kHalf;
+}
+
+DType kernel_dtype(at::ScalarType t) {
+  switch (t) {
+    case at::kFloat: return DType::f32;
+    case at::kDouble: return DType::f64;
+    case at::kBFloat16: return DType::bf16;
+    case at::kHalf: return DType::f16;
+    default: TORCH_CHECK(false, "xent: unsupported dtype ", t);
+  }
+}
+
+at::ScalarType acc_of(at::ScalarType t) { return t == at::kDouble ? at::kDouble : at::kFloat; }
+
+int64_t last_dim(const at::Tensor& input) { return input.dim() > 0 ? input.size(-1) : 1; }
+
+std::vector<int64_t> contiguous_strides(c10::IntArrayRef sizes) {
+  std::vector<int64_t> strides(sizes.size());
+  int64_t s = 1;
+  for (int64_t d = static_cast<int64_t>(sizes.size()) - 1; d >= 0; --d) {
+    strides[d] = s;
+    s *= std::max<int64_t>(sizes[d], 1);
+  }
+  return strides;
+}
+
+// ---------------------------------------------------------------------------------------------------
+// Checks. Exception types follow PyTorch's: NotImplementedError for a non-floating input, ValueError for
+// a target of another size, RuntimeError for a weight that does not broadcast to the input.
+
+struct OpSpec {
+  const char* name;  // for messages: the PyTorch function the op mirrors
+  BinaryLoss kind;
+};
+
+constexpr OpSpec kBce{"binary_cross_entropy", BinaryLoss::bce};
+constexpr OpSpec kLogits{"binary_cross_entropy_with_logits", BinaryLoss::bce_with_logits};
+constexpr OpSpec kFocal{"sigmoid_focal_loss", BinaryLoss::sigmoid_focal};
+
+void check_same_device(const at::Tensor& input, const at::Tensor& other, const char* what, const OpSpec& op) {
+  TORCH_CHECK(other.device() == input.device(), op.name, ": expected ", what, " on the input's device ",
+              input.device(), ", got ", other.device());
+}
+
+// `t` (weight or pos_weight) must broadcast to the input's shape without enlarging it, as PyTorch's
+// in-place `loss.mul_(weight)` requires.
+void check_broadcast(const at::Tensor& input, const std::optional<at::Tensor>& t, const char* what, const OpSpec& op) {
+  if (!t.has_value() || !t->defined()) return;
+  check_same_device(input, *t, what, op);
+  TORCH_CHECK(!at::isComplexType(t->scalar_type()), op.name, ": expected a real ", what, ", got ",
+              t->scalar_type());
+  const std::vector<int64_t> shape = at::infer_size(t->sizes(), input.sizes());  // raises on a mismatch
+  TORCH_CHECK(c10::IntArrayRef(shape).equals(input.sizes()), "output with shape ", input.sizes(),
+              " doesn't match the broadcast shape ", c10::IntArrayRef(shape));
+}
+
+void check_inputs(const OpSpec& op, const at::Tensor& input, const at::Tensor& target,
+                  const std::optional<at::Tensor>& weight, const std::optional<at::Tensor>& pos_weight,
+                  int64_t reduction) {
+  TORCH_CHECK_NOT_IMPLEMENTED(kernel_float(input.scalar_type()), "\"", op.name, "\" not implemented for '",
+                              input.scalar_type(), "'");
+  if (op.kind == BinaryLoss::bce) {
+    TORCH_CHECK_VALUE(target.sizes().equals(input.sizes()), "Using a target size (", target.sizes(),
+                      ") that is different to the input size (", input.sizes(),
+                      ") is deprecated. Please ensure they have the same size.");
+  } else {
+    TORCH_CHECK_VALUE(target.sizes().equals(input.sizes()), "Target size (", target.sizes(),
+                      ") must be the same as input size (", input.sizes(), ")");
+  }
+  // The ops take one dtype; xent.functional applies PyTorch's type promotion before calling them.
+  TORCH_CHECK(target.scalar_type() == input.scalar_type(), "Found dtype ", target.scalar_type(), " but expected ",
+              input.scalar_type());
+  TORCH_CHECK(input.device().is_cpu(), "xent: the CPU kernel got input on ", input.device());
+  check_same_device(input, target, "target", op);
+  check_broadcast(input, weight, "weight", op);
+  check_broadcast(input, pos_weight, "pos_weight", op);
+  TORCH_CHECK_VALUE(reduction == at::Reduction::None || reduction == at::Reduction::Mean ||
+                        reduction == at::Reduction::Sum,
+                    op.name, ": reduction must be 0 (none), 1 (mean) or 2 (sum), got ", reduction);
+}
+
+// ---------------------------------------------------------------------------------------------------
+// Operands (Note [Binary loss operands]).
+
+// `t`, broadcastable to the input (checked), as a kernel operand; `keep` holds the buffers it points to.
+BinaryOperand describe_operand(const at::Tensor& t, const at::Tensor& input, std::vector<at::Tensor>& keep) {
+  BinaryOperand op;
+  if (!t.defined() || input.numel() == 0) return op;
+  const at::ScalarType acc = acc_of(input.scalar_type());
+  if (t.numel() == 1) {
+    op.kind = BinaryOperand::scalar;
+    op.value = t.item<double>();  // a CPU tensor: no device synchronization
+    return op;
+  }
+  // t's sizes right-aligned against the input's (missing leading dims are 1).
+  const int64_t d = input.dim(), offset = d - t.dim();
+  auto size_at = [&](int64_t k) { return k < offset ? int64_t(1) : t.size(k - offset); };
+  const int64_t C = last_dim(input);
+  bool leading_ones = true, leading_match = true;
+  for (int64_t k = 0; k + 1 < d; ++k) {
+    leading_ones = leading_ones && size_at(k) == 1;
+    leading_match = leading_match && size_at(k) == input.size(k);
+  }
+  if (leading_ones && size_at(d - 1) == C) {
+    // Per class: tiled so that a block never wraps (C + kBinaryBlock values, value c at c, c + C, ...).
+    const at::Tensor v = t.reshape({C}).to(acc);
+    const int64_t reps = (C + kBinaryBlock + C - 1) / C;
+    at::Tensor tiled = v.repeat({reps}).narrow(0, 0, C + kBinaryBlock).contiguous();
+    keep.push_back(tiled);
+    op.kind = BinaryOperand::periodic;
+    op.data = tiled.const_data_ptr();
+    op.period = C;
+    return op;
+  }
+  if (leading_match && size_at(d - 1) == 1) {
+    // Per row of C elements, e.g. a per-sample (N, 1) weight.
+    at::Tensor v = t.reshape({-1}).to(acc).contiguous();
+    keep.push_back(v);
+    op.kind = BinaryOperand::rows;
+    op.data = v.const_data_ptr();
+    op.period = C;
+    return op;
+  }
+  at::Tensor full;
+  if (t.sizes().equals(input.sizes()) && (t.scalar_type() == input.scalar_type() || t.scalar_type() == acc)) {
+    full = t.contiguous();  // read in its own dtype: no conversion pass
+  } else {
+    // Any other broadcast (or dtype): materialized, input-sized, in the accumulation dtype.
+    full = t.to(acc).expand(input.sizes()).contiguous();
+  }
+  keep.push_back(full);
+  op.kind = BinaryOperand::full;
+  op.data = full.const_data_ptr();
+  op.dtype = kernel_dtype(full.scalar_type());
+  return op;
+}
+
+// The upstream gradient of reduction='none' (the input's shape, any strides) as an operand. The backward
+// of loss.sum() or loss.mean() is an expanded scalar (all strides 0), read as one value rather than
+// materialized; an expanded per-class row likewise.
+BinaryOperand describe_grad(const at::Tensor& grad_loss, const at::Tensor& input, std::vector<at::Tensor>& keep) {
+  if (input.numel() == 0) return BinaryOperand{};
+  bool all_broadcast = true, row_broadcast = input.dim() >= 1;
+  for (int64_t k = 0; k < grad_loss.dim(); ++k) {
+    const bool broadcast = grad_loss.size(k) == 1 || grad_loss.stride(k) == 0;
+    all_broadcast = all_broadcast && broadcast;
+    if (k + 1 < grad_loss.dim()) row_broadcast = row_broadcast && broadcast;
+  }
+  if (all_broadcast) return describe_operand(grad_loss.as_strided({}, {}), input, keep);
+  if (row_broadcast) {
+    return describe_operand(grad_loss.as_strided({grad_loss.size(-1)}, {grad_loss.stride(-1)}), input, keep);
+  }
+  return describe_operand(grad_loss, input, keep);
+}
+
+// ---------------------------------------------------------------------------------------------------
+// Forward and backward.
+
+struct Prepared {
+  at::Tensor input, target;
+  std::vector<at::Tensor> keep;  // operand buffers
+  BinaryArgs args{};
+  int64_t blocks = 0;
+};
+
+Prepared prepare(const OpSpec& op, const at::Tensor& input, const at::Tensor& target,
+                 const std::optional<at::Tensor>& weight, const std::optional<at::Tensor>& pos_weight,
+                 int64_t reduction, double alpha, double gamma) {
+  check_inputs(op, input, target, weight, pos_weight, reduction);
+  Prepared pr;
+  pr.input = input.contiguous();
+  pr.target = target.contiguous();
+  BinaryArgs& a = pr.args;
+  a.kind = op.kind;
+  a.dtype = kernel_dtype(input.scalar_type());
+  a.numel = input.numel();
+  a.input = pr.input.const_data_ptr();
+  a.target = pr.target.const_data_ptr();
+  a.weight = describe_operand(weight.value_or(at::Tensor()), pr.input, pr.keep);
+  a.pos_weight = describe_operand(pos_weight.value_or(at::Tensor()), pr.input, pr.keep);
+  a.alpha = alpha;
+  a.gamma = gamma;
+  pr.blocks = (a.numel + kBinaryBlock - 1) / kBinaryBlock;
+  return pr;
+}
+
+at::Tensor forward(const OpSpec& op, const at::Tensor& input, const at::Tensor& target,
+                   const std::optional<at::Tensor>& weight, const std::optional<at::Tensor>& pos_weight,
+                   int64_t reduction, double alpha = 0, double gamma = 0) {
+  Prepared pr = prepare(op, input, target, weight, pos_weight, reduction, alpha, gamma);
+  BinaryArgs& a = pr.args;
+  at::Tensor loss;
+  std::vector<double> block_sums;
+  std::vector<uint8_t> block_flags;
+  if (reduction == at::Reduction::None) {
+    loss = at::empty(input.sizes(), input.options());
+    a.loss = loss.data_ptr();
+  } else {
+    block_sums.assign(pr.blocks, 0.0);
+    a.block_sums = block_sums.data();
+  }
+  if (op.kind == BinaryLoss::bce) {
+    block_flags.assign(pr.blocks, 0);
+    a.block_flags = block_flags.data();
+  }
+  const BinaryKernelTable& k = binary_kernels();
+  at::parallel_for(0, pr.blocks, kGrainBlocks, [&](int64_t b0, int64_t b1) { k.forward(a, b0, b1); });
+
+  // PyTorch's CPU kernel checks every element (input first); report the first block that fails.
+  for (uint8_t flags : block_flags) {
+    TORCH_CHECK(!(flags & 1), "all elements of input should be between 0 and 1");
+    TORCH_CHECK(!(flags & 2), "all elements of target should be between 0 and 1");
+  }
+  if (reduction == at::Reduction::None) return loss;
+  double total = 0;
+  for (double s : block_sums) total += s;  // block order: independent of the thread count
+  if (reduction == at::Reduction::Mean) total /= static_cast<double>(a.numel);  // 0 / 0 = NaN, as PyTorch
+  return at::scalar_tensor(total, input.options());
+}
+
+at::Tensor backward(const OpSpec& op, const at::Tensor& grad_loss, const at::Tensor& input, const at::Tensor& target,
+                    const std::optional<at::Tensor>& weight, const std::optional<at::Tensor>& pos_weight,
+                    int64_t reduction, double alpha = 0, double gamma = 0) {
+  Prepared pr = prepare(op, input, target, weight, pos_weight, reduction, alpha, gamma);
+  check_same_device(input, grad_loss, "grad_loss", op);
+  TORCH_CHECK(kernel_float(grad_loss.scalar_type()), op.name, " backward: expected a floating grad_loss, got ",
+              grad_loss.scalar_type());
+  if (reduction == at::Reduction::None) {
+    TORCH_CHECK(grad_loss.sizes().equals(input.sizes()), op.name, " backward: expected grad_loss of shape ",
+                input.sizes(), ", got ", grad_loss.sizes());
+  } else {
+    TORCH_CHECK(grad_loss.dim() == 0, op.name, " backward: expected a 0-d grad_loss, got ", grad_loss.sizes());
+  }
+  BinaryArgs& a = pr.args;
+  at::Tensor grad = empty_grad_buffer(input.sizes(), contiguous_strides(input.sizes()), input.scalar_type());
+  if (a.numel == 0) return grad;
+  a.grad = grad.data_ptr();
+  if (reduction == at::Reduction::None) {
+    a.grad_scale = describe_grad(grad_loss, pr.input, pr.keep);
+  } else {
+    a.grad_scale.kind = BinaryOperand::scalar;
+    a.grad_scale.value = grad_loss.item<double>();  // a CPU scalar: no device synchronization
+    if (reduction == at::Reduction::Mean) a.grad_scale.value /= static_cast<double>(a.numel);
+  }
+  const BinaryKernelTable& k = binary_kernels();
+  at::parallel_for(0, pr.blocks, kGrainBlocks, [&](int64_t b0, int64_t b1) { k.backward(a, b0, b1); });
+  return grad;
+}
+
+// ---------------------------------------------------------------------------------------------------
+// The ops (schemas in csrc/ops.cpp).
+
+at::Tensor binary_cross_entropy_fwd(const at::Tensor& input, const at::Tensor& target,
+                                    const std::optional<at::Tensor>& weight, int64_t reduction) {
+  return forward(kBce, input, target, weight, std::nullopt, reduction);
+}
+
+at::Tensor binary_cross_entropy_bwd(const at::Tensor& grad_loss, const at::Tensor& input, const at::Tensor& target,
+                                    const std::optional<at::Tensor>& weight, int64_t reduction) {
+  return backward(kBce, grad_loss, input, target, weight, std::nullopt, reduction);
+}
+
+at::Tensor binary_cross_entropy_with_logits_fwd(const at::Tensor& input, const at::Tensor& target,
+                                                const std::optional<at::Tensor>& weight,
+                                                const std::optional<at::Tensor>& pos_weight, int64_t reduction) {
+  return forward(kLogits, input, target, weight, pos_weight, reduction);
+}
+
+at::Tensor binary_cross_entropy_with_logits_bwd(const at::Tensor& grad_loss, const at::Tensor& input,
+                                                const at::Tensor& target, const std::optional<at::Tensor>& weight,
+                                                const std::optional<at::Tensor>& pos_weight, int64_t reduction) {
+  return backward(kLogits, grad_loss, input, target, weight, pos_weight, reduction);
+}
+
+at::Tensor sigmoid_focal_loss_fwd(const at::Tensor& input, const at::Tensor& target,
+                                  const std::optional<at::Tensor>& weight, const std::optional<at::Tensor>& pos_weight,
+                                  double alpha, double gamma, int64_t reduction) {
+  return forward(kFocal, input, target, weight, pos_weight, reduction, alpha, gamma);
+}
+
+at::Tensor sigmoid_focal_loss_bwd(const at::Tensor& grad_loss, const at::Tensor& input, const at::Tensor& target,
+                                  const std::optional<at::Tensor>& weight, const std::optional<at::Tensor>& pos_weight,
+                                  double alpha, double gamma, int64_t reduction) {
+  return backward(kFocal, grad_loss, input, target, weight, pos_weight, reduction, alpha, gamma);
+}
+
+} // namespace
+
+TORCH_LIBRARY_IMPL(xent, CPU, m) {
+  m.impl("binary_cross_entropy_fwd", &binary_cross_entropy_fwd);
+  m.impl("binary_cross_entropy_bwd", &binary_cross_entropy_bwd);
+  m.impl("binary_cross_entropy_with_logits_fwd", &binary_cross_entropy_with_logits_fwd);
+  m.impl("binary_cross_entropy_with_logits_bwd", &binary_cross_entropy_with_logits_bwd);
+  m.impl("sigmoid_focal_loss_fwd", &sigmoid_focal_loss_fwd);
+  m.impl("sigmoid_focal_loss_bwd", &sigmoid_focal_loss_bwd);
+}
+
+} // namespace xent::cpu

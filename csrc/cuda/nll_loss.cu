@@ -1,0 +1,287 @@
+// Host launch code of the CUDA nll_loss ops (device code and Note [CUDA nll_loss kernels]: nll_loss.cuh).
+// Semantics: exactly the CPU op's (csrc/cpu/nll_loss.cpp), which are torch.nn.functional.nll_loss's.
+//
+// The same file is compiled by g++ for the SIMT emulator (tests/simt/emulated_ops.cpp, XENT_SIMT_EMULATOR):
+// then the tensors are CPU tensors, launches run the device code on the CPU and the ops are CPU kernels of
+// the `xent_emulated` library. Everything that differs lives in host_compat.h. (The emulated build compiles
+// every .cu of csrc/cuda into one translation unit: this file's host helpers live in their own namespace.)
+//
+// No host synchronisation: nothing computed on the device is read here. The forward's sums (loss and
+// total_weight) are reduced on the device in a fixed order (finish_kernel); the backward reads grad_loss and
+// total_weight on the device.
+#include "nll_loss.cuh"
+#include "host_compat.h"
+#include "cross_entropy_host.h"
+
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/empty_strided.h>
+#include <torch/library.h>
+
+#include <limits>
+#include <optional>
+#include <tuple>
+#include <vector>
+
+namespace xent::cuda::nll_host {
+namespace {
+
+int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
+
+// The position dims (N, d1, ..., dk) of `t` (shaped like the input), size-1 dims dropped and each run of
+// dims that is contiguous in `t` merged into one; nullopt when more than kMaxPositionDims remain.
+std::optional<nll::PositionDims> position_dims(const at::Tensor& t) {
+  std::vector<int64_t> sizes, strides;  // outermost first
+  for (int64_t d = 0; d < t.dim(); ++d) {
+    if (d == 1 || t.size(d) == 1) continue;
+    if (!sizes.empty() && strides.back() == t.stride(d) * t.size(d)) {
+      sizes.back() *= t.size(d);
+      strides.back() = t.stride(d);
+    } else {
+      sizes.push_back(t.size(d));
+      strides.push_back(t.stride(d));
+    }
+  }
+  if (sizes.size() > static_cast<size_t>(nll::kMaxPositionDims)) return std::nullopt;
+  nll::PositionDims pd;
+  if (sizes.empty()) return pd;  // one position: offset 0
+  pd.ndim = static_cast<int>(sizes.size());
+  for (int i = 0; i < pd.ndim; ++i) {
+    pd.size[i] = sizes[i];
+    pd.stride[i] = strides[i];
+  }
+  return pd;
+}
+
+int64_t class_stride(const at::Tensor& t) { return t.size(1) == 1 ? 0 : t.stride(1); }
+
+template <class T>
+struct Tag {
+  using type = T;
+};
+
+template <class F>
+void dispatch_dtype(at::ScalarType st, F&& f) {
+  switch (st) {
+    case at::kFloat:
+      f(Tag<float>{});
+      break;
+    case at::kDouble:
+      f(Tag<double>{});
+      break;
+    case at::kBFloat16:
+      f(Tag<__nv_bfloat16>{});
+      break;
+    case at::kHalf:
+      f(Tag<__half>{});
+      break;
+    default:
+      TORCH_CHECK(false, "nll_loss: unsupported dtype ", st);
+  }
+}
+
+template <class F>
+void dispatch_target(at::ScalarType st, F&& f) {
+  switch (st) {
+    case at::kLong:
+      f(Tag<int64_t>{});
+      break;
+    case at::kInt:
+      f(Tag<int32_t>{});
+      break;
+    case at::kByte:
+      f(Tag<uint8_t>{});
+      break;
+    default:
+      TORCH_CHECK(false, "nll_loss: unsupported target dtype ", st);
+  }
+}
+
+template <class T>
+const T* cptr(const at::Tensor& t) {
+  return t.defined() ? reinterpret_cast<const T*>(t.const_data_ptr()) : nullptr;
+}
+template <class T>
+T* mptr(const at::Tensor& t) {
+  return t.defined() ? reinterpret_cast<T*>(t.mutable_data_ptr()) : nullptr;
+}
+
+int64_t num_positions(const at::Tensor& input) {
+  int64_t P = 1;
+  for (const int64_t s : position_sizes(input)) P *= s;
+  return P;
+}
+
+unsigned position_blocks(int64_t P) {
+  const int64_t blocks = ceil_div(P, nll::kPositionsPerBlock);
+  TORCH_CHECK(blocks <= std::numeric_limits<int32_t>::max(), "nll_loss: input too large for the CUDA kernels");
+  return static_cast<unsigned>(blocks);
+}
+
+void check_args(const at::Tensor& input, const at::Tensor& target, const std::optional<at::Tensor>& weight,
+                int64_t reduction) {
+  check_logits(input, "nll_loss");
+  check_index_target(input, target);
+  check_weight(input, weight);
+  check_reduction(reduction);
+}
+
+// ---- Forward ----
+std::tuple<at::Tensor, at::Tensor> nll_loss_fwd(const at::Tensor& input, const at::Tensor& target,
+                                                const std::optional<at::Tensor>& weight_opt, int64_t reduction,
+                                                int64_t ignore_index) {
+  check_args(input, target, weight_opt, reduction);
+  host::DeviceGuard guard(input.device());
+  const bool none = reduction == at::Reduction::None;
+  at::Tensor loss = none ? at::empty(position_sizes(input), input.options()) : at::empty({}, input.options());
+  at::Tensor total_weight = at::empty({}, input.options());
+  const int64_t P = num_positions(input);
+  if (P == 0) {
+    total_weight.zero_();
+    if (reduction == at::Reduction::Mean) loss.fill_(std::numeric_limits<double>::quiet_NaN());
+    if (reduction == at::Reduction::Sum) loss.zero_();
+    return {loss, total_weight};
+  }
+  at::Tensor x = input;
+  auto dims = position_dims(x);
+  if (!dims) {  // more than kMaxPositionDims non-mergeable dims: rare; read a contiguous copy
+    x = input.contiguous();
+    dims = position_dims(x);
+    TORCH_INTERNAL_ASSERT(dims.has_value());
+  }
+  const at::Tensor t = target.contiguous();
+  const at::Tensor w = weight_for_kernel(input, weight_opt);
+  const xent_stream_t stream = host::current_stream(input.device());
+  const unsigned blocks = position_blocks(P);
+  at::Tensor partials = at::empty({2 * static_cast<int64_t>(blocks)}, input.options().dtype(at::kDouble));
+
+  dispatch_dtype(input.scalar_type(), [&](auto tag) {
+    using scalar_t = typename decltype(tag)::type;
+    using acc_t = typename nll::AccType<scalar_t>::type;
+    dispatch_target(t.scalar_type(), [&](auto ttag) {
+      using target_t = typename decltype(ttag)::type;
+      nll::FwdParams<scalar_t, target_t> a;
+      a.x = cptr<scalar_t>(x);
+      a.x_dims = *dims;
+      a.x_sc = class_stride(x);
+      a.target = cptr<target_t>(t);
+      a.P = P;
+      a.C = x.size(1);
+      a.ignore_index = ignore_index;
+      a.weight = cptr<acc_t>(w);
+      a.loss = none ? mptr<scalar_t>(loss) : nullptr;
+      a.partials = mptr<double>(partials);
+      a.n_blocks = blocks;
+      auto* kernel = &nll::fwd_kernel<scalar_t, target_t>;
+      XENT_LAUNCH(blocks, nll::kBlock, 0, stream, kernel)(a);
+      XENT_CUDA_LAUNCH_CHECK();
+    });
+    nll::FinishParams<scalar_t> f;
+    f.partials = cptr<double>(partials);
+    f.n = blocks;
+    f.mean = reduction == at::Reduction::Mean;
+    f.loss = none ? nullptr : mptr<scalar_t>(loss);
+    f.total_weight = mptr<scalar_t>(total_weight);
+    auto* kernel = &nll::finish_kernel<scalar_t>;
+    XENT_LAUNCH(1, nll::kFinishBlock, 0, stream, kernel)(f);
+    XENT_CUDA_LAUNCH_CHECK();
+  });
+  return {loss, total_weight};
+}
+
+// ---- Backward ----
+at::Tensor nll_loss_bwd(const at::Tensor& grad_loss, const at::Tensor& input, const at::Tensor& target,
+                        const std::optional<at::Tensor>& weight_opt, const at::Tensor& total_weight,
+                        int64_t reduction, int64_t ignore_index) {
+  check_args(input, target, weight_opt, reduction);
+  check_same_device(input, grad_loss, "grad_loss");
+  check_same_device(input, total_weight, "total_weight");
+  const bool none = reduction == at::Reduction::None;
+  const auto positions = position_sizes(input);
+  if (none) {
+    TORCH_CHECK(grad_loss.sizes().equals(positions), "nll_loss backward: expected grad_loss of shape ",
+                c10::IntArrayRef(positions), ", got ", grad_loss.sizes());
+  } else {
+    TORCH_CHECK(grad_loss.dim() == 0, "nll_loss backward: expected a 0-d grad_loss, got ", grad_loss.sizes());
+  }
+  TORCH_CHECK(total_weight.numel() == 1, "nll_loss backward: expected a one-element total_weight");
+  host::DeviceGuard guard(input.device());
+
+  // A dense gradient with the input's strides (as the fake kernel promises). When its position dims do not
+  // merge into kMaxPositionDims, the kernels write a contiguous temporary that is copied into it.
+  at::Tensor grad = at::empty_strided(input.sizes(), dense_strides_like(input), input.options());
+  const int64_t P = num_positions(input);
+  if (P == 0) return grad;
+  at::Tensor gk = grad;
+  auto dims = position_dims(gk);
+  if (!dims) {
+    gk = at::empty(input.sizes(), input.options());
+    dims = position_dims(gk);
+    TORCH_INTERNAL_ASSERT(dims.has_value());
+  }
+  const at::Tensor t = target.contiguous();
+  const at::Tensor w = weight_for_kernel(input, weight_opt);
+  // Upstream gradient: per position in the input's dtype when it has it (converted in the kernel, as the CPU
+  // op's grad_loss.to(acc)), else in the accumulation dtype; a 0-d one (and total_weight) in double, as the
+  // CPU op's item<double>() (small device-side conversions, no synchronisation).
+  at::Tensor gl_s, gl_a, gl_d, tw_d;
+  if (none) {
+    if (grad_loss.scalar_type() == input.scalar_type()) {
+      gl_s = grad_loss.contiguous();
+    } else {
+      gl_a = grad_loss.to(acc_dtype(input.scalar_type())).contiguous();
+    }
+  } else {
+    gl_d = grad_loss.to(at::kDouble).contiguous();
+    if (reduction == at::Reduction::Mean) tw_d = total_weight.reshape({}).to(at::kDouble).contiguous();
+  }
+  const xent_stream_t stream = host::current_stream(input.device());
+  const unsigned blocks = position_blocks(P);
+
+  // 1. Zero the gradient's whole storage (dense: numel elements from its data pointer).
+  const int64_t bytes = gk.numel() * static_cast<int64_t>(gk.element_size());
+  if (bytes > 0) {
+    const int64_t fill_blocks = ceil_div(bytes / 16 + 1, nll::kFillVectorsPerBlock);
+    TORCH_CHECK(fill_blocks <= std::numeric_limits<int32_t>::max(), "nll_loss: input too large for the CUDA kernels");
+    auto* kernel = &nll::zero_fill_kernel;
+    XENT_LAUNCH(static_cast<unsigned>(fill_blocks), nll::kBlock, 0, stream, kernel)(
+        static_cast<unsigned char*>(gk.mutable_data_ptr()), bytes);
+    XENT_CUDA_LAUNCH_CHECK();
+  }
+  // 2. Then (same stream) one element per non-ignored position. Runs even when the gradient is empty
+  // (C == 0): it still checks the targets, as the CPU op does.
+  dispatch_dtype(input.scalar_type(), [&](auto tag) {
+    using scalar_t = typename decltype(tag)::type;
+    using acc_t = typename nll::AccType<scalar_t>::type;
+    dispatch_target(t.scalar_type(), [&](auto ttag) {
+      using target_t = typename decltype(ttag)::type;
+      nll::ScatterParams<scalar_t, target_t> a;
+      a.grad = mptr<scalar_t>(gk);
+      a.g_dims = *dims;
+      a.g_sc = class_stride(gk);
+      a.target = cptr<target_t>(t);
+      a.P = P;
+      a.C = gk.size(1);
+      a.ignore_index = ignore_index;
+      a.weight = cptr<acc_t>(w);
+      a.grad_loss_s = cptr<scalar_t>(gl_s);
+      a.grad_loss_a = cptr<acc_t>(gl_a);
+      a.grad_loss_d = cptr<double>(gl_d);
+      a.total_weight_d = cptr<double>(tw_d);
+      a.per_position = none;
+      auto* kernel = &nll::scatter_kernel<scalar_t, target_t>;
+      XENT_LAUNCH(blocks, nll::kBlock, 0, stream, kernel)(a);
+      XENT_CUDA_LAUNCH_CHECK();
+    });
+  });
+  if (!gk.is_same(grad)) grad.copy_(gk);
+  return grad;
+}
+
+} // namespace
+} // namespace xent::cuda::nll_host
+
+TORCH_LIBRARY_IMPL(XENT_CUDA_LIBRARY, XENT_CUDA_DISPATCH_KEY, m) {
+  m.impl("nll_loss_fwd", TORCH_FN(xent::cuda::nll_host::nll_loss_fwd));
+  m.impl("nll_loss_bwd", TORCH_FN(xent::cuda::nll_host::nll_loss_bwd));
+}

@@ -1,0 +1,341 @@
+// Negative log-likelihood device code: forward gather, deterministic reduction, backward zero-fill and
+// scatter.
+//
+// Device code only. It includes nothing but compat.cuh (and <cstdint>), so that the same source compiles under
+// nvcc and, as plain C++, under the SIMT emulator (tests/simt). Every global memory access goes through
+// xent::cuda::load_global / store_global (the emulator counts the bytes). Host launch code: nll_loss.cu.
+//
+// Note [CUDA nll_loss kernels]
+// ----------------------------
+// The input holds log-probabilities (N, C, d1, ..., dk); a position p = (n, s) is numbered as in the
+// contiguous (N, d1, ..., dk) target, loss and grad_loss tensors. loss_p = -w[t_p] * x[n, t_p, s], 0 where
+// t_p == ignore_index (compared before the bounds check); a target outside [0, C) otherwise fails the
+// device-side assert XENT_NLL_TARGET_OUT_OF_BOUNDS.
+//
+// No pass over the classes. The position dims (N, d1, ..., dk) of the tensor a kernel indexes (the input in
+// the forward, the gradient in the backward) come as up to kMaxPositionDims merged (size, stride) pairs
+// (PositionDims, built on the host), plus the class stride: any strided layout (transposed, sliced,
+// channels-last, broadcast, misaligned) is indexed in place. Only layouts whose position dims do not merge
+// into kMaxPositionDims (k >= 4 permuted spatial dims) go through a contiguous copy (nll_loss.cu).
+//
+// Forward (fwd_kernel): a block owns kPositionsPerBlock consecutive positions, kPositionsPerThread per
+// thread (strided by kBlock, so every load of targets and losses is coalesced); each thread first loads its
+// targets, then the weights and gathered log-probabilities, then stores the losses (reduction none). Every
+// block also sums its losses and its weights w_t (the mean's denominator, returned as total_weight) in a
+// fixed tree and stores the two partials; finish_kernel, a single block, sums the partials in a fixed order
+// and writes total_weight and, for mean / sum, the loss. Traffic: O(positions), never O(N * C).
+//
+// Arithmetic mirrors the CPU op: a loss is -w * x in the accumulation dtype (float, double for double
+// inputs; the product of two floats rounded once, as the CPU's double product rounded to float), and the
+// sums over positions run in double for every dtype (total_weight counts stay exact beyond 2^24 positions),
+// as do the backward's grad_loss / total_weight and its product with -w for sum / mean. So the per-position
+// losses and every gradient equal the CPU op's bitwise; the sums differ only in their order.
+//
+// Backward: the gradient is zero except grad[n, t_p, s] = -w[t_p] * s_p, s_p = grad_loss[p] (none),
+// grad_loss (sum) or grad_loss / total_weight (mean), both read on the device. Two kernels on one stream
+// (so the second starts after the first has finished): zero_fill_kernel zeroes the gradient's storage (it
+// is dense: numel elements from its data pointer) with 128-bit stores after a byte head that reaches 16-byte
+// alignment and before a byte tail; scatter_kernel then writes one element per non-ignored position.
+// Positions have distinct (n, s), so no two threads write the same element. Traffic: the gradient written
+// once plus O(positions).
+//
+// No floating-point atomics; results depend only on the shapes and values. Indices are int64 throughout.
+#pragma once
+
+#include "compat.cuh"
+
+#include <cstdint>
+
+// `#pragma unroll` for nvcc; g++ (the emulator build) gets its own spelling instead of a warning.
+#if defined(__CUDACC__)
+#define XENT_NLL_UNROLL _Pragma("unroll")
+#else
+#define XENT_NLL_UNROLL _Pragma("GCC unroll 16")
+#endif
+
+// The message of the device-side check of the targets (a string literal, as compat.cuh requires).
+#define XENT_NLL_TARGET_OUT_OF_BOUNDS \
+  "nll_loss: target out of bounds: a class-index target must be in [0, C) or equal ignore_index"
+
+namespace xent::cuda::nll {
+
+// Every kernel runs 256-thread blocks, except finish_kernel (kFinishBlock threads), and declares
+// __launch_bounds__(threads, 1): without the minimum-blocks hint ptxas caps the scatter kernels at 48
+// registers and spills around position_offset's 64-bit division (scatter_kernel<double, int64_t>).
+constexpr int kBlock = 256;
+constexpr int kWarps = kBlock / 32;
+constexpr int kPositionsPerThread = 4;
+constexpr int kPositionsPerBlock = kBlock * kPositionsPerThread;
+constexpr int kFinishBlock = 512;
+// zero_fill_kernel: 16-byte vectors per thread (a block zeroes 16 KiB).
+constexpr int kFillVectorsPerThread = 4;
+constexpr int kFillVectorsPerBlock = kBlock * kFillVectorsPerThread;
+// Merged position dims a kernel indexes directly (more: the host makes the tensor contiguous).
+constexpr int kMaxPositionDims = 4;
+constexpr unsigned kFullMask = 0xffffffffu;
+
+template <class T>
+struct AccType {
+  using type = float;
+};
+template <>
+struct AccType<double> {
+  using type = double;
+};
+
+// Explicit conversion intrinsics: torch builds CUDA code with __CUDA_NO_HALF_CONVERSIONS__ and
+// __CUDA_NO_BFLOAT16_CONVERSIONS__.
+__device__ inline float to_acc(float v) { return v; }
+__device__ inline double to_acc(double v) { return v; }
+__device__ inline float to_acc(__nv_bfloat16 v) { return __bfloat162float(v); }
+__device__ inline float to_acc(__half v) { return __half2float(v); }
+
+template <class T>
+__device__ inline T from_acc(typename AccType<T>::type v);
+template <>
+__device__ inline float from_acc<float>(float v) { return v; }
+template <>
+__device__ inline double from_acc<double>(double v) { return v; }
+template <>
+__device__ inline __nv_bfloat16 from_acc<__nv_bfloat16>(float v) { return __float2bfloat16_rn(v); }
+template <>
+__device__ inline __half from_acc<__half>(float v) { return __float2half_rn(v); }
+
+// The position dims (N, d1, ..., dk) of one tensor after the host dropped size-1 dims and merged the
+// contiguous runs: ndim >= 1 (size, stride) pairs, outermost first. size[0] is never needed.
+struct PositionDims {
+  int ndim = 1;
+  int64_t size[kMaxPositionDims] = {1, 1, 1, 1};
+  int64_t stride[kMaxPositionDims] = {0, 0, 0, 0};
+};
+
+// Element offset of position p (row-major over the dims).
+__device__ inline int64_t position_offset(const PositionDims& d, int64_t p) {
+  int64_t off = 0;
+XENT_NLL_UNROLL
+  for (int i = kMaxPositionDims - 1; i >= 1; --i) {
+    if (i < d.ndim) {
+      const int64_t q = p / d.size[i];
+      off += (p - q * d.size[i]) * d.stride[i];
+      p = q;
+    }
+  }
+  return off + p * d.stride[0];
+}
+
+__device__ inline double warp_sum(double v) {
+XENT_NLL_UNROLL
+  for (int off = 16; off > 0; off >>= 1) v += __shfl_xor_sync(kFullMask, v, off);
+  return v;
+}
+
+// Sums (v0, v1) over a block of kThreads threads in a fixed tree; returns the sums in thread 0 (the other
+// threads' return values are meaningless). Every thread of the block must call it. smem: 2 * kThreads / 32.
+template <int kThreads>
+__device__ inline void block_sum2(double& v0, double& v1, double* smem) {
+  constexpr int kW = kThreads / 32;
+  const int warp = static_cast<int>(threadIdx.x) / 32, lane = static_cast<int>(threadIdx.x) % 32;
+  v0 = warp_sum(v0);
+  v1 = warp_sum(v1);
+  if (lane == 0) {
+    smem[warp] = v0;
+    smem[kW + warp] = v1;
+  }
+  __syncthreads();
+  if (threadIdx.x == 0) {
+    v0 = smem[0];
+    v1 = smem[kW];
+    for (int w = 1; w < kW; ++w) {
+      v0 += smem[w];
+      v1 += smem[kW + w];
+    }
+  }
+}
+
+// ---------------------------------------------------------------------------------------------------------
+// Forward.
+
+template <class scalar_t, class target_t>
+struct FwdParams {
+  using acc_t = typename AccType<scalar_t>::type;
+  const scalar_t* x = nullptr;  // the input
+  PositionDims x_dims;          // its position dims
+  int64_t x_sc = 0;             // its class stride
+  const target_t* target = nullptr;  // (P) contiguous
+  int64_t P = 0, C = 0, ignore_index = -100;
+  const acc_t* weight = nullptr;  // (C) or null
+  scalar_t* loss = nullptr;       // reduction none: (P) contiguous; else null
+  double* partials = nullptr;     // [n_blocks] loss sums, then [n_blocks] weight sums
+  int64_t n_blocks = 0;
+};
+
+template <class scalar_t, class target_t>
+__global__ void __launch_bounds__(kBlock, 1) fwd_kernel(const FwdParams<scalar_t, target_t> a) {
+  using acc_t = typename AccType<scalar_t>::type;
+  constexpr int K = kPositionsPerThread;
+  __shared__ double sh_sum[2 * kWarps];
+  const int64_t blk = blockIdx.x;
+  const int64_t p0 = blk * kPositionsPerBlock + threadIdx.x;
+  // Targets first, then every gathered value: K independent loads in flight per thread and phase.
+  int64_t t[K];
+  bool use[K];
+XENT_NLL_UNROLL
+  for (int i = 0; i < K; ++i) {
+    const int64_t p = p0 + i * kBlock;
+    t[i] = p < a.P ? static_cast<int64_t>(load_global(a.target + p)) : a.ignore_index;
+    use[i] = false;
+    if (p < a.P && t[i] != a.ignore_index) {
+      const bool valid = t[i] >= 0 && t[i] < a.C;
+      XENT_DEVICE_ASSERT(t[i] >= 0 && t[i] < a.C, XENT_NLL_TARGET_OUT_OF_BOUNDS);
+      use[i] = valid;
+    }
+  }
+  acc_t w[K], x[K];
+XENT_NLL_UNROLL
+  for (int i = 0; i < K; ++i) {
+    w[i] = acc_t(0);
+    x[i] = acc_t(0);
+    if (use[i]) {
+      w[i] = a.weight != nullptr ? load_global(a.weight + t[i]) : acc_t(1);
+      x[i] = to_acc(load_global(a.x + position_offset(a.x_dims, p0 + i * kBlock) + t[i] * a.x_sc));
+    }
+  }
+  double loss_sum = 0, weight_sum = 0;
+XENT_NLL_UNROLL
+  for (int i = 0; i < K; ++i) {
+    const int64_t p = p0 + i * kBlock;
+    const acc_t l = use[i] ? -w[i] * x[i] : acc_t(0);
+    loss_sum += static_cast<double>(l);
+    weight_sum += static_cast<double>(w[i]);
+    if (a.loss != nullptr && p < a.P) store_global(a.loss + p, from_acc<scalar_t>(l));
+  }
+  block_sum2<kBlock>(loss_sum, weight_sum, sh_sum);
+  if (threadIdx.x == 0) {
+    store_global(a.partials + blk, loss_sum);
+    store_global(a.partials + a.n_blocks + blk, weight_sum);
+  }
+}
+
+template <class scalar_t>
+struct FinishParams {
+  const double* partials = nullptr;  // [n] loss sums, then [n] weight sums
+  int64_t n = 0;
+  bool mean = false;                  // loss = loss sum / weight sum (else the loss sum)
+  scalar_t* loss = nullptr;           // mean / sum: the 0-d loss; none: null
+  scalar_t* total_weight = nullptr;   // the 0-d weight sum
+};
+
+// A single block: sums the partials in a fixed order (strided per thread, then a fixed tree).
+template <class scalar_t>
+__global__ void __launch_bounds__(kFinishBlock, 1) finish_kernel(const FinishParams<scalar_t> f) {
+  using acc_t = typename AccType<scalar_t>::type;
+  __shared__ double sh_sum[2 * (kFinishBlock / 32)];
+  double num = 0, den = 0;
+  for (int64_t i = threadIdx.x; i < f.n; i += kFinishBlock) {
+    num += load_global(f.partials + i);
+    den += load_global(f.partials + f.n + i);
+  }
+  block_sum2<kFinishBlock>(num, den, sh_sum);
+  if (threadIdx.x == 0) {
+    // Rounded to the accumulation dtype, then to scalar_t (as the CPU op's double results).
+    store_global(f.total_weight, from_acc<scalar_t>(static_cast<acc_t>(den)));
+    // Mean over no (or zero-weight) targets: 0 / 0 = NaN, as PyTorch.
+    if (f.loss != nullptr) store_global(f.loss, from_acc<scalar_t>(static_cast<acc_t>(f.mean ? num / den : num)));
+  }
+}
+
+// ---------------------------------------------------------------------------------------------------------
+// Backward.
+
+// Zeroes bytes [0, bytes) from `base` (any alignment): a head of at most 15 single bytes up to the first
+// 16-byte boundary, 16-byte vectors, a tail of at most 15 bytes. Block b zeroes vectors
+// [b * kFillVectorsPerBlock, (b + 1) * kFillVectorsPerBlock); block 0 also writes the head and the tail.
+__global__ void __launch_bounds__(kBlock, 1) zero_fill_kernel(unsigned char* base, int64_t bytes) {
+  using V = Vec<unsigned, 4>;
+  const uintptr_t addr = reinterpret_cast<uintptr_t>(base);
+  int64_t head = static_cast<int64_t>((16 - (addr & 15)) & 15);
+  if (head > bytes) head = bytes;
+  const int64_t nvec = (bytes - head) / 16;
+  const int64_t tail_begin = head + nvec * 16;
+  const int64_t blk = blockIdx.x;
+  if (blk == 0) {
+    if (threadIdx.x < head) store_global(base + threadIdx.x, static_cast<unsigned char>(0));
+    if (tail_begin + threadIdx.x < bytes) store_global(base + tail_begin + threadIdx.x, static_cast<unsigned char>(0));
+  }
+  // An array of vectors from the aligned base (never a cast of an element offset: see vec_base in
+  // cross_entropy.cuh), so that every store is one STG.E.128.
+  V* vec = reinterpret_cast<V*>(base + head);
+  const V z{{0u, 0u, 0u, 0u}};
+  const int64_t j0 = blk * kFillVectorsPerBlock + threadIdx.x;
+XENT_NLL_UNROLL
+  for (int i = 0; i < kFillVectorsPerThread; ++i) {
+    const int64_t j = j0 + i * kBlock;
+    if (j < nvec) store_global(vec + j, z);
+  }
+}
+
+template <class scalar_t, class target_t>
+struct ScatterParams {
+  using acc_t = typename AccType<scalar_t>::type;
+  scalar_t* grad = nullptr;  // the gradient, zeroed by zero_fill_kernel
+  PositionDims g_dims;       // its position dims
+  int64_t g_sc = 0;          // its class stride
+  const target_t* target = nullptr;  // (P) contiguous
+  int64_t P = 0, C = 0, ignore_index = -100;
+  const acc_t* weight = nullptr;  // (C) or null
+  // Upstream gradient. Reduction none: grad_loss (P) contiguous, in the input's dtype (grad_loss_s) or in
+  // the accumulation dtype (grad_loss_a). Sum / mean: the 0-d grad_loss_d (double), divided by the 0-d
+  // total_weight_d (double; mean only, else null).
+  const scalar_t* grad_loss_s = nullptr;
+  const acc_t* grad_loss_a = nullptr;
+  const double* grad_loss_d = nullptr;
+  const double* total_weight_d = nullptr;
+  bool per_position = false;
+};
+
+template <class scalar_t, class target_t>
+__global__ void __launch_bounds__(kBlock, 1) scatter_kernel(const ScatterParams<scalar_t, target_t> a) {
+  using acc_t = typename AccType<scalar_t>::type;
+  constexpr int K = kPositionsPerThread;
+  __shared__ double sh_scale;
+  double scale = 0;
+  if (!a.per_position) {  // uniform over the grid: the barrier is reached by every thread or none
+    if (threadIdx.x == 0) {
+      double s = load_global(a.grad_loss_d);
+      if (a.total_weight_d != nullptr) s = s / load_global(a.total_weight_d);
+      sh_scale = s;
+    }
+    __syncthreads();
+    scale = sh_scale;
+  }
+  const int64_t p0 = static_cast<int64_t>(blockIdx.x) * kPositionsPerBlock + threadIdx.x;
+  int64_t t[K];
+  bool use[K];
+XENT_NLL_UNROLL
+  for (int i = 0; i < K; ++i) {
+    const int64_t p = p0 + i * kBlock;
+    t[i] = p < a.P ? static_cast<int64_t>(load_global(a.target + p)) : a.ignore_index;
+    use[i] = false;
+    if (p < a.P && t[i] != a.ignore_index) {
+      const bool valid = t[i] >= 0 && t[i] < a.C;
+      XENT_DEVICE_ASSERT(t[i] >= 0 && t[i] < a.C, XENT_NLL_TARGET_OUT_OF_BOUNDS);
+      use[i] = valid;
+    }
+  }
+XENT_NLL_UNROLL
+  for (int i = 0; i < K; ++i) {
+    if (!use[i]) continue;
+    const int64_t p = p0 + i * kBlock;
+    const acc_t w = a.weight != nullptr ? load_global(a.weight + t[i]) : acc_t(1);
+    acc_t g;
+    if (a.per_position) {
+      const acc_t s = a.grad_loss_s != nullptr ? to_acc(load_global(a.grad_loss_s + p)) : load_global(a.grad_loss_a + p);
+      g = -w * s;
+    } else {
+      g = static_cast<acc_t>(-static_cast<double>(w) * scale);
+    }
+    store_global(a.grad + position_offset(a.g_dims, p) + t[i] * a.g_sc, from_acc<scalar_t>(g));
+  }
+}
+
+} // namespace xent::cuda::nll

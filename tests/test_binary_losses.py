@@ -1,0 +1,1316 @@
+"""Parity suite of xent's binary losses against PyTorch and torchvision.
+
+* ``xent.binary_cross_entropy`` vs ``torch.nn.functional.binary_cross_entropy``,
+* ``xent.binary_cross_entropy_with_logits`` vs ``torch.nn.functional.binary_cross_entropy_with_logits``,
+* ``xent.sigmoid_focal_loss`` vs ``torchvision.ops.sigmoid_focal_loss`` (with weight / pos_weight: the same
+  composite with the weighted ``F.binary_cross_entropy_with_logits`` inside),
+and the modules BCELoss, BCEWithLogitsLoss, SigmoidFocalLoss.
+
+Every parity check compares xent's loss and gradients (input, and target where PyTorch gives one) with two
+float64 computations on the same values: PyTorch's / torchvision's own, and the independent reference of
+tests/reference_binary.py. Inputs are generated in the tested dtype and then upcast, so the float64 results
+are the exact answers for the values xent sees.
+
+Tolerances (justified where defined, see ``Tol``):
+* float64: 1e-12 relative; against PyTorch also a few units of float64 roundoff of the terms PyTorch's own
+  formula cancels (its with-logits loss (1 - y) x - L log_sigmoid(x), torchvision's 1 - p_t).
+* float32: loss 1e-6 relative (the project's target), gradient 1e-5 of its largest entry.
+* bfloat16 / float16: xent's error at most twice PyTorch's own error in that dtype plus half an ulp of the
+  result.
+"""
+
+import math
+import warnings
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import xent
+from reference_binary import (
+    binary_cross_entropy_reference,
+    binary_cross_entropy_with_logits_reference,
+    sigmoid_focal_loss_reference,
+)
+
+tv_ops = pytest.importorskip("torchvision.ops")
+
+F32, F64, BF16, F16 = torch.float32, torch.float64, torch.bfloat16, torch.float16
+DTYPES = [F32, F64, BF16, F16]
+LOW = (BF16, F16)
+REDUCTIONS = ["none", "mean", "sum"]
+KINDS = ["bce", "logits", "focal"]
+UNIT_ROUNDOFF = {F64: 2.0**-53, F32: 2.0**-24, BF16: 2.0**-8, F16: 2.0**-11}
+OP_NAMES = {
+    "bce": "binary_cross_entropy",
+    "logits": "binary_cross_entropy_with_logits",
+    "focal": "sigmoid_focal_loss",
+}
+ALL_OPS = [f"{name}_{suffix}" for name in OP_NAMES.values() for suffix in ("fwd", "bwd")]
+
+
+def dtype_id(dtype):
+    return str(dtype).replace("torch.", "")
+
+
+def shape_id(shape):
+    return "x".join(map(str, shape)) if len(shape) else "scalar"
+
+
+# ================================================================================================
+# Backends: the emulated-CUDA library gets these kernels later; until then its tests skip.
+
+
+def require_kernels(backend):
+    if backend.name == "cpu":
+        return
+    ns = "xent_emulated" if backend.emulated else "xent"
+    key = "CUDA" if backend.device.type == "cuda" else "CPU"
+    missing = [op for op in ALL_OPS if not torch._C._dispatch_has_kernel_for_dispatch_key(f"{ns}::{op}", key)]
+    if missing:
+        pytest.skip(f"{backend.name} backend: torch.ops.{ns} has no {key} kernel for {', '.join(missing)} yet")
+
+
+@pytest.fixture
+def bk(backend):
+    """Every backend of conftest.py, skipped where the binary losses' kernels do not exist yet."""
+    require_kernels(backend)
+    return backend
+
+
+# ================================================================================================
+# The three implementations of each loss.
+
+
+def _reduce(loss, reduction):
+    if reduction == "none":
+        return loss
+    return loss.mean() if reduction == "mean" else loss.sum()
+
+
+def torch_loss(kind, x, y, weight=None, pos_weight=None, *, reduction="mean", alpha=0.25, gamma=2.0):
+    """PyTorch's loss (torchvision's for focal) in the arguments' dtype."""
+    if kind == "bce":
+        return F.binary_cross_entropy(x, y, weight, reduction=reduction)
+    if kind == "logits":
+        return F.binary_cross_entropy_with_logits(x, y, weight, reduction=reduction, pos_weight=pos_weight)
+    if weight is None and pos_weight is None:
+        return tv_ops.sigmoid_focal_loss(x, y, alpha, gamma, reduction)
+    # torchvision's composite with weight / pos_weight in its cross-entropy term.
+    p = torch.sigmoid(x)
+    ce = F.binary_cross_entropy_with_logits(x, y, weight, reduction="none", pos_weight=pos_weight)
+    p_t = p * y + (1 - p) * (1 - y)
+    loss = ce * ((1 - p_t) ** gamma)
+    if alpha >= 0:
+        loss = (alpha * y + (1 - alpha) * (1 - y)) * loss
+    return _reduce(loss, reduction)
+
+
+def ref_loss(kind, x, y, weight=None, pos_weight=None, *, reduction="mean", alpha=0.25, gamma=2.0):
+    if kind == "bce":
+        return binary_cross_entropy_reference(x, y, weight, reduction)
+    if kind == "logits":
+        return binary_cross_entropy_with_logits_reference(x, y, weight, pos_weight, reduction)
+    return sigmoid_focal_loss_reference(x, y, alpha, gamma, reduction, weight, pos_weight)
+
+
+def xent_loss(kind, x, y, weight=None, pos_weight=None, *, reduction="mean", alpha=0.25, gamma=2.0):
+    if kind == "bce":
+        assert pos_weight is None
+        return xent.binary_cross_entropy(x, y, weight, reduction=reduction)
+    if kind == "logits":
+        return xent.binary_cross_entropy_with_logits(x, y, weight, reduction=reduction, pos_weight=pos_weight)
+    return xent.sigmoid_focal_loss(x, y, alpha, gamma, reduction, weight=weight, pos_weight=pos_weight)
+
+
+# ================================================================================================
+# Comparison.
+
+
+class Tol:
+    # float64: the kernels use libm's log/log1p/exp and cancellation-free formulas; 1e-12 relative leaves
+    # room for summation order over ~1e5 elements while any formula error shows far above it.
+    F64 = 1e-12
+    # float32 loss: the project's target. The kernels' elementwise error is a few ulp (log/exp about 1-2
+    # ulp each, no cancellation), their sums add float lanes of at most 8 terms into a double.
+    F32_LOSS = 1e-6
+    # float32 gradient, relative to its largest entry: sigmoid and the BCE quotient cost a few ulp; 1e-5
+    # leaves a 10x margin while a wrong term is O(1).
+    F32_GRAD = 1e-5
+    # Rounding units of PyTorch's own float64 cancellation (see torch_cancellation).
+    CANCELLATION_ULPS = 4.0
+    # Low precision: at most this factor worse than PyTorch in the same dtype ...
+    LOW_FACTOR = 2.0
+    # ... plus this many units of roundoff of the result's magnitude (rounding the float32 result).
+    LOW_ROUNDING_UNITS = 1.0
+
+
+def _nan_inf_pattern_equal(actual, expected, what):
+    a, e = actual.detach().double().cpu(), expected.detach().double().cpu()
+    assert a.shape == e.shape, f"{what}: shape {tuple(a.shape)} != {tuple(e.shape)}"
+    nan_a, nan_e = torch.isnan(a), torch.isnan(e)
+    assert torch.equal(nan_a, nan_e), (
+        f"{what}: NaN at different places: xent NaN at {nan_a.nonzero().tolist()[:8]}, "
+        f"expected NaN at {nan_e.nonzero().tolist()[:8]}"
+    )
+    inf_e = torch.isinf(e)
+    assert torch.equal(a[inf_e], e[inf_e]), f"{what}: expected infinities {e[inf_e][:8]}, got {a[inf_e][:8]}"
+    finite = torch.isfinite(e)
+    bad = torch.isinf(a) & finite
+    assert not bad.any(), f"{what}: xent is infinite where the exact value is finite: {a[bad][:8]} vs {e[bad][:8]}"
+    return a, e, finite
+
+
+def max_abs_err(actual, expected):
+    a, e = actual.detach().double().cpu(), expected.detach().double().cpu()
+    finite = torch.isfinite(e)
+    if not finite.any():
+        return 0.0
+    d = (a[finite] - e[finite]).abs()
+    d = torch.where(torch.isnan(d), torch.full_like(d, math.inf), d)
+    return d.max().item()
+
+
+def assert_close(actual, expected, *, rtol, atol, what):
+    """|actual - expected| <= rtol |expected| + atol elementwise (rtol, atol may be tensors)."""
+    a, e, finite = _nan_inf_pattern_equal(actual, expected, what)
+    if not finite.any():
+        return
+    rtol = torch.as_tensor(rtol, dtype=F64).expand_as(e)
+    atol = torch.as_tensor(atol, dtype=F64).expand_as(e)
+    tol = rtol * e.abs() + atol
+    err = (a - e).abs()
+    bad = finite & ~(err <= tol)
+    if bad.any():
+        idx = tuple(bad.nonzero()[0].tolist()) if bad.dim() else ()
+        raise AssertionError(
+            f"{what}: {int(bad.sum())} of {int(finite.sum())} entries out of tolerance; first at {list(idx)}: "
+            f"xent {a[idx].item()!r} expected {e[idx].item()!r} |err| {err[idx].item():.3e} > tol "
+            f"{tol[idx].item():.3e}; max rel err {(err[finite] / e[finite].abs().clamp_min(1e-300)).max().item():.3e}"
+        )
+
+
+def assert_no_worse_than_torch(actual, expected, torch_low, *, dtype, what):
+    # An exact value beyond the dtype's range is inf once rounded (e.g. a float16 sum above 65504).
+    expected = expected.detach().double().cpu()
+    rounded = expected.to(dtype).double()
+    expected = torch.where(torch.isinf(rounded) & torch.isfinite(expected), rounded, expected)
+    a, e, finite = _nan_inf_pattern_equal(actual, expected, what)
+    if not finite.any():
+        return
+    err_xent = max_abs_err(a, e)
+    err_torch = max_abs_err(torch_low, e)
+    magnitude = e[finite].abs().max().item()
+    allowed = Tol.LOW_FACTOR * err_torch + Tol.LOW_ROUNDING_UNITS * UNIT_ROUNDOFF[dtype] * magnitude
+    assert err_xent <= allowed, (
+        f"{what} ({dtype_id(dtype)}): xent max error {err_xent:.4e} > allowed {allowed:.4e} (PyTorch's own "
+        f"error in {dtype_id(dtype)}: {err_torch:.4e}, |exact| up to {magnitude:.4e})"
+    )
+
+
+def _terms(kind, x, y, w, pw, alpha, gamma):
+    """Per-element float64 magnitudes: (terms PyTorch's formula cancels, focal's log m for pow's error)."""
+    x, y = x.double(), y.double()
+    w = 1.0 if w is None else w.double().abs()
+    pw = 1.0 if pw is None else pw.double()
+    L = 1 + (pw - 1) * y
+    if kind == "bce":
+        return torch.zeros_like(x), torch.zeros_like(x)
+    ce_terms = ((1 - y) * x).abs() + (L * F.logsigmoid(x)).abs()
+    if kind == "logits":
+        return w * ce_terms, torch.zeros_like(x)
+    p, q = torch.sigmoid(x), torch.sigmoid(-x)
+    m = (1 - y) * p + y * q
+    a = (alpha * y + (1 - alpha) * (1 - y)).abs() if alpha >= 0 else torch.ones_like(x)
+    ce = binary_cross_entropy_with_logits_reference(x, y, None, None if isinstance(pw, float) else pw, "none").abs()
+    fm = m.abs() ** gamma if gamma else torch.ones_like(m)
+    dm = gamma * m.abs() ** (gamma - 1) if gamma else torch.zeros_like(m)
+    # torchvision's 1 - p_t loses ~1 ulp of 1 absolutely; its ce the with-logits cancellation.
+    cancel = w * a * (ce_terms * fm + ce * torch.nan_to_num(dm, posinf=0.0))
+    return cancel, torch.log(m.abs()).abs()
+
+
+def loss_tolerances(kind, dtype, x, y, w, pw, reduction, alpha, gamma):
+    """(rtol vs exact, extra atol vs PyTorch's float64), reduced like the loss."""
+    cancel, log_m = _terms(kind, x, y, w, pw, alpha, gamma)
+    cancel = torch.nan_to_num(cancel, nan=0.0, posinf=0.0) * Tol.CANCELLATION_ULPS * UNIT_ROUNDOFF[F64]
+    if dtype == F64:
+        rtol = torch.full_like(cancel, Tol.F64)
+    else:
+        rtol = torch.full_like(cancel, Tol.F32_LOSS)
+        if kind == "focal" and gamma != int(gamma):
+            # exp(gamma log m) carries log's error times gamma |log m| (simd.h: vpow).
+            rtol = rtol + (gamma * torch.nan_to_num(log_m, posinf=0.0) + 2) * UNIT_ROUNDOFF[F32]
+    if reduction == "none":
+        return rtol, cancel
+    n = max(cancel.numel(), 1)
+    r = rtol.max() if rtol.numel() else torch.tensor(0.0, dtype=F64)
+    return r, cancel.sum() / (n if reduction == "mean" else 1)
+
+
+def assert_loss(actual, expected, torch_low, *, dtype, rtol, atol, what):
+    if dtype in LOW:
+        assert_no_worse_than_torch(actual, expected, torch_low, dtype=dtype, what=what)
+    else:
+        assert_close(actual, expected, rtol=rtol, atol=atol, what=f"{what} ({dtype_id(dtype)})")
+
+
+def assert_grad(actual, expected, torch_low, *, dtype, what):
+    if dtype in LOW:
+        assert_no_worse_than_torch(actual, expected, torch_low, dtype=dtype, what=what)
+        return
+    rtol = Tol.F64 if dtype == F64 else Tol.F32_GRAD
+    e = expected.detach().double()
+    finite = e[torch.isfinite(e)]
+    magnitude = finite.abs().max().item() if finite.numel() else 0.0
+    assert_close(actual, expected, rtol=rtol, atol=rtol * magnitude, what=f"{what} ({dtype_id(dtype)})")
+
+
+# ================================================================================================
+# Inputs and layouts.
+
+
+def make_input(kind, shape, dtype, scale=3.0):
+    """Logits randn * scale; for BCE probabilities sigmoid(randn * 2.5) kept in [0.01, 0.99] so that no
+    value rounds to exactly 0 or 1 (tested separately, see test_special_values_bce)."""
+    z = torch.randn(shape, dtype=F64)
+    if kind == "bce":
+        return torch.sigmoid(z * 2.5).clamp(0.01, 0.99).to(dtype)
+    return (z * scale).to(dtype)
+
+
+def make_target(shape, dtype, soft=False):
+    if soft:
+        return torch.rand(shape, dtype=F64).to(dtype)
+    return (torch.rand(shape, dtype=F64) < 0.3).to(dtype)
+
+
+def make_weight(shape, dtype):
+    return (torch.rand(shape, dtype=F64) * 1.5 + 0.25).to(dtype)
+
+
+def make_pos_weight(shape, dtype):
+    return (torch.rand(shape, dtype=F64) * 3 + 0.5).to(dtype)
+
+
+def _contiguous(x):
+    return x.clone()
+
+
+def _transposed(x):  # the same values stored with the first and last dims swapped (not contiguous)
+    if x.dim() < 2:
+        return _sliced(x)
+    return x.transpose(0, -1).contiguous().transpose(0, -1)
+
+
+def _sliced(x):  # every other element of a tensor twice as wide in the last dim (not dense)
+    if x.dim() == 0:
+        return x.clone()
+    wide = torch.zeros(tuple(x.shape[:-1]) + (2 * x.shape[-1],), dtype=x.dtype, device=x.device)
+    wide[..., ::2] = x
+    return wide[..., ::2]
+
+
+def _misaligned(x):  # storage offset 1: the data pointer is not vector-aligned
+    buf = torch.empty(x.numel() + 1, dtype=x.dtype, device=x.device)
+    return buf[1:].view(x.shape).copy_(x)
+
+
+LAYOUTS = {"contiguous": _contiguous, "transposed": _transposed, "sliced": _sliced, "misaligned": _misaligned}
+
+
+def _leaf(t, requires_grad):
+    return t.detach().clone().requires_grad_(requires_grad)
+
+
+def make_grad_output(shape, dtype, kind, device):
+    """The upstream gradient: random, ones, or one value / one row broadcast (stride 0)."""
+    if kind == "ones":
+        return torch.ones(shape, dtype=dtype, device=device)
+    if kind == "expanded":
+        return torch.randn((), dtype=F64).to(dtype).to(device).expand(shape)
+    if kind == "expanded_row" and len(shape) >= 1:
+        return torch.randn(shape[-1:], dtype=F64).to(dtype).to(device).expand(shape)
+    if kind == "transposed":
+        return _transposed(torch.randn(shape, dtype=F64).to(dtype).to(device))
+    return torch.randn(shape, dtype=F64).to(dtype).to(device)
+
+
+# ================================================================================================
+# The parity check.
+
+
+def check(kind, backend, x, y, weight=None, pos_weight=None, *, reduction="mean", alpha=0.25, gamma=2.0,
+          layout="contiguous", target_layout="contiguous", grad_output="random", target_grad=None, backward=True):
+    """Runs xent's `kind` loss on `backend` and checks loss and gradients against PyTorch/torchvision in
+    float64 and the float64 reference (and, in low precision, against PyTorch's own error in the dtype).
+    x, y, weight, pos_weight are contiguous CPU tensors; `layout` / `target_layout` re-lay them out."""
+    dtype = x.dtype
+    if target_grad is None:
+        target_grad = True
+    opts = dict(reduction=reduction)
+    if kind == "focal":
+        opts.update(alpha=alpha, gamma=gamma)
+    w64 = None if weight is None else weight.double()
+    pw64 = None if pos_weight is None else pos_weight.double()
+
+    x_ref, x_pt = _leaf(x.double(), True), _leaf(x.double(), True)
+    y_ref, y_pt = _leaf(y.double(), target_grad), _leaf(y.double(), target_grad)
+    loss_ref = ref_loss(kind, x_ref, y_ref, w64, pw64, **opts)
+    loss_pt = torch_loss(kind, x_pt, y_pt, w64, pw64, **opts)
+    loss_low = x_low = y_low = None
+    if dtype in LOW:
+        x_low, y_low = _leaf(x, True), _leaf(y, target_grad)
+        loss_low = torch_loss(kind, x_low, y_low, weight, pos_weight, **opts)
+
+    xd = LAYOUTS[layout](backend.put(x)).requires_grad_(True)
+    yd = LAYOUTS[target_layout](backend.put(y)).requires_grad_(target_grad)
+    with backend.active():
+        loss = xent_loss(kind, xd, yd, backend.put(weight), backend.put(pos_weight), **opts)
+
+    what = f"{kind} loss[{backend.name}, {tuple(x.shape)}, {layout}, reduction={reduction}]"
+    assert loss.dtype == dtype, f"{what}: dtype {loss.dtype}, expected the input's {dtype}"
+    assert loss.shape == loss_pt.shape, f"{what}: shape {tuple(loss.shape)}, PyTorch {tuple(loss_pt.shape)}"
+    assert loss.device.type == backend.device.type
+    rtol, cancel = loss_tolerances(kind, dtype, x, y, weight, pos_weight, reduction, alpha, gamma)
+    assert_loss(loss.cpu(), loss_ref, loss_low, dtype=dtype, rtol=rtol, atol=0.0, what=f"{what} vs reference")
+    assert_loss(loss.cpu(), loss_pt, loss_low, dtype=dtype, rtol=rtol, atol=cancel, what=f"{what} vs PyTorch")
+    if not backward:
+        return loss
+
+    go = make_grad_output(tuple(loss.shape), dtype, grad_output if reduction == "none" else "random",
+                          backend.device)
+    go64 = go.detach().double().cpu()
+    inputs = [(x_ref, x_pt, x_low, xd)] + ([(y_ref, y_pt, y_low, yd)] if target_grad else [])
+    grads_ref = torch.autograd.grad(loss_ref, [i[0] for i in inputs], go64)
+    grads_pt = torch.autograd.grad(loss_pt, [i[1] for i in inputs], go64)
+    grads_low = [None] * len(inputs)
+    if loss_low is not None:
+        grads_low = torch.autograd.grad(loss_low, [i[2] for i in inputs], go.detach().cpu())
+    with backend.active():
+        grads = torch.autograd.grad(loss, [i[3] for i in inputs], go)
+    for name, g, g_ref, g_pt, g_low, inp in zip(["grad_input", "grad_target"], grads, grads_ref, grads_pt,
+                                               grads_low, [i[3] for i in inputs]):
+        gwhat = f"{kind} {name}[{backend.name}, {tuple(x.shape)}, {layout}, reduction={reduction}]"
+        assert g.dtype == inp.dtype and g.shape == inp.shape, f"{gwhat}: {g.dtype} {tuple(g.shape)}"
+        assert_grad(g.cpu(), g_ref, g_low, dtype=dtype, what=f"{gwhat} vs reference")
+        assert_grad(g.cpu(), g_pt, g_low, dtype=dtype, what=f"{gwhat} vs PyTorch")
+    return loss
+
+
+def make_case(kind, shape, dtype, soft=False):
+    return make_input(kind, shape, dtype), make_target(shape, dtype, soft=soft or kind == "bce")
+
+
+# ================================================================================================
+# The references themselves.
+
+
+@pytest.mark.parametrize("reduction", REDUCTIONS)
+@pytest.mark.parametrize("options", ["plain", "weight", "pos_weight", "both"])
+@pytest.mark.parametrize("kind", KINDS)
+def test_reference_matches_pytorch(kind, options, reduction):
+    """tests/reference_binary.py agrees with PyTorch / torchvision in float64 (loss and gradients w.r.t.
+    input and target), so the parity tests' two references are interchangeable."""
+    if kind == "bce" and options in ("pos_weight", "both"):
+        pytest.skip("binary_cross_entropy has no pos_weight")
+    shape = (6, 5)
+    x, y = make_case(kind, shape, F64, soft=True)
+    x = x.clamp(-8, 8)  # away from PyTorch's float64 cancellation, so that 1e-13 holds
+    w = make_weight((5,), F64) if options in ("weight", "both") else None
+    pw = make_pos_weight((5,), F64) if options in ("pos_weight", "both") else None
+    for gamma, alpha in ((2.0, 0.25), (0.0, -1.0), (1.5, 0.6)):
+        opts = dict(reduction=reduction)
+        if kind == "focal":
+            opts.update(alpha=alpha, gamma=gamma)
+        x1, y1, x2, y2 = _leaf(x, True), _leaf(y, True), _leaf(x, True), _leaf(y, True)
+        a = ref_loss(kind, x1, y1, w, pw, **opts)
+        b = torch_loss(kind, x2, y2, w, pw, **opts)
+        torch.testing.assert_close(a, b, rtol=1e-13, atol=1e-13)
+        go = torch.randn(a.shape, dtype=F64)
+        for ga, gb in zip(torch.autograd.grad(a, [x1, y1], go), torch.autograd.grad(b, [x2, y2], go)):
+            torch.testing.assert_close(ga, gb, rtol=1e-12, atol=1e-12)
+        if kind != "focal":
+            break
+
+
+# ================================================================================================
+# Shapes x dtypes x reductions.
+
+# Detection-like (N, 80), classification-like (N, 1000) (a CI-sized (4096, 1000)), K-dim, 1-d, 0-d, empty.
+SHAPES = [(300, 80), (256, 1000), (2, 3, 5, 7), (17,), (), (0, 80), (0,), (5, 0)]
+SHAPE_CASES = [
+    (shape, dtype, reduction)
+    for shape in SHAPES
+    for dtype in DTYPES
+    for reduction in REDUCTIONS
+    if not (shape == (256, 1000) and reduction == "sum")  # the large shape: 'mean' covers the reduced path
+]
+
+
+@pytest.mark.parametrize("shape,dtype,reduction", SHAPE_CASES,
+                         ids=[f"{shape_id(s)}-{dtype_id(d)}-{r}" for s, d, r in SHAPE_CASES])
+@pytest.mark.parametrize("kind", KINDS)
+def test_shapes(bk, kind, shape, dtype, reduction):
+    x, y = make_case(kind, shape, dtype)
+    check(kind, bk, x, y, reduction=reduction)
+
+
+@pytest.mark.parametrize("reduction", REDUCTIONS)
+@pytest.mark.parametrize("dtype", [F32, F64, BF16], ids=dtype_id)
+@pytest.mark.parametrize("kind", KINDS)
+def test_soft_targets(bk, kind, dtype, reduction):
+    x, y = make_case(kind, (64, 33), dtype, soft=True)
+    check(kind, bk, x, y, make_weight((33,), dtype), None if kind == "bce" else make_pos_weight((33,), dtype),
+          reduction=reduction)
+
+
+def test_empty_reductions():
+    """An empty input: mean is NaN, sum is 0, none is empty, gradients are empty: as PyTorch."""
+    for kind in KINDS:
+        for shape in ((0,), (0, 80), (3, 0)):
+            x, y = make_case(kind, shape, F32)
+            for reduction in REDUCTIONS:
+                xl = _leaf(x, True)
+                loss = xent_loss(kind, xl, y, reduction=reduction)
+                expected = torch_loss(kind, x, y, reduction=reduction)
+                assert loss.shape == expected.shape and loss.dtype == expected.dtype
+                torch.testing.assert_close(loss, expected, equal_nan=True)
+                (g,) = torch.autograd.grad(loss, xl, torch.ones_like(loss))
+                assert g.shape == x.shape
+
+
+# ================================================================================================
+# weight / pos_weight broadcasts (Note [Binary loss operands] in csrc/cpu/binary_kernels.h).
+
+OPERAND_SHAPES = {
+    # name: shape for a (N, C) = (37, 80) input and for a K-dim (2, 3, 5, 7) input
+    "scalar_0d": ((), ()),
+    "scalar_1x1": ((1, 1), (1, 1, 1)),
+    "per_class": ((80,), (7,)),
+    "per_class_1xC": ((1, 80), (1, 1, 7)),
+    "per_row": ((37, 1), (2, 3, 5, 1)),
+    "full": ((37, 80), (2, 3, 5, 7)),
+    "other_broadcast": ((37, 80), (3, 1, 7)),  # K-dim: materialized; 2-d: a full weight again
+}
+
+
+# (weight, pos_weight): each operand kind alone, both of one kind, and mixed with a scalar / per class.
+OPERAND_CASES = (
+    [(k, None) for k in OPERAND_SHAPES]
+    + [(None, k) for k in OPERAND_SHAPES]
+    + [(k, k) for k in OPERAND_SHAPES]
+    + [("full", "per_class"), ("per_row", "scalar_0d"), ("per_class", "other_broadcast")]
+)
+
+
+@pytest.mark.parametrize("weight,pos_weight", OPERAND_CASES, ids=lambda v: str(v))
+@pytest.mark.parametrize("kind", KINDS)
+def test_weight_broadcasts(cpu_backend, kind, weight, pos_weight):
+    """Every operand kind of the kernels, for float (float32), double (float64) accumulation and an
+    operand in the input's 16-bit dtype (bfloat16), unreduced and reduced."""
+    if kind == "bce" and pos_weight is not None:
+        pytest.skip("binary_cross_entropy has no pos_weight")
+    for dtype in (F32, F64, BF16):
+        for reduction in ("none", "sum"):
+            for i, shape in enumerate(((37, 80), (2, 3, 5, 7))):
+                x, y = make_case(kind, shape, dtype)
+                w = make_weight(OPERAND_SHAPES[weight][i], dtype) if weight else None
+                pw = make_pos_weight(OPERAND_SHAPES[pos_weight][i], dtype) if pos_weight else None
+                check(kind, cpu_backend, x, y, w, pw, reduction=reduction)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_weight_other_dtypes(kind, cpu_backend):
+    """weight / pos_weight of another dtype than the input (float64 or int64 for float32 input, float32
+    for bfloat16): PyTorch multiplies them in; so does xent."""
+    for dtype, wdtype in ((F32, F64), (F32, torch.int64), (BF16, F32), (F64, F32)):
+        x, y = make_case(kind, (9, 13), dtype)
+        for shape in ((13,), (9, 13), ()):
+            w = make_weight(shape, F64)
+            w = (w * 3).round().to(wdtype) if not wdtype.is_floating_point else w.to(wdtype)
+            pw = None if kind == "bce" else make_pos_weight(shape, F64).to(wdtype if wdtype.is_floating_point else F32)
+            for reduction in REDUCTIONS:
+                got = xent_loss(kind, x, y, w, pw, reduction=reduction)
+                expected = torch_loss(kind, x, y, w, pw, reduction=reduction)
+                assert got.dtype == expected.dtype == dtype
+                exact = ref_loss(kind, x, y, w, pw, reduction=reduction)
+                tol = 2e-2 if dtype == BF16 else 1e-6
+                torch.testing.assert_close(got.double(), exact, rtol=tol, atol=tol)
+
+
+# ================================================================================================
+# Memory layouts and upstream gradients.
+
+LAYOUT_CASES = [
+    ("transposed", "contiguous"),
+    ("contiguous", "transposed"),
+    ("sliced", "sliced"),
+    ("misaligned", "misaligned"),
+    ("misaligned", "transposed"),
+]
+
+
+@pytest.mark.parametrize("reduction", ["none", "mean"])
+@pytest.mark.parametrize("dtype", [F32, F64, BF16], ids=dtype_id)
+@pytest.mark.parametrize("layout,target_layout", LAYOUT_CASES, ids=lambda v: v)
+@pytest.mark.parametrize("kind", KINDS)
+def test_layouts(bk, kind, layout, target_layout, dtype, reduction):
+    for shape in ((37, 80), (2, 3, 5, 7), (31,)):
+        x, y = make_case(kind, shape, dtype)
+        C = shape[-1]
+        check(kind, bk, x, y, make_weight((C,), dtype), None if kind == "bce" else make_pos_weight((C,), dtype),
+              reduction=reduction, layout=layout, target_layout=target_layout)
+
+
+@pytest.mark.parametrize("grad_output", ["ones", "expanded", "expanded_row", "transposed"])
+@pytest.mark.parametrize("dtype", [F32, F64, BF16], ids=dtype_id)
+@pytest.mark.parametrize("kind", KINDS)
+def test_grad_output_layouts(bk, kind, dtype, grad_output):
+    """reduction='none' with an upstream gradient that is broadcast (stride 0, as loss.sum() gives) or
+    not contiguous."""
+    for shape in ((37, 80), (2, 3, 5, 7)):
+        x, y = make_case(kind, shape, dtype)
+        check(kind, bk, x, y, reduction="none", grad_output=grad_output)
+
+
+# ================================================================================================
+# Focal options.
+
+
+FOCAL_OPTIONS = [(0.25, g) for g in (0.0, 0.5, 1.0, 2.0, 2.5, 3.0, 5.0)] + [(a, 2.0) for a in (0.0, 1.0, -1.0)]
+
+
+@pytest.mark.parametrize("alpha,gamma", FOCAL_OPTIONS, ids=lambda v: str(v))
+@pytest.mark.parametrize("dtype", [F32, F64, BF16], ids=dtype_id)
+def test_focal_alpha_gamma(bk, dtype, alpha, gamma):
+    """gamma: none (0), products (1, 2, 3, 5), exp(gamma log m) (0.5, 2.5); alpha: off (< 0), 0, 1."""
+    x, y = make_case("focal", (61, 17), dtype)
+    for reduction in REDUCTIONS:
+        check("focal", bk, x, y, reduction=reduction, alpha=alpha, gamma=gamma)
+
+
+# ================================================================================================
+# Accuracy of the vectorized math, per instruction set (simd.h: vlog, vlog1p, exp, vpow).
+
+
+def _ulp_error_ok(actual, exact, ulps, what, floor=2.0**-125):
+    """|actual - exact| <= ulps * 2**-23 |exact| + floor: results near the bottom of the normal range have
+    no relative accuracy (the AVX2 exp of simd.h returns 0 below about 2**-126, building 2**n from
+    exponent bits)."""
+    a, e = actual.double(), exact.double()
+    err = (a - e).abs()
+    tol = ulps * 2.0**-23 * e.abs() + floor
+    bad = ~(err <= tol)
+    assert not bad.any(), (
+        f"{what}: {int(bad.sum())} values out of {ulps} ulp; worst rel err "
+        f"{(err / e.abs().clamp_min(1e-300)).max().item():.3e} at input index {int((err - tol).argmax())}"
+    )
+
+
+def test_bce_log_accuracy(isa):
+    """-max(log x, -100) and -max(log(1 - x), -100) over [0, 1], subnormals included: BCE with y = 1 / 0
+    reads the kernels' vlog and vlog1p directly."""
+    x = torch.cat([
+        torch.logspace(-45, 0, 20001, dtype=F64),
+        1 - torch.logspace(-8, -0.01, 5001, dtype=F64),
+        torch.rand(10007, dtype=F64),
+    ]).to(F32).clamp(0, 1)
+    x64 = x.double()
+    for y, exact in ((1.0, -torch.clamp(torch.log(x64), min=-100)), (0.0, -torch.clamp(torch.log1p(-x64), min=-100))):
+        got = xent.binary_cross_entropy(x, torch.full_like(x, y), reduction="none")
+        _ulp_error_ok(got, exact, 3, f"{isa}: bce y={y}")
+
+
+def test_logits_softplus_and_sigmoid_accuracy(isa):
+    """The with-logits loss for y in {0, 1} is softplus(+-x), its gradient sigmoid(x) or -sigmoid(-x): a
+    few ulp over the whole float range (no cancellation anywhere)."""
+    x = torch.cat([torch.linspace(-100, 100, 40001, dtype=F64), torch.logspace(-30, 4, 2001, dtype=F64),
+                   -torch.logspace(-30, 4, 2001, dtype=F64)]).to(F32)
+    x64 = x.double()
+    for y in (0.0, 1.0):
+        t = torch.full_like(x, y)
+        xl = _leaf(x, True)
+        got = xent.binary_cross_entropy_with_logits(xl, t, reduction="none")
+        (g,) = torch.autograd.grad(got, xl, torch.ones_like(got))
+        exact = binary_cross_entropy_with_logits_reference(x64, t.double(), reduction="none")
+        exact_g = torch.sigmoid(x64) - y
+        if y == 1.0:
+            exact_g = -torch.sigmoid(-x64)
+        _ulp_error_ok(got, exact, 4, f"{isa}: with-logits loss y={y}")
+        _ulp_error_ok(g, exact_g, 4, f"{isa}: with-logits grad y={y}")
+
+
+@pytest.mark.parametrize("gamma", [2.0, 2.5, 0.5])
+def test_focal_accuracy(isa, gamma):
+    """The focal loss in float32 over a sweep of logits, against float64: integer gamma within a few ulp,
+    other gamma within (gamma |log m| + 8) ulp (exp(gamma log m), see simd.h vpow)."""
+    x = torch.linspace(-30, 30, 20001, dtype=F64).to(F32)
+    for y in (0.0, 1.0):
+        t = torch.full_like(x, y)
+        got = xent.sigmoid_focal_loss(x, t, 0.25, gamma, "none")
+        exact = sigmoid_focal_loss_reference(x.double(), t.double(), 0.25, gamma, "none")
+        p, q = torch.sigmoid(x.double()), torch.sigmoid(-x.double())
+        m = (1 - y) * p + y * q
+        ulps = 8 + (0 if gamma == int(gamma) else gamma * torch.log(m).abs())
+        _ulp_error_ok(got, exact, ulps, f"{isa}: focal gamma={gamma} y={y}")
+
+
+# ================================================================================================
+# Special values.
+
+INF, NAN = math.inf, math.nan
+
+
+def _special_vector(values, dtype, pad):
+    """The special values inside a vector of ordinary ones (`pad` of them before and after), so that both
+    the vector body and the tail of a block see them."""
+    core = torch.tensor(values, dtype=F64)
+    if pad:
+        filler = torch.full((pad,), 0.3, dtype=F64)
+        core = torch.cat([filler, core, filler[:7]])
+    return core.to(dtype)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=dtype_id)
+@pytest.mark.parametrize("kind", ["logits", "focal"])
+def test_special_values_logits(bk, kind, dtype):
+    """NaN and infinite logits / targets give PyTorch's (torchvision's) values, NaN included: e.g. a -inf
+    logit gives NaN as in PyTorch's formula, +inf with y = 0 gives inf."""
+    big = 6e4 if dtype == F16 else 1e4
+    xs = [INF, -INF, NAN, 0.0, -0.0, big, -big, 88.0, -88.0, 100.0, -100.0, 20.0, -20.0]
+    for pad in (0, 40):
+        for y_value in (0.0, 1.0, 0.5, NAN):
+            for pos_weight in (None, torch.tensor(2.5, dtype=dtype)):
+                x = _special_vector(xs, dtype, pad)
+                y = torch.full_like(x, y_value)
+                for gamma in (2.0, 0.0):
+                    opts = dict(reduction="none")
+                    if kind == "focal":
+                        opts.update(alpha=0.25, gamma=gamma)
+                    exact = torch_loss(kind, x.double(), y.double(), None, None if pos_weight is None
+                                       else pos_weight.double(), **opts)
+                    low = torch_loss(kind, x, y, None, pos_weight, **opts)
+                    with bk.active():
+                        got = xent_loss(kind, bk.put(x), bk.put(y), None, bk.put(pos_weight), **opts)
+                    what = f"{kind} special x, y={y_value}, pos_weight={pos_weight is not None}, pad={pad}"
+                    # (In float16 PyTorch's own result overflows to inf for x = -6e4 with pos_weight,
+                    # an intermediate beyond 65504; xent's float32 intermediates keep the finite value.)
+                    assert_loss(got.cpu(), exact, low, dtype=dtype, rtol=Tol.F32_LOSS if dtype != F64 else Tol.F64,
+                                atol=Tol.CANCELLATION_ULPS * 2.0**-53 * big, what=what)
+                    if kind != "focal":
+                        break
+
+
+@pytest.mark.parametrize("dtype", [F32, F64], ids=dtype_id)
+@pytest.mark.parametrize("kind", ["logits", "focal"])
+def test_special_values_gradient(kind, dtype):
+    """Gradients at NaN / infinite logits have PyTorch's NaN pattern and values."""
+    xs = [INF, -INF, NAN, 0.0, 1e4, -1e4, 88.0, -88.0, 20.0, -20.0]
+    for y_value in (0.0, 1.0, 0.5):
+        for gamma in (2.0, 0.0, 1.0):
+            x = _special_vector(xs, dtype, 40)
+            y = torch.full_like(x, y_value)
+            opts = dict(reduction="sum")
+            if kind == "focal":
+                opts.update(alpha=0.25, gamma=gamma)
+            x1, x2 = _leaf(x, True), _leaf(x, True)
+            (g_pt,) = torch.autograd.grad(torch_loss(kind, x1, y, **opts), x1)
+            (g,) = torch.autograd.grad(xent_loss(kind, x2, y, **opts), x2)
+            assert_grad(g, g_pt.double(), None, dtype=dtype, what=f"{kind} grad at special x, y={y_value}, gamma={gamma}")
+            if kind != "focal":
+                break
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=dtype_id)
+def test_special_values_bce(dtype):
+    """BCE at the ends of [0, 1]: logs clamped at -100 (loss 100 or 0), gradients (x - y) / 1e-12 where
+    x (1 - x) < 1e-12; subnormal probabilities are not clamped (log 1e-40 = -92.1). float16 gradients are
+    checked in test_bce_float16_gradient_deviation."""
+    tiny = {F32: 1e-40, F64: 1e-300, BF16: 1e-40, F16: 6e-8}[dtype]
+    xs = [0.0, 1.0, tiny, 1 - 2.0**-10, 0.5, 2.0**-20]
+    for y_value in (0.0, 1.0, 0.25):
+        x = _special_vector(xs, dtype, 40)
+        y = torch.full_like(x, y_value)
+        exact = F.binary_cross_entropy(x.double(), y.double(), reduction="none")
+        low = F.binary_cross_entropy(x, y, reduction="none")
+        xl = _leaf(x, True)
+        got = xent.binary_cross_entropy(xl, y, reduction="none")
+        assert_loss(got, exact, low, dtype=dtype, rtol=Tol.F32_LOSS if dtype != F64 else Tol.F64, atol=0.0,
+                    what=f"bce at the ends, y={y_value}")
+        if dtype == F16:
+            continue
+        x64 = _leaf(x.double(), True)
+        (g_exact,) = torch.autograd.grad(F.binary_cross_entropy(x64, y.double(), reduction="sum"), x64)
+        (g,) = torch.autograd.grad(got.sum(), xl)
+        g_low = None
+        if dtype in LOW:
+            x_low = _leaf(x, True)
+            (g_low,) = torch.autograd.grad(F.binary_cross_entropy(x_low, y, reduction="sum"), x_low)
+        assert_grad(g, g_exact, g_low, dtype=dtype, what=f"bce grad at the ends, y={y_value}")
+
+
+def test_bce_float16_gradient_deviation():
+    """Documented deviation: PyTorch's float16 BCE backward clamps x (1 - x) at EPSILON = 1e-12 *rounded to
+    float16*, i.e. 0, so x = 0 with y = 0 gives 0 / 0 = NaN. xent computes in float32 like the other
+    dtypes: the true limit 0 (and -inf where the float32 value -1e12 overflows float16, as PyTorch)."""
+    x = torch.tensor([0.0, 1.0, 0.0, 1.0], dtype=F16)
+    y = torch.tensor([0.0, 1.0, 1.0, 0.0], dtype=F16)
+    xl, xt = _leaf(x, True), _leaf(x, True)
+    (g,) = torch.autograd.grad(xent.binary_cross_entropy(xl, y, reduction="sum"), xl)
+    (g_pt,) = torch.autograd.grad(F.binary_cross_entropy(xt, y, reduction="sum"), xt)
+    assert g.tolist() == [0.0, 0.0, -math.inf, math.inf]
+    assert torch.isnan(g_pt[:2]).all() and g_pt[2:].tolist() == [-math.inf, math.inf]
+
+
+# ================================================================================================
+# BCE's range checks.
+
+
+@pytest.mark.parametrize("where", ["first", "body", "tail", "last_block"])
+@pytest.mark.parametrize("bad", ["input_above_one", "input_negative", "input_nan", "target_above_one",
+                                 "target_negative", "target_nan"])
+def test_bce_out_of_range_raises(bad, where):
+    """One bad value anywhere (first element, inside a vector, in a block's tail, in the last of many
+    blocks) raises PyTorch's RuntimeError, whatever the reduction and the dtype."""
+    n = {"first": 100, "body": 100, "tail": 100, "last_block": 3 * 2048 + 5}[where]
+    pos = {"first": 0, "body": 37, "tail": 99, "last_block": n - 2}[where]
+    for dtype in (F32, BF16, F64):
+        x = torch.full((n,), 0.5, dtype=dtype)
+        y = torch.full((n,), 1.0, dtype=dtype)
+        value = {"above_one": 1.5, "negative": -1e-3, "nan": NAN}[bad.split("_", 1)[1]]
+        (x if bad.startswith("input") else y)[pos] = value
+        message = f"all elements of {bad.split('_')[0]} should be between 0 and 1"
+        with pytest.raises(RuntimeError, match=message):
+            F.binary_cross_entropy(x, y)
+        for reduction in REDUCTIONS:
+            with pytest.raises(RuntimeError, match=message):
+                xent.binary_cross_entropy(x, y, reduction=reduction)
+
+
+# ================================================================================================
+# Bad inputs: xent raises what PyTorch raises.
+
+
+def _bad_input_cases():
+    p = torch.rand(3, 4)
+    x = torch.randn(3, 4)
+    y = torch.rand(3, 4)
+    meta = torch.device("meta")
+    w_grad = torch.rand(4, requires_grad=True)
+    return {
+        # name: (kind, args, kwargs)
+        "bce_size_mismatch": ("bce", (p, y[:2]), {}),
+        "bce_0d_vs_1d": ("bce", (torch.rand(1), torch.rand(())), {}),
+        "bce_bad_reduction": ("bce", (p, y), {"reduction": "avg"}),
+        "bce_elementwise_mean": ("bce", (p, y), {"reduction": "elementwise_mean"}),
+        "bce_int_input": ("bce", (p.long(), y.long()), {}),
+        "bce_target_dtype": ("bce", (p, y.double()), {}),
+        "bce_bool_target": ("bce", (p, y > 0.5), {}),
+        "bce_weight_not_broadcastable": ("bce", (p, y), {"weight": torch.ones(3)}),
+        "bce_weight_bigger": ("bce", (p, y), {"weight": torch.ones(2, 3, 4)}),
+        "bce_weight_requires_grad": ("bce", (p, y), {"weight": w_grad}),
+        "bce_weight_other_device": ("bce", (p, y), {"weight": torch.ones(4, device=meta)}),
+        "bce_target_other_device": ("bce", (p, y.to(meta)), {}),
+        "logits_size_mismatch": ("logits", (x, y[:2]), {}),
+        "logits_broadcastable_target": ("logits", (x, y[:1]), {}),
+        "logits_bad_reduction": ("logits", (x, y), {"reduction": "avg"}),
+        "logits_int_input": ("logits", (x.long(), y), {}),
+        "logits_int_target": ("logits", (x, y.long()), {}),
+        "logits_bool_target": ("logits", (x, y > 0.5), {}),
+        "logits_mixed_float_dtypes": ("logits", (x, y.double()), {}),
+        "logits_mixed_float_dtypes_2": ("logits", (x.double(), y), {}),
+        "logits_bf16_input_f32_target": ("logits", (x.bfloat16(), y), {}),
+        "logits_weight_not_broadcastable": ("logits", (x, y), {"weight": torch.ones(3)}),
+        "logits_weight_bigger": ("logits", (x, y), {"weight": torch.ones(2, 3, 4)}),
+        "logits_pos_weight_not_broadcastable": ("logits", (x, y), {"pos_weight": torch.ones(3)}),
+        "logits_pos_weight_bigger": ("logits", (x, y), {"pos_weight": torch.ones(2, 3, 4)}),
+        "logits_pos_weight_column": ("logits", (x, y), {"pos_weight": torch.rand(3, 1) + 0.5}),
+        "logits_int_weights": ("logits", (x, y), {"weight": torch.ones(4, dtype=torch.long),
+                                                  "pos_weight": torch.full((4,), 2, dtype=torch.long)}),
+        "logits_weight_requires_grad": ("logits", (x, y), {"weight": w_grad}),
+        "logits_pos_weight_requires_grad": ("logits", (x, y), {"pos_weight": w_grad}),
+        "logits_weight_other_device": ("logits", (x, y), {"weight": torch.ones(4, device=meta)}),
+        "focal_size_mismatch": ("focal", (x, y[:2]), {}),
+        "focal_bad_reduction": ("focal", (x, y), {"reduction": "avg"}),
+        "focal_int_input": ("focal", (x.long(), y), {}),
+        "focal_int_target": ("focal", (x, y.long()), {}),
+        "focal_mixed_float_dtypes": ("focal", (x.double(), y), {}),
+        "focal_mixed_float_dtypes_2": ("focal", (x.half(), y.bfloat16()), {}),
+    }
+
+
+BAD_INPUT_CASES = _bad_input_cases()
+
+
+def _call(kind, impl, args, kwargs):
+    if kind == "focal":
+        if impl == "torch":
+            return tv_ops.sigmoid_focal_loss(*args, **kwargs)
+        return xent.sigmoid_focal_loss(*args, **kwargs)
+    fn = {("bce", "torch"): F.binary_cross_entropy, ("bce", "xent"): xent.binary_cross_entropy,
+          ("logits", "torch"): F.binary_cross_entropy_with_logits,
+          ("logits", "xent"): xent.binary_cross_entropy_with_logits}[(kind, impl)]
+    return fn(*args, **kwargs)
+
+
+@pytest.mark.parametrize("case", list(BAD_INPUT_CASES))
+def test_bad_inputs(case):
+    """Whatever PyTorch (torchvision) raises, xent raises the same exception type; where PyTorch returns a
+    value (type promotion, integer weights, 'elementwise_mean'), xent returns it (dtype, shape, value)."""
+    kind, args, kwargs = BAD_INPUT_CASES[case]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        try:
+            expected = _call(kind, "torch", args, kwargs)
+            torch_error = None
+        except Exception as e:  # noqa: BLE001
+            torch_error = e
+        if torch_error is None:
+            got = _call(kind, "xent", args, kwargs)
+            assert got.dtype == expected.dtype and got.shape == expected.shape, (
+                f"{case}: PyTorch returns {expected.dtype} {tuple(expected.shape)}, xent {got.dtype} "
+                f"{tuple(got.shape)}"
+            )
+            # PyTorch computes mixed-dtype cases partly in the lower precision (xent in the result's):
+            # the tolerance follows the least precise argument.
+            low = any(isinstance(a, torch.Tensor) and a.dtype in LOW for a in args) or expected.dtype in LOW
+            tol = 2e-2 if low else 1e-5
+            torch.testing.assert_close(got, expected.to(got.dtype), rtol=tol, atol=tol)
+            return
+        with pytest.raises(Exception) as info:
+            _call(kind, "xent", args, kwargs)
+    assert isinstance(info.value, type(torch_error)), (
+        f"{case}: PyTorch raises {type(torch_error).__name__}({torch_error}); xent raises "
+        f"{type(info.value).__name__}({info.value})"
+    )
+
+
+def test_bad_input_messages():
+    """The messages of the common mistakes are PyTorch's."""
+    x, y = torch.randn(3, 4), torch.rand(3, 4)
+    with pytest.raises(ValueError, match=r"Target size \(torch.Size\(\[2, 4\]\)\) must be the same as input size"):
+        xent.binary_cross_entropy_with_logits(x, y[:2])
+    with pytest.raises(ValueError, match="Using a target size"):
+        xent.binary_cross_entropy(y, y[:2])
+    with pytest.raises(ValueError, match="avg is not a valid value for reduction"):
+        xent.binary_cross_entropy(y, y, reduction="avg")
+    with pytest.raises(ValueError, match="Invalid Value for arg 'reduction'"):
+        xent.sigmoid_focal_loss(x, y, reduction="avg")
+    with pytest.raises(RuntimeError, match="not differentiable with respect to argument 'pos_weight'"):
+        xent.binary_cross_entropy_with_logits(x, y, pos_weight=torch.ones(4, requires_grad=True))
+    with pytest.raises(NotImplementedError, match="not implemented for 'Long'"):
+        xent.binary_cross_entropy(y.long(), y.long())
+    with pytest.raises(RuntimeError, match="Found dtype Double but expected Float"):
+        xent.binary_cross_entropy(y, y.double())
+    with pytest.raises(RuntimeError, match="must match the size of tensor"):
+        xent.binary_cross_entropy_with_logits(x, y, weight=torch.ones(3))
+    # Without grad mode a weight that requires grad is fine, as in PyTorch.
+    with torch.no_grad():
+        w = torch.ones(4, requires_grad=True)
+        torch.testing.assert_close(xent.binary_cross_entropy_with_logits(x, y, w),
+                                   F.binary_cross_entropy_with_logits(x, y, w))
+
+
+def test_ops_check_their_arguments():
+    """The ops themselves (not only the Python wrappers) refuse what would read out of bounds or mix
+    devices."""
+    ops = torch.ops.xent
+    x, y = torch.randn(3, 4), torch.rand(3, 4)
+    with pytest.raises(ValueError):
+        ops.binary_cross_entropy_with_logits_fwd(x, y[:2])
+    with pytest.raises(RuntimeError, match="Found dtype"):
+        ops.sigmoid_focal_loss_fwd(x, y.double())
+    with pytest.raises(RuntimeError, match="device"):
+        ops.binary_cross_entropy_with_logits_fwd(x, y, torch.ones(4, device="meta"))
+    with pytest.raises(RuntimeError):
+        ops.binary_cross_entropy_fwd(y, y, torch.ones(5))
+    with pytest.raises(ValueError, match="reduction"):
+        ops.binary_cross_entropy_fwd(y, y, reduction=3)
+    with pytest.raises(RuntimeError, match="grad_loss"):
+        ops.binary_cross_entropy_with_logits_bwd(torch.ones(3), x, y, None, None, reduction=0)
+    with pytest.raises(RuntimeError, match="grad_loss"):
+        ops.binary_cross_entropy_with_logits_bwd(torch.ones(3, 4), x, y, None, None, reduction=1)
+
+
+@pytest.mark.parametrize("kind", ["logits", "focal"])
+def test_mixed_dtypes_follow_pytorch(kind):
+    """Type promotion as PyTorch's composite formulas: with-logits takes the target's dtype, focal the
+    promoted one; values agree with the float64 truth and gradients come back in each argument's dtype."""
+    x, y = torch.randn(5, 6, dtype=F64), torch.rand(5, 6, dtype=F64)
+    for a, b in ((F32, F64), (F64, F32), (BF16, F32), (F32, BF16), (F16, BF16)):
+        xa, yb = _leaf(x.to(a), True), _leaf(y.to(b), True)
+        got = xent_loss(kind, xa, yb)
+        expected = torch_loss(kind, x.to(a), y.to(b))
+        assert got.dtype == expected.dtype, f"{a} {b}: {got.dtype} vs PyTorch's {expected.dtype}"
+        exact = ref_loss(kind, x.to(a), y.to(b))
+        tol = 2e-2 if got.dtype in LOW or a in LOW else 1e-6
+        torch.testing.assert_close(got.double(), exact, rtol=tol, atol=tol)
+        gx, gy = torch.autograd.grad(got, [xa, yb])
+        assert gx.dtype == a and gy.dtype == b
+
+
+def test_deprecated_size_average_reduce():
+    x, y = torch.randn(4, 5), torch.rand(4, 5)
+    p = torch.sigmoid(x)
+    for size_average, reduce in ((None, False), (False, None), (True, True), (False, True)):
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            torch.testing.assert_close(
+                xent.binary_cross_entropy(p, y, size_average=size_average, reduce=reduce),
+                F.binary_cross_entropy(p, y, size_average=size_average, reduce=reduce))
+            torch.testing.assert_close(
+                xent.binary_cross_entropy_with_logits(x, y, size_average=size_average, reduce=reduce),
+                F.binary_cross_entropy_with_logits(x, y, size_average=size_average, reduce=reduce))
+
+
+# ================================================================================================
+# torch.library.opcheck on every op.
+
+
+def _opcheck_samples():
+    ops = torch.ops.xent
+    samples = []
+    configs = (
+        ((4, 5), None, None, 1),
+        ((4, 5), (5,), (5,), 0),
+        ((2, 3, 4), (3, 1), (4,), 2),
+        ((2, 3, 4), (2, 3, 4), (), 1),
+        ((7,), (), None, 0),
+    )
+    for dtype in (F64, F32):
+        for shape, wshape, pwshape, reduction in configs if dtype == F64 else configs[:2]:
+            for kind, name in OP_NAMES.items():
+                x, y = make_case(kind, shape, dtype, soft=True)
+                if kind != "bce":
+                    x = _transposed(x)  # a non-contiguous input as well
+                x.requires_grad_()
+                y.requires_grad_()
+                w = make_weight(wshape, dtype) if wshape is not None else None
+                pw = make_pos_weight(pwshape, dtype) if pwshape is not None else None
+                options = (w,) if kind == "bce" else (w, pw)
+                kw = {"reduction": reduction}
+                if kind == "focal":
+                    kw.update(alpha=0.3, gamma=2.0 if reduction != 2 else 1.5)
+                fwd, bwd = getattr(ops, f"{name}_fwd"), getattr(ops, f"{name}_bwd")
+                samples.append((fwd, (x, y) + options, kw))
+                loss = fwd(x.detach(), y.detach(), *options, **kw)
+                g = torch.randn(loss.shape, dtype=dtype).requires_grad_()
+                samples.append((bwd, (g, x, y) + options, kw))
+    return samples
+
+
+OPCHECK_SAMPLES = _opcheck_samples()
+
+
+@pytest.mark.parametrize("i", range(len(OPCHECK_SAMPLES)),
+                         ids=[f"{s[0]._qualified_op_name.split('::')[-1]}-{j}" for j, s in enumerate(OPCHECK_SAMPLES)])
+def test_opcheck(i):
+    op, args, kwargs = OPCHECK_SAMPLES[i]
+    torch.library.opcheck(op, args, kwargs)
+
+
+def test_opcheck_covers_every_op():
+    assert {s[0]._qualified_op_name.split("::")[-1] for s in OPCHECK_SAMPLES} == set(ALL_OPS)
+
+
+# ================================================================================================
+# torch.compile.
+
+
+def test_compile_fullgraph_inductor():
+    """fullgraph=True (no graph break) with Inductor, forward and backward of all three losses in one
+    graph, dynamic=True with two batch sizes compiled once; equal to eager xent."""
+    from torch._dynamo.testing import CompileCounterWithBackend
+
+    torch._dynamo.reset()
+    counter = CompileCounterWithBackend("inductor")
+
+    def f(x, y, w, pw):
+        a = xent.binary_cross_entropy_with_logits(x * 2.0, y, w, pos_weight=pw)
+        b = xent.sigmoid_focal_loss(x, y, 0.25, 2.0, "mean")
+        c = xent.binary_cross_entropy(torch.sigmoid(x).clamp(0.01, 0.99), y, reduction="sum")
+        return a + b + 1e-3 * c
+
+    compiled = torch.compile(f, fullgraph=True, dynamic=True, backend=counter)
+    w, pw = make_weight((11,), F32), make_pos_weight((11,), F32)
+    frames = []
+    for N in (6, 13):
+        x, y = make_case("logits", (N, 11), F32)
+        outs = []
+        for fn in (compiled, f):
+            xl = _leaf(x, True)
+            loss = fn(xl, y, w, pw)
+            (g,) = torch.autograd.grad(loss, xl)
+            outs.append((loss.detach(), g))
+        (lc, gc), (le, ge) = outs
+        torch.testing.assert_close(lc, le, rtol=1e-6, atol=0)
+        torch.testing.assert_close(gc, ge, rtol=1e-6, atol=1e-9)
+        frames.append(counter.frame_count)
+    assert frames[0] >= 1 and frames[1] == frames[0], f"dynamic=True recompiled for a new batch size: {frames}"
+
+
+@pytest.mark.parametrize("case", ["bce_none", "bce_target_grad", "logits_pos_weight", "logits_target_grad",
+                                  "focal_sum", "focal_target_grad_weighted"])
+def test_compile_fullgraph_aot_eager(case):
+    """fullgraph=True through AOTAutograd (fake kernels, autograd formulas incl. the target gradient),
+    dynamic=True with two sizes compiled once; bitwise equal to eager (the same kernels run)."""
+    from torch._dynamo.testing import CompileCounterWithBackend
+
+    torch._dynamo.reset()
+    counter = CompileCounterWithBackend("aot_eager")
+    kind = case.split("_")[0]
+    target_grad = "target_grad" in case
+
+    def f(x, y, w, pw):
+        if kind == "bce":
+            return xent.binary_cross_entropy(x, y, w, reduction="none" if case == "bce_none" else "mean")
+        if kind == "logits":
+            return xent.binary_cross_entropy_with_logits(x, y, w, pos_weight=pw)
+        return xent.sigmoid_focal_loss(x, y, 0.3, 2.0, "sum", weight=w, pos_weight=pw)
+
+    compiled = torch.compile(f, fullgraph=True, dynamic=True, backend=counter)
+    frames = []
+    for N in (5, 9):
+        x, y = make_case(kind, (N, 3, 4), F32, soft=True)
+        w = make_weight((4,), F32)
+        pw = make_pos_weight((4,), F32) if kind != "bce" and case != "focal_sum" else None
+        outs = []
+        for fn in (compiled, f):
+            xl, yl = _leaf(x, True), _leaf(y, target_grad)
+            loss = fn(xl, yl, w, pw)
+            grads = torch.autograd.grad(loss, [xl, yl] if target_grad else [xl], torch.ones_like(loss))
+            outs.append((loss.detach(), grads))
+        (lc, gcs), (le, ges) = outs
+        assert torch.equal(lc, le), f"{case}: compiled loss differs from eager"
+        for a, b in zip(gcs, ges):
+            assert a.dtype == b.dtype and a.shape == b.shape
+            torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
+        frames.append(counter.frame_count)
+    assert frames[0] >= 1 and frames[1] == frames[0], f"{case}: recompiled for a new size: {frames}"
+
+
+# ================================================================================================
+# gradcheck / gradgradcheck in float64 (input and target; double backward also through grad_output).
+
+GRADCHECK_CASES = [
+    ("bce", (4, 5), dict(reduction="mean")),
+    ("bce", (3, 4, 2), dict(reduction="none", weight=(4, 1))),
+    ("bce", (6,), dict(reduction="sum", weight=(6,))),
+    ("logits", (4, 5), dict(reduction="mean")),
+    ("logits", (4, 5), dict(reduction="none", weight=(5,), pos_weight=(5,))),
+    ("logits", (3, 4, 2), dict(reduction="sum", pos_weight=(3, 4, 2))),
+    ("logits", (), dict(reduction="mean", pos_weight=())),
+    ("focal", (4, 5), dict(reduction="none")),
+    ("focal", (4, 5), dict(reduction="mean", gamma=0.0, alpha=-1.0)),
+    ("focal", (4, 5), dict(reduction="sum", gamma=1.0, weight=(5,), pos_weight=(5,))),
+    ("focal", (3, 4, 2), dict(reduction="mean", gamma=2.5, alpha=0.6, pos_weight=(2,))),
+    ("focal", (6,), dict(reduction="none", gamma=3.0, weight=())),
+]
+
+
+def _gradcheck_inputs(kind, shape, opts):
+    opts = dict(opts)
+    x = make_input(kind, shape, F64, scale=1.5)
+    if kind == "bce":
+        x = x.clamp(0.1, 0.9)  # finite differences stay inside (0, 1)
+    y = make_target(shape, F64, soft=True).clamp(0.05, 0.95)
+    w = make_weight(opts.pop("weight"), F64) if "weight" in opts else None
+    pw = make_pos_weight(opts.pop("pos_weight"), F64) if "pos_weight" in opts else None
+    return x.requires_grad_(), y.requires_grad_(), w, pw, opts
+
+
+@pytest.mark.parametrize("kind,shape,opts", GRADCHECK_CASES, ids=lambda v: str(v))
+def test_gradcheck(bk, kind, shape, opts):
+    x, y, w, pw, kw = _gradcheck_inputs(kind, shape, opts)
+    xd, yd, wd, pwd = bk.put(x), bk.put(y), bk.put(w), bk.put(pw)
+
+    def fn(x, y):
+        return xent_loss(kind, x, y, wd, pwd, **kw)
+
+    with bk.active():
+        assert torch.autograd.gradcheck(fn, (xd, yd))
+        assert torch.autograd.gradgradcheck(fn, (xd, yd))
+
+
+@pytest.mark.parametrize("kind,shape,opts", GRADCHECK_CASES, ids=lambda v: str(v))
+def test_gradgradcheck_through_grad_output(bk, kind, shape, opts):
+    """The first gradient as a function of (input, target, grad_output): the *_bwd ops' own autograd."""
+    x, y, w, pw, kw = _gradcheck_inputs(kind, shape, opts)
+    xd, yd, wd, pwd = bk.put(x), bk.put(y), bk.put(w), bk.put(pw)
+    with bk.active():
+        loss = xent_loss(kind, xd.detach(), yd.detach(), wd, pwd, **kw)
+    go = torch.randn(loss.shape, dtype=F64).to(xd.device).requires_grad_()
+
+    def first_grad(x, y, go):
+        with bk.active():
+            return torch.autograd.grad(xent_loss(kind, x, y, wd, pwd, **kw), x, go, create_graph=True)[0]
+
+    with bk.active():
+        assert torch.autograd.gradcheck(first_grad, (xd, yd, go))
+
+
+# ================================================================================================
+# Determinism.
+
+DETERMINISM_CASES = {
+    "bce_3000x80": ("bce", (3000, 80), F32),
+    "logits_700x1000": ("logits", (700, 1000), F32),
+    "logits_bf16_3000x80": ("logits", (3000, 80), BF16),
+    "focal_kdim": ("focal", (8, 9, 33, 47), F32),
+    "focal_f64_1000x81": ("focal", (1000, 81), F64),
+}
+
+
+def _determinism_run(backend, kind, shape, dtype, target_grad=True):
+    """Losses (none, mean, sum) and gradients (input, and target unless target_grad=False) with per-class
+    weight and pos_weight, fresh tensors each call (same values: fixed seed)."""
+    g = torch.Generator().manual_seed(1234)
+    z = torch.randn(shape, generator=g, dtype=F64)
+    x = (torch.sigmoid(z).clamp(0.01, 0.99) if kind == "bce" else z * 3).to(dtype)
+    y = torch.rand(shape, generator=g, dtype=F64).to(dtype)
+    C = shape[-1]
+    w = (torch.rand(C, generator=g, dtype=F64) + 0.5).to(dtype)
+    pw = None if kind == "bce" else (torch.rand(C, generator=g, dtype=F64) * 2 + 0.5).to(dtype)
+    xd, yd = backend.put(x).requires_grad_(), backend.put(y).requires_grad_(target_grad)
+    out = []
+    with backend.active():
+        for reduction in REDUCTIONS:
+            loss = xent_loss(kind, xd, yd, backend.put(w), backend.put(pw), reduction=reduction)
+            go = torch.ones_like(loss) if reduction != "none" else torch.linspace(
+                -1, 1, loss.numel(), device=loss.device).view(loss.shape).to(dtype)
+            out.append(loss.detach().cpu())
+            out.extend(gr.cpu() for gr in torch.autograd.grad(loss, [xd, yd] if target_grad else [xd], go))
+    return out
+
+
+def _bits(t):
+    ints = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}[t.element_size()]
+    return t.contiguous().view(ints)
+
+
+def _assert_bitwise(a, b, what):
+    assert len(a) == len(b)
+    for i, (u, v) in enumerate(zip(a, b)):
+        assert u.dtype == v.dtype and u.shape == v.shape
+        assert torch.equal(_bits(u), _bits(v)), (
+            f"{what}: output {i} differs bitwise (max diff {(u.double() - v.double()).abs().max().item():.3e})"
+        )
+
+
+@pytest.mark.parametrize("case", list(DETERMINISM_CASES))
+def test_deterministic_repeated_runs(bk, case):
+    kind, shape, dtype = DETERMINISM_CASES[case]
+    first = _determinism_run(bk, kind, shape, dtype)
+    _assert_bitwise(first, _determinism_run(bk, kind, shape, dtype), f"{case}: repeated run")
+
+
+@pytest.mark.parametrize("case", list(DETERMINISM_CASES))
+def test_deterministic_across_thread_counts(cpu_backend, restore_num_threads, case):
+    """The kernels' losses and input gradients are bitwise identical for any thread count. (The target
+    gradient is left out: it is computed with PyTorch's elementwise ops, whose vectorized bodies and
+    scalar tails may round differently depending on how the elements are split among threads.)"""
+    kind, shape, dtype = DETERMINISM_CASES[case]
+    torch.set_num_threads(1)
+    one = _determinism_run(cpu_backend, kind, shape, dtype, target_grad=False)
+    for n in sorted({2, 3, restore_num_threads}):
+        torch.set_num_threads(n)
+        _assert_bitwise(one, _determinism_run(cpu_backend, kind, shape, dtype, target_grad=False),
+                        f"{case}: 1 vs {n} threads")
+
+
+# ================================================================================================
+# Instruction sets.
+
+ISA_SHAPES = [(37, 80), (3, 1001), (5,)]  # whole vectors; blocks with vector tails; a lone tail
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=dtype_id)
+@pytest.mark.parametrize("kind", KINDS)
+def test_isa_parity(isa, cpu_backend, kind, dtype):
+    """Every instruction set's kernels (vector body, tails, operand kinds, integer and non-integer focal
+    gamma) against the float64 truth."""
+    for shape in ISA_SHAPES:
+        x, y = make_case(kind, shape, dtype, soft=True)
+        C = shape[-1]
+        cases = (
+            ("none", None, None),
+            ("sum", make_weight((C,), dtype), make_pos_weight((C,), dtype)),
+            ("mean", make_weight(shape, dtype), make_pos_weight((), dtype)),
+        )
+        for reduction, w, pw in cases:
+            check(kind, cpu_backend, x, y, w, None if kind == "bce" else pw, reduction=reduction,
+                  gamma=2.5 if reduction == "sum" else 2.0)
+
+
+@pytest.mark.parametrize("kind", ["logits", "focal"])
+def test_isa_special_values(isa, cpu_backend, kind):
+    for dtype in DTYPES:
+        test_special_values_logits(cpu_backend, kind, dtype)
+    test_special_values_bce(F32)
+
+
+# ================================================================================================
+# Modules.
+
+
+MODULE_CASES = [
+    ("BCELoss", {}),
+    ("BCELoss", {"weight": "w"}),
+    ("BCELoss", {"reduction": "none"}),
+    ("BCELoss", {"weight": "w", "reduction": "sum"}),
+    ("BCELoss", {"size_average": False}),
+    ("BCEWithLogitsLoss", {}),
+    ("BCEWithLogitsLoss", {"pos_weight": "pw"}),
+    ("BCEWithLogitsLoss", {"weight": "w", "pos_weight": "pw", "reduction": "none"}),
+    ("BCEWithLogitsLoss", {"reduce": False}),
+]
+
+
+@pytest.mark.parametrize("name,kwargs", MODULE_CASES, ids=str)
+def test_module_matches_torch(name, kwargs):
+    w, pw = make_weight((5,), F64), make_pos_weight((5,), F64)
+    kw = {k: {"w": w, "pw": pw}.get(v, v) if isinstance(v, str) else v for k, v in kwargs.items()}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        ours = getattr(xent.nn, name)(**kw)
+        theirs = getattr(torch.nn, name)(**kw)
+    assert isinstance(ours, torch.nn.Module) and ours.reduction == theirs.reduction
+    kind = "bce" if name == "BCELoss" else "logits"
+    x, y = make_case(kind, (6, 5), F64, soft=True)
+    xa, xb = _leaf(x, True), _leaf(x, True)
+    a, b = ours(xa, y), theirs(xb, y)
+    torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
+    go = torch.randn(a.shape, dtype=F64)
+    torch.testing.assert_close(torch.autograd.grad(a, xa, go)[0], torch.autograd.grad(b, xb, go)[0],
+                               rtol=1e-12, atol=1e-12)
+    # Buffers and state_dict round trips, also between the two classes.
+    assert dict(ours.named_buffers()).keys() == dict(theirs.named_buffers()).keys()
+    sd = ours.state_dict()
+    assert sd.keys() == theirs.state_dict().keys()
+    for k in sd:
+        assert torch.equal(sd[k], theirs.state_dict()[k])
+    theirs.load_state_dict(ours.state_dict())
+
+
+def test_sigmoid_focal_loss_module():
+    w, pw = make_weight((5,), F32), make_pos_weight((5,), F32)
+    m = xent.nn.SigmoidFocalLoss(alpha=0.3, gamma=1.5, reduction="sum", weight=w, pos_weight=pw)
+    assert set(dict(m.named_buffers())) == {"weight", "pos_weight"}
+    assert "alpha=0.3, gamma=1.5, reduction=sum" in repr(m)
+    x, y = make_case("focal", (6, 5), F32)
+    torch.testing.assert_close(m(x, y), xent.sigmoid_focal_loss(x, y, 0.3, 1.5, "sum", weight=w, pos_weight=pw))
+    m64 = m.double()
+    assert m64.weight.dtype == F64 and m64.pos_weight.dtype == F64
+    torch.testing.assert_close(m64(x.double(), y.double()),
+                               torch_loss("focal", x.double(), y.double(), w.double(), pw.double(),
+                                          reduction="sum", alpha=0.3, gamma=1.5), rtol=1e-12, atol=1e-12)
+    plain = xent.nn.SigmoidFocalLoss()
+    torch.testing.assert_close(plain(x, y), tv_ops.sigmoid_focal_loss(x, y), rtol=1e-6, atol=1e-7)
+    with pytest.raises(ValueError, match="Invalid Value for arg 'reduction'"):
+        xent.nn.SigmoidFocalLoss(reduction="avg")
+    # Works inside a model, with its parameters' gradient.
+    model = torch.nn.Linear(8, 5)
+    loss = xent.nn.BCEWithLogitsLoss(pos_weight=pw)(model(torch.randn(3, 8)), torch.rand(3, 5))
+    loss.backward()
+    assert model.weight.grad is not None and torch.isfinite(model.weight.grad).all()
