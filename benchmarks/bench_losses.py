@@ -226,7 +226,7 @@ def results_table(results: List[dict], impls: Sequence[str]) -> str:
             if i in r["median_ms"] and "xent" in r["median_ms"]:
                 ratio = r["median_ms"][i] / r["median_ms"]["xent"]
                 mark = "" if ratio >= TARGETS.get(i, 0) else " (below target)"
-                row.append(f"{ratio:.1f}x{mark}")
+                row.append(f"{ratio:.2f}x{mark}")
             else:
                 row.append("—")
         rows.append(row)
