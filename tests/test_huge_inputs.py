@@ -1,0 +1,158 @@
+"""More than 2**31 elements through the CPU kernels of the non-softmax losses (the cross-entropy kernels
+have theirs in test_cross_entropy.py::test_huge_input).
+
+A kernel that computes an element offset in 32 bits reads or writes the wrong element past 2**31, which
+only an input that large shows. Each test fills its tensors by repeating a random block whose length
+(2**24 + 13) divides neither the row length nor 2**32, so that
+
+* the exact answer follows from the block alone: a sum over the whole tensor is (full repeats) x (the
+  block's sum) + (the partial block's sum), computed in float64 from the block, with no float64 copy of
+  the huge tensor;
+* an elementwise result is periodic, so the gradient's elements past 2**31 must be bitwise equal to the
+  same elements of the first period: a wrapped offset writes them elsewhere and leaves them wrong.
+
+bfloat16 keeps the inputs at 4 GiB each (peak ~12 GiB with the gradient). Tolerance: one bfloat16 ulp
+(2**-8 relative) bounds rounding the float32-accumulated result (half an ulp) with room for the
+accumulation, which is orders of magnitude smaller.
+"""
+
+import gc
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from reference_binary import (
+    binary_cross_entropy_with_logits_reference,
+    sigmoid_focal_loss_reference,
+)
+
+BF16 = torch.bfloat16
+NUMEL = 2**31 + 64
+BLOCK = 2**24 + 13
+ULP = 2.0**-8
+
+pytestmark = pytest.mark.huge
+
+
+def periodic_fill(out, block):
+    """Fills `out` (any shape) with `block` repeated; returns `out`."""
+    flat = out.view(-1)
+    for i in range(0, flat.numel(), block.numel()):
+        n = min(block.numel(), flat.numel() - i)
+        flat[i : i + n].copy_(block[:n])
+    return out
+
+
+def periodic_sum(per_element_block, numel):
+    """The sum over `numel` elements of the periodic extension of a float64 per-element block."""
+    repeats, rest = divmod(numel, per_element_block.numel())
+    return repeats * per_element_block.sum() + per_element_block[:rest].sum()
+
+
+@pytest.fixture(scope="module")
+def huge_pair():
+    """(input, target) buffers of NUMEL bfloat16 elements, shared by the binary-loss tests (refilled by each)."""
+    x = torch.empty(NUMEL, dtype=BF16)
+    y = torch.empty(NUMEL, dtype=BF16)
+    yield x, y
+    del x, y
+    gc.collect()
+
+
+# kind -> (op prefix, float64 loss with reduction='none', input block from randn, op kwargs). The float64
+# autograd of the loss is the gradient's reference; for binary_cross_entropy that is PyTorch's own op,
+# whose gradient at clamped logs (inputs of exactly 0 or 1, which bfloat16 sigmoids reach) is defined by its
+# epsilon rather than the NaN of differentiating the clamp.
+BINARY = {
+    "bce": (
+        "binary_cross_entropy",
+        lambda x, y: F.binary_cross_entropy(x, y.double(), reduction="none"),
+        lambda z: torch.sigmoid(z),  # probabilities
+        {},
+    ),
+    "bce_with_logits": (
+        "binary_cross_entropy_with_logits",
+        lambda x, y: binary_cross_entropy_with_logits_reference(x, y, reduction="none"),
+        lambda z: z,
+        {},
+    ),
+    "sigmoid_focal": (
+        "sigmoid_focal_loss",
+        lambda x, y: sigmoid_focal_loss_reference(x, y, alpha=0.25, gamma=2.0, reduction="none"),
+        lambda z: z,
+        {"alpha": 0.25, "gamma": 2.0},
+    ),
+}
+
+
+@pytest.mark.parametrize("kind", list(BINARY))
+def test_binary_loss_huge(huge_pair, kind):
+    name, reference, make_input, kwargs = BINARY[kind]
+    ops = torch.ops.xent
+    fwd, bwd = getattr(ops, name + "_fwd"), getattr(ops, name + "_bwd")
+    extra = () if kind == "bce" else (None,)  # pos_weight, absent from binary_cross_entropy
+    x, y = huge_pair
+    gen = torch.Generator().manual_seed(0)
+    x_block = make_input(torch.randn(BLOCK, generator=gen, dtype=torch.float64) * 2).to(BF16)
+    y_block = torch.randint(0, 2, (BLOCK,), generator=gen).to(BF16)  # hard labels, as in detection
+    periodic_fill(x, x_block)
+    periodic_fill(y, y_block)
+
+    # Forward: sum and mean over all NUMEL elements.
+    loss_block = reference(x_block.double(), y_block)  # float64, (BLOCK,)
+    expected_sum = periodic_sum(loss_block, NUMEL)
+    for reduction, code, expected in (("sum", 2, expected_sum), ("mean", 1, expected_sum / NUMEL)):
+        loss = fwd(x, y, None, *extra, reduction=code, **kwargs)
+        assert loss.dtype == BF16 and loss.dim() == 0
+        err = abs(loss.double().item() - expected.item())
+        assert err <= ULP * abs(expected.item()), f"{reduction}: xent {loss.item()} expected {expected.item()}"
+
+    # Backward of the sum: every element's gradient, a periodic function of its index.
+    grad = bwd(torch.ones((), dtype=BF16), x, y, None, *extra, reduction=2, **kwargs)
+    assert grad.shape == x.shape and grad.dtype == BF16
+    xb = x_block.double().requires_grad_()
+    (grad_block,) = torch.autograd.grad(reference(xb, y_block).sum(), xb)
+    # The first period against the float64 reference ...
+    err = (grad[:BLOCK].double() - grad_block).abs()
+    assert bool((err <= ULP * grad_block.abs() + 1e-30).all()), f"first period: max error {err.max().item():.3e}"
+    # ... and the elements around and past 2**31 bitwise equal to their counterparts in the first period.
+    for start in (2**31 - 1000, NUMEL - BLOCK // 2):
+        stop = min(start + BLOCK // 2, NUMEL)
+        phase = start % BLOCK
+        twin = torch.cat([grad[phase:BLOCK], grad[: BLOCK]])[: stop - start]
+        assert torch.equal(grad[start:stop], twin), f"gradient elements [{start}, {stop}) differ from the first period"
+    del grad, loss
+    gc.collect()
+
+
+@pytest.mark.parametrize("shape", [(1, 2**31 + 64), (2**16 + 1, 2**15)], ids=["one_row", "many_rows"])
+def test_nll_loss_huge(free_memory, shape):
+    """nll_loss reads one element per position: the target's column past 2**31 (one row) or rows whose
+    offset is past 2**31 (many rows); its backward writes the whole gradient, zeros included."""
+    N, C = shape
+    ops = torch.ops.xent
+    gen = torch.Generator().manual_seed(1)
+    log_probs = periodic_fill(torch.empty(shape, dtype=BF16), -torch.rand(BLOCK, generator=gen, dtype=torch.float64).to(BF16) * 5)
+    target = torch.randint(0, C, (N,), generator=gen)
+    target[-1] = C - 7  # an element past 2**31 in both shapes
+    picked = log_probs.gather(1, target[:, None])[:, 0].double()  # (N,): the elements the loss reads
+    for reduction, code, expected in (
+        ("sum", 2, -picked.sum()),
+        ("mean", 1, -picked.mean()),
+    ):
+        loss, total_weight = ops.nll_loss_fwd(log_probs, target, None, reduction=code)
+        assert torch.equal(total_weight, torch.tensor(float(N), dtype=BF16))
+        err = abs(loss.double().item() - expected.item())
+        assert err <= ULP * abs(expected.item()), f"{reduction}: xent {loss.item()} expected {expected.item()}"
+    loss, _ = ops.nll_loss_fwd(log_probs, target, None, reduction=0)
+    assert torch.equal(loss, -picked.to(BF16))
+
+    grad = ops.nll_loss_bwd(
+        torch.ones((), dtype=BF16), log_probs, target, None, torch.tensor(float(N), dtype=BF16), reduction=2
+    )
+    assert grad.shape == log_probs.shape
+    assert bool((grad.gather(1, target[:, None]) == -1).all()), "the target elements' gradient is -1"
+    # Every other element is 0: the gradient holds exactly N nonzeros, all of them at the targets.
+    assert int(torch.count_nonzero(grad)) == N
+    del grad, log_probs
