@@ -12,8 +12,11 @@
 //     loss = sum_c a_c f(p_c)
 //     dloss/dx_j = a_j h_j - p_j sum_c a_c h_c,   h_c = p_c f'(p_c) = (1 - p_c)^(gamma - 1) (gamma p_c log p_c - (1 - p_c))
 // log p_c = x_c - lse as in cross-entropy; 1 - p_c = -expm1(log p_c), accurate when p_c is near 1 (the
-// confident predictions the focal term is about). Both terms of h are <= 0, so h has no cancellation;
-// at p_c == 1, h is its limit: 0 for gamma > 0, -1 for gamma == 0.
+// confident predictions the focal term is about) for the log p it is given: 1 - exp(log p) would add an
+// error of an ulp of 1. What remains is cross-entropy's own limit, the absolute error of log p = x - lse
+// (a few ulp of |lse|, lse being rounded to the accumulation dtype), which bounds the relative accuracy
+// of 1 - p once 1 - p is below it. Both terms of h are <= 0, so h has no cancellation; at p_c == 1, h is
+// its limit: 0 for gamma > 0, -1 for gamma == 0.
 // For class-index targets without smoothing only p_y enters, and the gradient is cross-entropy's shape
 // times a per-position factor: dx_j = -w_y h_y p_j (j != y), dx_y = w_y h_y (1 - p_y).
 #pragma once
