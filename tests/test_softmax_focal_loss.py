@@ -27,7 +27,12 @@ F32, F64, BF16, F16 = torch.float32, torch.float64, torch.bfloat16, torch.float1
 DTYPES = [F32, F64, BF16, F16]
 REDUCTIONS = ["none", "mean", "sum"]
 UNIT_ROUNDOFF = {F64: 2.0**-53, F32: 2.0**-24, BF16: 2.0**-8, F16: 2.0**-11}
-ALL_OPS = ["softmax_focal_loss_fwd", "softmax_focal_loss_bwd", "softmax_focal_loss_prob_fwd", "softmax_focal_loss_prob_bwd"]
+ALL_OPS = [
+    "softmax_focal_loss_fwd",
+    "softmax_focal_loss_bwd",
+    "softmax_focal_loss_prob_fwd",
+    "softmax_focal_loss_prob_bwd",
+]
 
 
 def dtype_id(dtype):
@@ -173,7 +178,8 @@ def _assert_close(actual, expected, atol, what, low_dtype=None):
     assert torch.equal(torch.isnan(a), nan_e), f"{what}: NaN pattern differs"
     if low_dtype is not None:  # one rounding of the result to the output dtype (subnormal spacing included)
         finfo = torch.finfo(low_dtype)
-        atol = atol + Tol.LOW_ROUNDING_UNITS * (UNIT_ROUNDOFF[low_dtype] * e.abs() + finfo.smallest_normal * finfo.eps / 2)
+        half_subnormal = finfo.smallest_normal * finfo.eps / 2
+        atol = atol + Tol.LOW_ROUNDING_UNITS * (UNIT_ROUNDOFF[low_dtype] * e.abs() + half_subnormal)
     atol = torch.as_tensor(atol, dtype=F64)
     err = (a - e).abs()
     ok = (err <= atol) | nan_e | (a == e)
@@ -360,7 +366,10 @@ def test_gamma_zero_is_cross_entropy_bitwise(bk, dtype, options):
     for shape in [(9, 7), (3, 6, 4)]:
         C = shape[1]
         x = make_logits(shape, dtype)
-        target = make_prob_target(shape, dtype) if opts.get("prob") else make_index_target(shape, C, opts.get("ignore_index"))
+        if opts.get("prob"):
+            target = make_prob_target(shape, dtype)
+        else:
+            target = make_index_target(shape, C, opts.get("ignore_index"))
         weight = make_weight(C, dtype) if opts.get("weight") else None
         kw = dict(ignore_index=opts.get("ignore_index", -100), label_smoothing=opts.get("label_smoothing", 0.0))
         for reduction in REDUCTIONS:
@@ -716,7 +725,10 @@ def _determinism_run(shape, dtype, options):
     torch.manual_seed(1)
     opts = OPTIONS[options]
     x = make_logits(shape, dtype).requires_grad_()
-    t = make_prob_target(shape, dtype) if opts.get("prob") else make_index_target(shape, shape[1], opts.get("ignore_index"))
+    if opts.get("prob"):
+        t = make_prob_target(shape, dtype)
+    else:
+        t = make_index_target(shape, shape[1], opts.get("ignore_index"))
     w = make_weight(shape[1], dtype) if opts.get("weight") else None
     outs = []
     for reduction in ("none", "mean"):
