@@ -114,8 +114,10 @@ struct FocalRows {
   }
   static bool ignored(const FocalArgs& a, int64_t row) { return !a.prob_target && a.target[row] == a.ignore_index; }
 
-  // log sum exp of one row: max, then the sum of exp(x - max), four accumulators each.
-  static acc row_lse(const T* x, int64_t C) {
+  // log sum exp of one row: max, then the sum of exp(x - max), four accumulators each. While the
+  // exponentials run from L1, the next row (`next`, or null) is prefetched: its max pass is otherwise a
+  // pure memory stall. Prefetches never fault, so a next row shorter than the prefetch is harmless.
+  static acc row_lse(const T* x, int64_t C, const T* next) {
     const V neg_inf = V::set1(-static_cast<acc>(kFocalInf)), zero = V::set1(0);
     V m0 = neg_inf, m1 = neg_inf, m2 = neg_inf, m3 = neg_inf;
     int64_t i = 0;
@@ -132,7 +134,10 @@ struct FocalRows {
     const V mv = V::set1(m == -static_cast<acc>(kFocalInf) ? acc(0) : m);
     V s0 = zero, s1 = zero, s2 = zero, s3 = zero;
     i = 0;
+    constexpr int64_t kLineElems = 64 / sizeof(T);
     for (; i + 4 * W <= C; i += 4 * W) {
+      if (next)
+        for (int64_t l = 0; l < 4 * W; l += kLineElems) prefetch(next + i + l);
       s0 = s0 + V::exp(V::load(x + i) - mv);
       s1 = s1 + V::exp(V::load(x + i + W) - mv);
       s2 = s2 + V::exp(V::load(x + i + 2 * W) - mv);
@@ -189,7 +194,7 @@ struct FocalRows {
           continue;
         }
         const T* x = logits_row(a, row);
-        const acc lse = row_lse(x, a.C);
+        const acc lse = row_lse(x, a.C, row + 1 < row_end ? logits_row(a, row + 1) : nullptr);
         lse_out[row] = lse;
         if (!a.prob_target) l_t[i] = to_acc(x[a.target[row]]) - lse;
       }
@@ -257,8 +262,13 @@ struct FocalRows {
           const int64_t y = a.target[row];
           const double swh = s * (w ? static_cast<double>(w[y]) : 1.0) * static_cast<double>(t.h[i]);
           const V k = V::set1(static_cast<acc>(-swh));
+          const T* next = row + 1 < row_end ? logits_row(a, row + 1) : nullptr;  // see row_lse
+          constexpr int64_t kLineElems = 64 / sizeof(T);
           int64_t c = 0;
-          for (; c + W <= a.C; c += W) V::store(g + c, k * V::exp(V::load(x + c) - lse_v));
+          for (; c + W <= a.C; c += W) {
+            if (next && c % kLineElems == 0) prefetch(next + c);
+            V::store(g + c, k * V::exp(V::load(x + c) - lse_v));
+          }
           if (c < a.C) store_partial(g + c, a.C - c, k * V::exp(load_partial<V>(x + c, a.C - c, 0) - lse_v));
           from_acc(g + y, static_cast<acc>(swh * static_cast<double>(t.om[i])));
           continue;
