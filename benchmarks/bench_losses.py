@@ -1,9 +1,11 @@
 #!/usr/bin/env python
-"""Benchmark and correctness check of xent's binary losses against PyTorch on the CPU.
+"""Benchmark and correctness check of xent's binary losses and softmax focal loss against PyTorch on the CPU.
 
-Losses: ``binary_cross_entropy`` (probabilities), ``binary_cross_entropy_with_logits`` and
-``sigmoid_focal_loss`` (torchvision's), each with reduction='mean' (the usual training setup). For every
-loss, shape and dtype one run does:
+Losses: ``binary_cross_entropy`` (probabilities), ``binary_cross_entropy_with_logits``,
+``sigmoid_focal_loss`` (torchvision's) and ``softmax_focal_loss`` (multi-class focal loss with class-index
+targets, gamma = 2; its PyTorch reference is the usual composition -(1 - p_y)^gamma log p_y from
+log_softmax and gather), each with reduction='mean' (the usual training setup). For every loss, shape and
+dtype one run does:
 
 1. Correctness (first): the loss and the gradient of xent and of PyTorch eager, both in the benchmarked
    dtype, against PyTorch in float64 on the same values. The script exits non-zero at the end when xent is
@@ -43,7 +45,7 @@ REPO_ROOT = os.path.dirname(HERE)
 FULL_SHAPES = ((65536, 80), (4096, 1000))  # detection-like (anchors x COCO classes); multi-label classification
 QUICK_SHAPES = ((4096, 80), (512, 1000))
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, "float64": torch.float64}
-LOSSES = ("bce", "bce_with_logits", "focal")
+LOSSES = ("bce", "bce_with_logits", "focal", "softmax_focal")
 IMPLS = ("xent", "eager", "compile")
 UNIT_ROUNDOFF = {"float32": 2.0**-24, "float64": 2.0**-53, "bfloat16": 2.0**-8, "float16": 2.0**-11}
 TARGETS = {"eager": 4.0, "compile": 2.0}  # the project's speed targets: xent at least this many times faster
@@ -87,6 +89,8 @@ def make_inputs(loss: str, shape, dtype: torch.dtype, seed: int) -> Tuple[torch.
     in detection), drawn in float32 and cast so that every dtype sees the same values up to rounding."""
     gen = torch.Generator().manual_seed(seed)
     z = torch.randn(shape, generator=gen).mul_(2.0)
+    if loss == "softmax_focal":  # logits (N, C) and class indices (N)
+        return z.to(dtype), torch.randint(0, shape[1], shape[:1], generator=gen)
     x = torch.sigmoid(z) if loss == "bce" else z
     y = (torch.rand(shape, generator=gen) < 0.1).float()
     return x.to(dtype), y.to(dtype)
@@ -95,7 +99,15 @@ def make_inputs(loss: str, shape, dtype: torch.dtype, seed: int) -> Tuple[torch.
 LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
 
+def softmax_focal_torch(x: torch.Tensor, y: torch.Tensor, gamma: float = 2.0) -> torch.Tensor:
+    """The multi-class focal loss as commonly written with PyTorch ops (mean over the batch)."""
+    logp_t = F.log_softmax(x, dim=1).gather(1, y.unsqueeze(1)).squeeze(1)
+    return (-((1 - logp_t.exp()) ** gamma) * logp_t).mean()
+
+
 def torch_fn(loss: str) -> LossFn:
+    if loss == "softmax_focal":
+        return softmax_focal_torch
     if loss == "bce":
         return lambda x, y: F.binary_cross_entropy(x, y)
     if loss == "bce_with_logits":
@@ -107,6 +119,8 @@ def torch_fn(loss: str) -> LossFn:
 
 def xent_fn(loss: str) -> LossFn:
     xent = import_xent()
+    if loss == "softmax_focal":
+        return lambda x, y: xent.softmax_focal_loss(x, y, gamma=2.0)
     if loss == "bce":
         return lambda x, y: xent.binary_cross_entropy(x, y)
     if loss == "bce_with_logits":
@@ -149,7 +163,7 @@ def _errors(fn: LossFn, x: torch.Tensor, y: torch.Tensor, loss64: float, grad64:
 def check_correctness(loss: str, shape, dtype_name: str, seed: int) -> dict:
     x, y = make_inputs(loss, shape, DTYPES[dtype_name], seed)
     x64 = x.double().requires_grad_()
-    value64 = torch_fn(loss)(x64, y.double())
+    value64 = torch_fn(loss)(x64, y if loss == "softmax_focal" else y.double())
     (grad64,) = torch.autograd.grad(value64, x64)
     entry = {"loss": loss, "shape": list(shape), "dtype": dtype_name}
     for name in ("xent", "eager"):
@@ -270,7 +284,7 @@ def environment(args) -> dict:
 def write_markdown(path: str, data: dict) -> None:
     env = data["environment"]
     lines = [
-        "# xent binary losses: CPU benchmark",
+        "# xent losses (binary, softmax focal): CPU benchmark",
         "",
         f"Forward + backward, reduction='mean', {env['threads']} threads, {env['cpu_model']}, xent ISA "
         f"{env['xent_cpu_isa']}, torch {env['torch']}, {env['date']}. Median of "
@@ -330,7 +344,7 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     torch.set_num_threads(args.threads)
     env = environment(args)
-    log(f"xent binary losses benchmark: {env['threads']} threads, {env['cpu_model']}, ISA {env['xent_cpu_isa']}")
+    log(f"xent losses benchmark: {env['threads']} threads, {env['cpu_model']}, ISA {env['xent_cpu_isa']}")
 
     correctness = []
     for loss in args.losses:

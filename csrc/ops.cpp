@@ -79,6 +79,22 @@ TORCH_LIBRARY(XENT_OPS_NAMESPACE, m) {
       "sigmoid_focal_loss_bwd(Tensor grad_loss, Tensor input, Tensor target, Tensor? weight, Tensor? pos_weight, *, "
       "float alpha=0.25, float gamma=2.0, int reduction=0) -> Tensor grad_input");
 
+  // Softmax focal loss: sum_c w_c q_c (1 - p_c)^gamma (-log p_c), p = softmax(logits), q the (smoothed)
+  // target distribution; gamma = 0 is cross_entropy's formula. Same arguments, shapes and lse as the
+  // cross_entropy ops, plus gamma >= 0.
+  m.def(
+      "softmax_focal_loss_fwd(Tensor logits, Tensor target, Tensor? weight=None, *, float gamma=2.0, "
+      "int reduction=1, int ignore_index=-100, float label_smoothing=0.0) -> (Tensor loss, Tensor lse)");
+  m.def(
+      "softmax_focal_loss_bwd(Tensor grad_loss, Tensor logits, Tensor target, Tensor? weight, Tensor lse, *, "
+      "float gamma=2.0, int reduction=1, int ignore_index=-100, float label_smoothing=0.0) -> Tensor grad_logits");
+  m.def(
+      "softmax_focal_loss_prob_fwd(Tensor logits, Tensor target, Tensor? weight=None, *, float gamma=2.0, "
+      "int reduction=1, float label_smoothing=0.0) -> (Tensor loss, Tensor lse)");
+  m.def(
+      "softmax_focal_loss_prob_bwd(Tensor grad_loss, Tensor logits, Tensor target, Tensor? weight, Tensor lse, *, "
+      "float gamma=2.0, int reduction=1, float label_smoothing=0.0) -> Tensor grad_logits");
+
   // Test and tuning hooks (leading underscore: not API).
   //   _cpu_exp: the CPU kernels' vectorized exp applied to a float32 tensor, to test its accuracy.
   m.def("_cpu_exp(Tensor x) -> Tensor");

@@ -1333,7 +1333,7 @@ def test_benchmark_script_quick(tmp_path, restore_num_threads):
                      "--repeats", "2", "--warmup", "0", "--budget", "0", "--out", str(out)])
     assert rc == 0, "xent failed the benchmark's accuracy rules"
     data = json.loads((out / "results.json").read_text())
-    assert len(data["correctness"]) == len(data["results"]) == 3 * 2 * 2
+    assert len(data["correctness"]) == len(data["results"]) == len(bench.LOSSES) * 2 * 2
     for entry in data["results"]:
         assert set(entry["median_ms"]) == {"xent", "eager"} and not entry["errors"]
     assert "| loss | shape | dtype |" in (out / "results.md").read_text()

@@ -10,6 +10,7 @@ autograd formulas and the PyTorch-compatible functional and module APIs.
 
 from . import _ops  # noqa: F401  (loads the kernels, registers fake kernels and autograd)
 from . import _binary_ops  # noqa: F401  (the binary losses' fake kernels and autograd)
+from . import _focal_ops  # noqa: F401  (the softmax focal loss' fake kernels and autograd)
 from . import nn, testing
 from .functional import (
     binary_cross_entropy,
@@ -17,6 +18,7 @@ from .functional import (
     cross_entropy,
     nll_loss,
     sigmoid_focal_loss,
+    softmax_focal_loss,
 )
 
 __all__ = [
@@ -26,6 +28,7 @@ __all__ = [
     "nll_loss",
     "nn",
     "sigmoid_focal_loss",
+    "softmax_focal_loss",
     "testing",
 ]
 __version__ = "0.1.0"

@@ -1,5 +1,6 @@
 """The functional API: drop-in replacements for torch.nn.functional's losses."""
 
+import math
 from typing import Optional
 
 import torch
@@ -7,7 +8,7 @@ from torch import Tensor
 from torch.nn import _reduction as _Reduction
 from torch.overrides import handle_torch_function, has_torch_function_variadic
 
-from . import _binary_ops, _ops, testing  # noqa: F401  (_binary_ops: the binary losses' fakes/autograd)
+from . import _binary_ops, _focal_ops, _ops, testing  # noqa: F401  (_binary_ops, _focal_ops: fakes/autograd)
 
 _REDUCTIONS = {"none": _ops.REDUCTION_NONE, "mean": _ops.REDUCTION_MEAN, "sum": _ops.REDUCTION_SUM}
 
@@ -34,6 +35,53 @@ def _check_weight_grad(weight: Optional[Tensor]) -> None:
             "xent: gradients with respect to the class weight are not supported "
             "(torch.nn.functional.cross_entropy does not implement them either); pass weight.detach()"
         )
+
+
+def _cross_entropy_arguments(
+    input: Tensor,
+    target: Tensor,
+    weight: Optional[Tensor],
+    size_average: Optional[bool],
+    ignore_index: int,
+    reduce: Optional[bool],
+    reduction: str,
+    label_smoothing: float,
+) -> "tuple[Tensor, Tensor, int, bool, bool]":
+    """cross_entropy's argument handling, shared by softmax_focal_loss: legacy reduction arguments,
+    validation with PyTorch's exception types, probability targets recognised by shape, unbatched (C)
+    input. Returns (input, target, reduction code, probabilities, unbatched), input batched."""
+    if size_average is not None or reduce is not None:
+        reduction = _Reduction.legacy_get_string(size_average, reduce)
+    code = _reduction_code(reduction)
+    if not (0.0 <= label_smoothing <= 1.0):
+        raise RuntimeError(f"label_smoothing must be between 0.0 and 1.0. Got: {label_smoothing}")
+    if input.dim() < 1:
+        # PyTorch's error types for a 0-d input: IndexError (probabilities), RuntimeError (class indices).
+        error = IndexError if target.is_floating_point() else RuntimeError
+        raise error(f"cross_entropy: expected an input with 1 or more dimensions (got {input.dim()})")
+    _check_devices(input, target, weight)
+    _check_weight_grad(weight)
+
+    # Probability targets are recognised as PyTorch does: by having the input's shape.
+    probabilities = input.shape == target.shape
+    if probabilities and ignore_index >= 0:
+        raise RuntimeError("ignore_index is not supported for floating point target")
+    unbatched = input.dim() == 1
+    if unbatched and not probabilities and target.dim() == 1 and target.numel() == 1:
+        target = target.reshape(())  # PyTorch accepts a (1,) class target for a (C) input
+    if unbatched:
+        input = input.unsqueeze(0)
+        target = target.unsqueeze(0)
+    if probabilities:
+        if not target.is_floating_point():
+            raise RuntimeError(
+                f"Expected floating point type for target with class probabilities, got {target.dtype}"
+            )
+    elif input.dim() >= 2 and target.dim() >= 1 and target.shape[0] != input.shape[0]:
+        raise ValueError(
+            f"Expected input batch_size ({input.shape[0]}) to match target batch_size ({target.shape[0]})."
+        )
+    return input, target, code, probabilities, unbatched
 
 
 def cross_entropy(
@@ -80,46 +128,106 @@ def cross_entropy(
             reduction=reduction,
             label_smoothing=label_smoothing,
         )
-    if size_average is not None or reduce is not None:
-        reduction = _Reduction.legacy_get_string(size_average, reduce)
-    code = _reduction_code(reduction)
-    if not (0.0 <= label_smoothing <= 1.0):
-        raise RuntimeError(f"label_smoothing must be between 0.0 and 1.0. Got: {label_smoothing}")
-    if input.dim() < 1:
-        # PyTorch's error types for a 0-d input: IndexError (probabilities), RuntimeError (class indices).
-        error = IndexError if target.is_floating_point() else RuntimeError
-        raise error(f"cross_entropy: expected an input with 1 or more dimensions (got {input.dim()})")
-    _check_devices(input, target, weight)
-    _check_weight_grad(weight)
-
-    # Probability targets are recognised as PyTorch does: by having the input's shape.
-    probabilities = input.shape == target.shape
-    if probabilities and ignore_index >= 0:
-        raise RuntimeError("ignore_index is not supported for floating point target")
-    unbatched = input.dim() == 1
-    if unbatched and not probabilities and target.dim() == 1 and target.numel() == 1:
-        target = target.reshape(())  # PyTorch accepts a (1,) class target for a (C) input
-    if unbatched:
-        input = input.unsqueeze(0)
-        target = target.unsqueeze(0)
+    input, target, code, probabilities, unbatched = _cross_entropy_arguments(
+        input, target, weight, size_average, ignore_index, reduce, reduction, label_smoothing
+    )
     ops = testing._active_ops()
     if probabilities:
-        if not target.is_floating_point():
-            raise RuntimeError(
-                f"Expected floating point type for target with class probabilities, got {target.dtype}"
-            )
         loss, _ = ops.cross_entropy_prob_fwd(
             input, target, weight, reduction=code, label_smoothing=float(label_smoothing)
         )
     else:
-        if input.dim() >= 2 and target.dim() >= 1 and target.shape[0] != input.shape[0]:
-            raise ValueError(
-                f"Expected input batch_size ({input.shape[0]}) to match target batch_size ({target.shape[0]})."
-            )
         loss, _ = ops.cross_entropy_fwd(
             input,
             target,
             weight,
+            reduction=code,
+            ignore_index=int(ignore_index),
+            label_smoothing=float(label_smoothing),
+        )
+    if unbatched and code == _ops.REDUCTION_NONE:
+        loss = loss.squeeze(0)
+    return loss
+
+
+def softmax_focal_loss(
+    input: Tensor,
+    target: Tensor,
+    weight: Optional[Tensor] = None,
+    size_average: Optional[bool] = None,
+    ignore_index: int = -100,
+    reduce: Optional[bool] = None,
+    reduction: str = "mean",
+    label_smoothing: float = 0.0,
+    gamma: float = 2.0,
+) -> Tensor:
+    """Multi-class focal loss (Lin et al., https://arxiv.org/abs/1708.02002) over softmax probabilities,
+    with every argument of :func:`cross_entropy` plus ``gamma``.
+
+    For a position with logits x, p = softmax(x), and target distribution q,
+
+        loss = sum_c w_c q_c (1 - p_c)^gamma (-log p_c)
+
+    where q is the one-hot target smoothed by ``label_smoothing`` = eps, exactly as cross-entropy smooths
+    it: q_c = (1 - eps) [c == y] + eps / C for a class index y, q_c = (1 - eps) t_c + eps / C for class
+    probabilities t. Without smoothing a class index gives -w_y (1 - p_y)^gamma log p_y. With gamma = 0
+    this is cross-entropy's formula, and xent.softmax_focal_loss then calls xent.cross_entropy's kernels:
+    equal bit for bit, forward and gradient.
+
+    Args:
+        input: logits, shape (C), (N, C) or (N, C, d1, ..., dk); float32, float64, bfloat16 or float16.
+        target: class indices, shape (), (N) or (N, d1, ..., dk), int64, int32 or uint8; or class
+            probabilities with the input's shape and dtype (differentiable).
+        weight: optional (C) per-class weight (the alpha of the focal loss), the input's dtype.
+        size_average, reduce: deprecated, as in PyTorch (they override ``reduction``).
+        ignore_index: class-index targets equal to it contribute neither loss nor gradient and are left
+            out of the mean's denominator.
+        reduction: 'none' | 'mean' | 'sum'. 'mean' divides by the summed weights w_y of the non-ignored
+            targets (class indices; NaN when all are ignored) or by the number of positions
+            N * d1 * ... * dk (probabilities), as cross_entropy.
+        label_smoothing: eps in [0, 1], see above.
+        gamma: the focusing exponent, a number >= 0 (default 2).
+
+    Returns:
+        The loss in the input's dtype: a scalar for 'mean'/'sum', shape (N, d1, ..., dk) (or () for an
+        unbatched input) for 'none'.
+    """
+    if has_torch_function_variadic(input, target, weight):
+        return handle_torch_function(
+            softmax_focal_loss,
+            (input, target, weight),
+            input,
+            target,
+            weight=weight,
+            size_average=size_average,
+            ignore_index=ignore_index,
+            reduce=reduce,
+            reduction=reduction,
+            label_smoothing=label_smoothing,
+            gamma=gamma,
+        )
+    if isinstance(gamma, Tensor):
+        raise TypeError("softmax_focal_loss: gamma must be a Python number, not a tensor")
+    gamma = float(gamma)
+    if not (gamma >= 0 and math.isfinite(gamma)):
+        raise ValueError(f"softmax_focal_loss: gamma must be a finite number >= 0, got {gamma}")
+    if gamma == 0:
+        # Cross-entropy exactly: its kernels, so the two agree bit for bit.
+        return cross_entropy(input, target, weight, size_average, ignore_index, reduce, reduction, label_smoothing)
+    input, target, code, probabilities, unbatched = _cross_entropy_arguments(
+        input, target, weight, size_average, ignore_index, reduce, reduction, label_smoothing
+    )
+    ops = testing._active_ops()
+    if probabilities:
+        loss, _ = ops.softmax_focal_loss_prob_fwd(
+            input, target, weight, gamma=float(gamma), reduction=code, label_smoothing=float(label_smoothing)
+        )
+    else:
+        loss, _ = ops.softmax_focal_loss_fwd(
+            input,
+            target,
+            weight,
+            gamma=float(gamma),
             reduction=code,
             ignore_index=int(ignore_index),
             label_smoothing=float(label_smoothing),

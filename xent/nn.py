@@ -1,5 +1,6 @@
 """Loss modules: drop-in replacements for torch.nn's."""
 
+import math
 from typing import Optional
 
 from torch import Tensor
@@ -38,6 +39,47 @@ class CrossEntropyLoss(_WeightedLoss):
             reduction=self.reduction,
             label_smoothing=self.label_smoothing,
         )
+
+
+class SoftmaxFocalLoss(_WeightedLoss):
+    """Softmax focal loss as a module (see :func:`xent.softmax_focal_loss`): the constructor arguments of
+    :class:`torch.nn.CrossEntropyLoss` (``weight`` is a buffer, the per-class alpha) plus ``gamma``."""
+
+    __constants__ = ["ignore_index", "reduction", "label_smoothing", "gamma"]
+    ignore_index: int
+    label_smoothing: float
+    gamma: float
+
+    def __init__(
+        self,
+        weight: Optional[Tensor] = None,
+        size_average=None,
+        ignore_index: int = -100,
+        reduce=None,
+        reduction: str = "mean",
+        label_smoothing: float = 0.0,
+        gamma: float = 2.0,
+    ) -> None:
+        super().__init__(weight, size_average, reduce, reduction)
+        if not (gamma >= 0 and math.isfinite(gamma)):
+            raise ValueError(f"SoftmaxFocalLoss: gamma must be a finite number >= 0, got {gamma}")
+        self.ignore_index = ignore_index
+        self.label_smoothing = label_smoothing
+        self.gamma = gamma
+
+    def forward(self, input: Tensor, target: Tensor) -> Tensor:
+        return functional.softmax_focal_loss(
+            input,
+            target,
+            weight=self.weight,
+            ignore_index=self.ignore_index,
+            reduction=self.reduction,
+            label_smoothing=self.label_smoothing,
+            gamma=self.gamma,
+        )
+
+    def extra_repr(self) -> str:
+        return f"gamma={self.gamma}, ignore_index={self.ignore_index}, label_smoothing={self.label_smoothing}"
 
 
 class NLLLoss(_WeightedLoss):
@@ -136,4 +178,4 @@ class SigmoidFocalLoss(Module):
         return f"alpha={self.alpha}, gamma={self.gamma}, reduction={self.reduction}"
 
 
-__all__ = ["CrossEntropyLoss", "NLLLoss", "BCELoss", "BCEWithLogitsLoss", "SigmoidFocalLoss"]
+__all__ = ["CrossEntropyLoss", "NLLLoss", "BCELoss", "BCEWithLogitsLoss", "SigmoidFocalLoss", "SoftmaxFocalLoss"]

@@ -1,0 +1,521 @@
+// The CPU softmax focal loss kernels, written once and compiled per instruction set by
+// focal_kernels_{avx512,avx2,generic}.cpp (interface and formulas: focal_kernels.h, Note [Focal loss
+// formula]). Each position is computed by one thread in a fixed order, and vector lanes never mix
+// positions' arithmetic in the lanes layout, so results do not depend on the thread count.
+#pragma once
+
+#include "focal_kernels.h"
+#include "simd.h"
+
+namespace xent::cpu {
+namespace {
+
+template <class T> struct FocalVecFor { using type = VecF; };
+template <> struct FocalVecFor<double> { using type = VecD1; };
+
+constexpr double kFocalInf = __builtin_inf();
+
+// 1 - p = -expm1(l) for l = log p <= 0. float: exp(l) - 1 loses relative accuracy only as p nears 1,
+// where |l| is small and the Taylor series of expm1 converges fast: up to l^8 / 8! it is within 7e-10
+// relative for l in [-0.35, 0]. Below -0.35, p < 0.71 and 1 - p rounds well (about 3 ulp).
+inline VecF one_minus_exp(VecF l, VecF p) {
+  VecF e = VecF::set1(1.0f / 40320.0f);
+  e = VecF::fma(e, l, VecF::set1(1.0f / 5040.0f));
+  e = VecF::fma(e, l, VecF::set1(1.0f / 720.0f));
+  e = VecF::fma(e, l, VecF::set1(1.0f / 120.0f));
+  e = VecF::fma(e, l, VecF::set1(1.0f / 24.0f));
+  e = VecF::fma(e, l, VecF::set1(1.0f / 6.0f));
+  e = VecF::fma(e, l, VecF::set1(0.5f));
+  e = VecF::fma(e, l, VecF::set1(1.0f));
+  const VecF near_one = VecF::set1(0.0f) - e * l;  // -expm1(l)
+  return vselect(vlt(VecF::set1(-0.35f), l), near_one, VecF::set1(1.0f) - p);
+}
+inline VecD1 one_minus_exp(VecD1 l, VecD1) { return {-__builtin_expm1(l.v)}; }
+
+// The per-class focal terms of Note [Focal loss formula] from l = log p (NaN stays NaN).
+template <class V>
+struct FocalTerms {
+  using acc = typename V::scalar;
+  double gamma;
+  int int_gamma;  // gamma when it is an integer in [1, 16] (powers by products), else -1
+
+  explicit FocalTerms(double g) : gamma(g), int_gamma(-1) {
+    if (g >= 1 && g <= 16 && g == static_cast<double>(static_cast<int>(g))) int_gamma = static_cast<int>(g);
+  }
+
+  // p = exp(l), om = 1 - p, f = -(1 - p)^gamma l, h = p f'(p).
+  void operator()(V l, V& p, V& om, V& f, V& h) const {
+    p = V::exp(l);
+    om = one_minus_exp(l, p);
+    const V zero = V::set1(0);
+    if (gamma == 0) {
+      f = zero - l;
+      h = V::set1(-1);
+      return;
+    }
+    V pw_m1;  // (1 - p)^(gamma - 1)
+    if (int_gamma >= 1) {
+      pw_m1 = V::set1(1);
+      for (int k = 1; k < int_gamma; ++k) pw_m1 = pw_m1 * om;
+    } else {
+      pw_m1 = V::exp(V::set1(static_cast<acc>(gamma - 1)) * vlog(om));
+    }
+    const V pw = pw_m1 * om;
+    f = pw * (zero - l);
+    h = pw_m1 * (V::set1(static_cast<acc>(gamma)) * p * l - om);
+    // p == 1: (1 - p)^(gamma - 1) may be inf (gamma < 1) times 0; the limits are f = 0, h = 0.
+    const auto at_one = veq(om, zero);
+    if (mask_any(at_one)) {
+      f = vselect(at_one, zero, f);
+      h = vselect(at_one, zero, h);
+    }
+  }
+};
+
+template <class acc>
+inline double focal_grad_scale(const FocalArgs& a, int64_t p) {
+  return a.grad_scale_per_position ? static_cast<double>(static_cast<const acc*>(a.grad_scale_per_position)[p])
+                                   : a.grad_scale_value;
+}
+
+// Terms of W gathered log-probabilities (one per position): the per-position factor of the class-index
+// path, vectorized across positions.
+template <class V>
+struct GatheredTerms {
+  using acc = typename V::scalar;
+  acc p[V::kWidth], om[V::kWidth], f[V::kWidth], h[V::kWidth];
+  GatheredTerms(const FocalTerms<V>& terms, const acc* l) {
+    V pv, omv, fv, hv;
+    terms(V::load(l), pv, omv, fv, hv);
+    V::store(p, pv);
+    V::store(om, omv);
+    V::store(f, fv);
+    V::store(h, hv);
+  }
+};
+
+// ---------------------------------------------------------------------------------------------------
+// Rows layout: the class stride is 1.
+
+template <class T>
+struct FocalRows {
+  using V = typename FocalVecFor<T>::type;
+  using acc = typename V::scalar;
+  static constexpr int W = V::kWidth;
+
+  static const T* logits_row(const FocalArgs& a, int64_t row) {
+    return static_cast<const T*>(a.logits) + (row / a.S) * a.stride_n + (row % a.S) * a.stride_s;
+  }
+  static const T* target_row(const FocalArgs& a, int64_t row) {
+    return static_cast<const T*>(a.prob_target) + (row / a.S) * a.target_stride_n + (row % a.S) * a.target_stride_s;
+  }
+  static T* grad_row(const FocalArgs& a, int64_t row) {
+    return static_cast<T*>(a.grad) + (row / a.S) * a.grad_stride_n + (row % a.S) * a.grad_stride_s;
+  }
+  static bool ignored(const FocalArgs& a, int64_t row) { return !a.prob_target && a.target[row] == a.ignore_index; }
+
+  // log sum exp of one row: max, then the sum of exp(x - max), four accumulators each. While the
+  // exponentials run from L1, the next row (`next`, or null) is prefetched: its max pass is otherwise a
+  // pure memory stall. Prefetches never fault, so a next row shorter than the prefetch is harmless.
+  static acc row_lse(const T* x, int64_t C, const T* next) {
+    const V neg_inf = V::set1(-static_cast<acc>(kFocalInf)), zero = V::set1(0);
+    V m0 = neg_inf, m1 = neg_inf, m2 = neg_inf, m3 = neg_inf;
+    int64_t i = 0;
+    for (; i + 4 * W <= C; i += 4 * W) {
+      m0 = V::max(m0, V::load(x + i));
+      m1 = V::max(m1, V::load(x + i + W));
+      m2 = V::max(m2, V::load(x + i + 2 * W));
+      m3 = V::max(m3, V::load(x + i + 3 * W));
+    }
+    for (; i + W <= C; i += W) m0 = V::max(m0, V::load(x + i));
+    if (i < C) m0 = V::max(m0, load_partial<V>(x + i, C - i, -static_cast<acc>(kFocalInf)));
+    const acc m = V::max(V::max(m0, m1), V::max(m2, m3)).reduce_max();
+    // All -inf: every exp(x - 0) is 0 and lse = -inf; a NaN logit makes its exp (and lse) NaN.
+    const V mv = V::set1(m == -static_cast<acc>(kFocalInf) ? acc(0) : m);
+    V s0 = zero, s1 = zero, s2 = zero, s3 = zero;
+    i = 0;
+    constexpr int64_t kLineElems = 64 / sizeof(T);
+    for (; i + 4 * W <= C; i += 4 * W) {
+      if (next)
+        for (int64_t l = 0; l < 4 * W; l += kLineElems) prefetch(next + i + l);
+      s0 = s0 + V::exp(V::load(x + i) - mv);
+      s1 = s1 + V::exp(V::load(x + i + W) - mv);
+      s2 = s2 + V::exp(V::load(x + i + 2 * W) - mv);
+      s3 = s3 + V::exp(V::load(x + i + 3 * W) - mv);
+    }
+    for (; i + W <= C; i += W) s0 = s0 + V::exp(V::load(x + i) - mv);
+    if (i < C) s0 = s0 + V::exp(load_partial<V>(x + i, C - i, -static_cast<acc>(kFocalInf)) - mv);
+    const double sum = static_cast<double>(((s0 + s1) + (s2 + s3)).reduce_add());
+    return static_cast<acc>(static_cast<double>(m) + __builtin_log(sum));
+  }
+
+  // Calls body(c, n, lanes_valid, xv, tv, wv) over classes [0, C) of a row in vectors of W; the tail
+  // vector has its padding lanes' x set to `x_fill`, t and w to 0, and `valid` 0 there (1 elsewhere).
+  template <class F>
+  static void for_each_vector(const FocalArgs& a, const T* x, const T* tq, acc x_fill, F&& body) {
+    const acc* w = static_cast<const acc*>(a.weight);
+    const V one = V::set1(1);
+    int64_t c = 0;
+    for (; c + W <= a.C; c += W)
+      body(c, W, V::load(x + c), tq ? V::load(tq + c) : V::set1(0), w ? V::load(w + c) : one, one);
+    if (c < a.C) {
+      const int64_t n = a.C - c;
+      acc ones[W];
+      for (int i = 0; i < W; ++i) ones[i] = 1;
+      body(c, n, load_partial<V>(x + c, n, x_fill), tq ? load_partial<V>(tq + c, n, 0) : V::set1(0),
+           w ? load_partial<V>(w + c, n, 0) : load_partial<V>(ones, n, 0), load_partial<V>(ones, n, 0));
+    }
+  }
+
+  // a_c = w_c q_c over a vector: probability targets q = (1 - eps) t + eps / C; class-index targets the
+  // smoothing part eps / C only (the target's (1 - eps) w_y is added by the caller).
+  static V coef_vector(const FocalArgs& a, V tv, V wv, V valid) {
+    const acc eoc = static_cast<acc>(a.label_smoothing / static_cast<double>(a.C));
+    if (a.prob_target) return V::fma(tv, V::set1(static_cast<acc>(1.0 - a.label_smoothing)), V::set1(eoc)) * wv * valid;
+    return V::set1(eoc) * wv;  // wv is 0 in padding lanes
+  }
+
+  static bool dense_path(const FocalArgs& a) { return a.prob_target || a.label_smoothing > 0; }
+
+  static void forward_rows(const FocalArgs& a, int64_t row_begin, int64_t row_end) {
+    const FocalTerms<V> terms(a.gamma);
+    const acc* w = static_cast<const acc*>(a.weight);
+    acc* lse_out = static_cast<acc*>(a.lse);
+    acc* loss_out = static_cast<acc*>(a.loss);
+    // Blocks of W rows: their lse first, then the target terms of the block in one vector.
+    for (int64_t r0 = row_begin; r0 < row_end; r0 += W) {
+      const int64_t rows = row_end - r0 < W ? row_end - r0 : W;
+      acc l_t[W];
+      for (int i = 0; i < W; ++i) l_t[i] = 0;
+      for (int64_t i = 0; i < rows; ++i) {
+        const int64_t row = r0 + i;
+        if (ignored(a, row)) {
+          lse_out[row] = 0;
+          continue;
+        }
+        const T* x = logits_row(a, row);
+        const acc lse = row_lse(x, a.C, row + 1 < row_end ? logits_row(a, row + 1) : nullptr);
+        lse_out[row] = lse;
+        if (!a.prob_target) l_t[i] = to_acc(x[a.target[row]]) - lse;
+      }
+      if (a.prob_target) {
+        for (int64_t i = 0; i < rows; ++i) loss_out[r0 + i] = dense_loss(a, terms, r0 + i, lse_out[r0 + i], 0);
+        continue;
+      }
+      const GatheredTerms<V> t(terms, l_t);
+      for (int64_t i = 0; i < rows; ++i) {
+        const int64_t row = r0 + i;
+        if (ignored(a, row)) {
+          loss_out[row] = 0;
+          continue;
+        }
+        const int64_t y = a.target[row];
+        const double w_y = w ? static_cast<double>(w[y]) : 1.0;
+        double loss = (1.0 - a.label_smoothing) * w_y * static_cast<double>(t.f[i]);
+        if (a.label_smoothing > 0) loss = dense_loss(a, terms, row, lse_out[row], loss);
+        loss_out[row] = static_cast<acc>(loss);
+      }
+    }
+  }
+
+  // base + sum_c a_c f(p_c) over the row (a_c as coef_vector).
+  static double dense_loss(const FocalArgs& a, const FocalTerms<V>& terms, int64_t row, acc lse, double base) {
+    const T* x = logits_row(a, row);
+    const T* tq = a.prob_target ? target_row(a, row) : nullptr;
+    const V lse_v = V::set1(lse);
+    V sum = V::set1(0);
+    for_each_vector(a, x, tq, lse, [&](int64_t, int64_t, V xv, V tv, V wv, V valid) {
+      V p, om, f, h;
+      terms(xv - lse_v, p, om, f, h);
+      sum = V::fma(coef_vector(a, tv, wv, valid), f, sum);
+    });
+    return base + static_cast<double>(sum.reduce_add());
+  }
+
+  static void backward_rows(const FocalArgs& a, int64_t row_begin, int64_t row_end) {
+    const FocalTerms<V> terms(a.gamma);
+    const acc* w = static_cast<const acc*>(a.weight);
+    const acc* lse_in = static_cast<const acc*>(a.lse_in);
+    for (int64_t r0 = row_begin; r0 < row_end; r0 += W) {
+      const int64_t rows = row_end - r0 < W ? row_end - r0 : W;
+      acc l_t[W];
+      for (int i = 0; i < W; ++i) l_t[i] = 0;
+      if (!a.prob_target)
+        for (int64_t i = 0; i < rows; ++i)
+          if (!ignored(a, r0 + i)) l_t[i] = to_acc(logits_row(a, r0 + i)[a.target[r0 + i]]) - lse_in[r0 + i];
+      const GatheredTerms<V> t(terms, l_t);
+      for (int64_t i = 0; i < rows; ++i) {
+        const int64_t row = r0 + i;
+        T* g = grad_row(a, row);
+        if (ignored(a, row)) {
+          const V zero = V::set1(0);
+          int64_t c = 0;
+          for (; c + W <= a.C; c += W) V::store(g + c, zero);
+          if (c < a.C) store_partial(g + c, a.C - c, zero);
+          continue;
+        }
+        const double s = focal_grad_scale<acc>(a, row);
+        const T* x = logits_row(a, row);
+        const V lse_v = V::set1(lse_in[row]);
+        if (!dense_path(a)) {
+          // dx_j = -s w_y h_y p_j, then the target element s w_y h_y (1 - p_y) exactly.
+          const int64_t y = a.target[row];
+          const double swh = s * (w ? static_cast<double>(w[y]) : 1.0) * static_cast<double>(t.h[i]);
+          const V k = V::set1(static_cast<acc>(-swh));
+          const T* next = row + 1 < row_end ? logits_row(a, row + 1) : nullptr;  // see row_lse
+          constexpr int64_t kLineElems = 64 / sizeof(T);
+          int64_t c = 0;
+          for (; c + W <= a.C; c += W) {
+            if (next && c % kLineElems == 0) prefetch(next + c);
+            V::store(g + c, k * V::exp(V::load(x + c) - lse_v));
+          }
+          if (c < a.C) store_partial(g + c, a.C - c, k * V::exp(load_partial<V>(x + c, a.C - c, 0) - lse_v));
+          from_acc(g + y, static_cast<acc>(swh * static_cast<double>(t.om[i])));
+          continue;
+        }
+        // Dense: H = sum_c a_c h_c, then dx_j = s (a_j h_j - p_j H).
+        const T* tq = a.prob_target ? target_row(a, row) : nullptr;
+        V hsum = V::set1(0);
+        for_each_vector(a, x, tq, lse_in[row], [&](int64_t, int64_t, V xv, V tv, V wv, V valid) {
+          V p, om, f, h;
+          terms(xv - lse_v, p, om, f, h);
+          hsum = V::fma(coef_vector(a, tv, wv, valid), h, hsum);
+        });
+        double H = static_cast<double>(hsum.reduce_add());
+        double a_y_extra = 0;  // class-index targets: the (1 - eps) w_y of a_y
+        if (!a.prob_target) {
+          a_y_extra = (1.0 - a.label_smoothing) * (w ? static_cast<double>(w[a.target[row]]) : 1.0);
+          H += a_y_extra * static_cast<double>(t.h[i]);
+        }
+        const V s_v = V::set1(static_cast<acc>(s)), H_v = V::set1(static_cast<acc>(H));
+        for_each_vector(a, x, tq, lse_in[row], [&](int64_t c, int64_t n, V xv, V tv, V wv, V valid) {
+          V p, om, f, h;
+          terms(xv - lse_v, p, om, f, h);
+          const V out = s_v * (coef_vector(a, tv, wv, valid) * h - p * H_v);
+          if (n == W) V::store(g + c, out);
+          else store_partial(g + c, n, out);
+        });
+        if (!a.prob_target) {
+          const int64_t y = a.target[row];
+          const double a_y = a_y_extra + a.label_smoothing / static_cast<double>(a.C) * (w ? static_cast<double>(w[y]) : 1.0);
+          from_acc(g + y, static_cast<acc>(s * (a_y * static_cast<double>(t.h[i]) - static_cast<double>(t.p[i]) * H)));
+        }
+      }
+    }
+  }
+};
+
+// ---------------------------------------------------------------------------------------------------
+// Lanes layout: the spatial stride is 1; the W lanes of a vector are W consecutive positions of one batch
+// row, and the kernel walks the classes with stride stride_c (no transposed copy).
+
+template <class T>
+struct FocalLanes {
+  using V = typename FocalVecFor<T>::type;
+  using acc = typename V::scalar;
+  static constexpr int W = V::kWidth;
+
+  static V load_lanes(const T* p, int64_t lanes) { return lanes == W ? V::load(p) : load_partial<V>(p, lanes, 0); }
+
+  template <class F>
+  static void for_each_tile(const FocalArgs& a, int64_t p_begin, int64_t p_end, F&& f) {
+    int64_t p = p_begin;
+    while (p < p_end) {
+      const int64_t n = p / a.S, s = p % a.S;
+      int64_t lanes = a.S - s;
+      if (lanes > W) lanes = W;
+      if (lanes > p_end - p) lanes = p_end - p;
+      f(n, s, lanes);
+      p += lanes;
+    }
+  }
+
+  // Per-lane lse of the tile at x (lanes of padding get lse 0 from 0 logits... their results are unused).
+  static V tile_lse(const FocalArgs& a, const T* x, int64_t lanes) {
+    V m = V::set1(-static_cast<acc>(kFocalInf));
+    for (int64_t c = 0; c < a.C; ++c) m = V::max(m, load_lanes(x + c * a.stride_c, lanes));
+    acc mb[W];
+    V::store(mb, m);
+    for (int i = 0; i < W; ++i)
+      if (mb[i] == -static_cast<acc>(kFocalInf)) mb[i] = 0;  // as FocalRows::row_lse
+    const V mv = V::load(mb);
+    V sum = V::set1(0);
+    for (int64_t c = 0; c < a.C; ++c) sum = sum + V::exp(load_lanes(x + c * a.stride_c, lanes) - mv);
+    acc sb[W], out[W];
+    V::store(mb, m);
+    V::store(sb, sum);
+    for (int i = 0; i < W; ++i)
+      out[i] = static_cast<acc>(static_cast<double>(mb[i]) + __builtin_log(static_cast<double>(sb[i])));
+    return V::load(out);
+  }
+
+  // a_c of every lane (see FocalRows::coef_vector).
+  static V coef_lanes(const FocalArgs& a, const T* tq, int64_t c, int64_t lanes) {
+    const acc* w = static_cast<const acc*>(a.weight);
+    const V wc = V::set1(w ? w[c] : acc(1));
+    const acc eoc = static_cast<acc>(a.label_smoothing / static_cast<double>(a.C));
+    if (tq) {
+      return V::fma(load_lanes(tq + c * a.target_stride_c, lanes), V::set1(static_cast<acc>(1.0 - a.label_smoothing)),
+                    V::set1(eoc)) * wc;
+    }
+    return V::set1(eoc) * wc;
+  }
+
+  static void forward(const FocalArgs& a, int64_t p_begin, int64_t p_end) {
+    const FocalTerms<V> terms(a.gamma);
+    const acc* w = static_cast<const acc*>(a.weight);
+    acc* lse_out = static_cast<acc*>(a.lse);
+    acc* loss_out = static_cast<acc*>(a.loss);
+    const bool prob = a.prob_target != nullptr;
+    const bool dense = prob || a.label_smoothing > 0;
+    for_each_tile(a, p_begin, p_end, [&](int64_t n, int64_t s, int64_t lanes) {
+      const T* x = static_cast<const T*>(a.logits) + n * a.stride_n + s;
+      const T* tq = prob ? static_cast<const T*>(a.prob_target) + n * a.target_stride_n + s : nullptr;
+      const V lse_v = tile_lse(a, x, lanes);
+      V sum = V::set1(0);
+      if (dense) {
+        for (int64_t c = 0; c < a.C; ++c) {
+          V p, om, f, h;
+          terms(load_lanes(x + c * a.stride_c, lanes) - lse_v, p, om, f, h);
+          sum = V::fma(coef_lanes(a, tq, c, lanes), f, sum);
+        }
+      }
+      acc lse[W], dense_sum[W], l_t[W];
+      V::store(lse, lse_v);
+      V::store(dense_sum, sum);
+      for (int i = 0; i < W; ++i) l_t[i] = 0;
+      const int64_t p0 = n * a.S + s;
+      if (!prob)
+        for (int64_t i = 0; i < lanes; ++i) {
+          const int64_t y = a.target[p0 + i];
+          if (y != a.ignore_index) l_t[i] = to_acc(x[y * a.stride_c + i]) - lse[i];
+        }
+      const GatheredTerms<V> t(terms, l_t);
+      for (int64_t i = 0; i < lanes; ++i) {
+        const int64_t p = p0 + i;
+        if (prob) {
+          lse_out[p] = lse[i];
+          loss_out[p] = dense_sum[i];
+          continue;
+        }
+        const int64_t y = a.target[p];
+        if (y == a.ignore_index) {
+          lse_out[p] = 0;
+          loss_out[p] = 0;
+          continue;
+        }
+        lse_out[p] = lse[i];
+        const double w_y = w ? static_cast<double>(w[y]) : 1.0;
+        double loss = (1.0 - a.label_smoothing) * w_y * static_cast<double>(t.f[i]);
+        if (dense) loss = static_cast<double>(dense_sum[i]) + loss;
+        loss_out[p] = static_cast<acc>(loss);
+      }
+    });
+  }
+
+  static void backward(const FocalArgs& a, int64_t p_begin, int64_t p_end) {
+    const FocalTerms<V> terms(a.gamma);
+    const acc* w = static_cast<const acc*>(a.weight);
+    const acc* lse_in = static_cast<const acc*>(a.lse_in);
+    const bool prob = a.prob_target != nullptr;
+    const bool dense = prob || a.label_smoothing > 0;
+    for_each_tile(a, p_begin, p_end, [&](int64_t n, int64_t s, int64_t lanes) {
+      const T* x = static_cast<const T*>(a.logits) + n * a.stride_n + s;
+      const T* tq = prob ? static_cast<const T*>(a.prob_target) + n * a.target_stride_n + s : nullptr;
+      T* g = static_cast<T*>(a.grad) + n * a.grad_stride_n + s;
+      const int64_t p0 = n * a.S + s;
+      acc lse[W], scale[W], l_t[W], a_y[W];
+      for (int i = 0; i < W; ++i) lse[i] = scale[i] = l_t[i] = a_y[i] = 0;
+      for (int64_t i = 0; i < lanes; ++i) {
+        lse[i] = lse_in[p0 + i];
+        scale[i] = static_cast<acc>(focal_grad_scale<acc>(a, p0 + i));
+        if (prob) continue;
+        const int64_t y = a.target[p0 + i];
+        if (y == a.ignore_index) continue;
+        l_t[i] = to_acc(x[y * a.stride_c + i]) - lse[i];
+        a_y[i] = static_cast<acc>((1.0 - a.label_smoothing) * (w ? static_cast<double>(w[y]) : 1.0));
+      }
+      const GatheredTerms<V> t(terms, l_t);
+      const V lse_v = V::load(lse), s_v = V::load(scale);
+      auto store_class = [&](int64_t c, V out) {
+        if (lanes == W) V::store(g + c * a.grad_stride_c, out);
+        else store_partial(g + c * a.grad_stride_c, lanes, out);
+      };
+      acc H[W];
+      for (int i = 0; i < W; ++i) H[i] = 0;
+      if (!dense) {
+        // dx_j = -s w_y h_y p_j; target element and ignored positions fixed up per lane below.
+        acc k[W];
+        for (int i = 0; i < W; ++i) k[i] = -scale[i] * a_y[i] * t.h[i];
+        const V k_v = V::load(k);
+        for (int64_t c = 0; c < a.C; ++c) store_class(c, k_v * V::exp(load_lanes(x + c * a.stride_c, lanes) - lse_v));
+      } else {
+        V hsum = V::set1(0);
+        for (int64_t c = 0; c < a.C; ++c) {
+          V p, om, f, h;
+          terms(load_lanes(x + c * a.stride_c, lanes) - lse_v, p, om, f, h);
+          hsum = V::fma(coef_lanes(a, tq, c, lanes), h, hsum);
+        }
+        V::store(H, hsum);
+        for (int i = 0; i < W; ++i) H[i] = static_cast<acc>(static_cast<double>(H[i]) + static_cast<double>(a_y[i]) * t.h[i]);
+        const V H_v = V::load(H);
+        for (int64_t c = 0; c < a.C; ++c) {
+          V p, om, f, h;
+          terms(load_lanes(x + c * a.stride_c, lanes) - lse_v, p, om, f, h);
+          store_class(c, s_v * (coef_lanes(a, tq, c, lanes) * h - p * H_v));
+        }
+      }
+      if (prob) return;
+      for (int64_t i = 0; i < lanes; ++i) {
+        const int64_t y = a.target[p0 + i];
+        if (y == a.ignore_index) {
+          for (int64_t c = 0; c < a.C; ++c) from_acc(g + c * a.grad_stride_c + i, acc(0));
+          continue;
+        }
+        const double sc = scale[i];
+        double g_y;
+        if (!dense) {
+          g_y = sc * static_cast<double>(a_y[i]) * t.h[i] * t.om[i];
+        } else {
+          const double a_full =
+              static_cast<double>(a_y[i]) + a.label_smoothing / static_cast<double>(a.C) * (w ? static_cast<double>(w[y]) : 1.0);
+          g_y = sc * (a_full * t.h[i] - static_cast<double>(t.p[i]) * H[i]);
+        }
+        from_acc(g + y * a.grad_stride_c + i, static_cast<acc>(g_y));
+      }
+    });
+  }
+};
+
+// ---------------------------------------------------------------------------------------------------
+// Dtype dispatch and the table.
+
+template <template <class> class Layout, class F>
+inline void focal_dispatch(DType d, F&& f) {
+  switch (d) {
+    case DType::f32: f(Layout<float>{}); break;
+    case DType::f64: f(Layout<double>{}); break;
+    case DType::bf16: f(Layout<bf16_t>{}); break;
+    case DType::f16: f(Layout<f16_t>{}); break;
+  }
+}
+
+void focal_forward_rows(const FocalArgs& a, int64_t r0, int64_t r1) {
+  focal_dispatch<FocalRows>(a.dtype, [&](auto L) { decltype(L)::forward_rows(a, r0, r1); });
+}
+void focal_backward_rows(const FocalArgs& a, int64_t r0, int64_t r1) {
+  focal_dispatch<FocalRows>(a.dtype, [&](auto L) { decltype(L)::backward_rows(a, r0, r1); });
+}
+void focal_forward_lanes(const FocalArgs& a, int64_t p0, int64_t p1) {
+  focal_dispatch<FocalLanes>(a.dtype, [&](auto L) { decltype(L)::forward(a, p0, p1); });
+}
+void focal_backward_lanes(const FocalArgs& a, int64_t p0, int64_t p1) {
+  focal_dispatch<FocalLanes>(a.dtype, [&](auto L) { decltype(L)::backward(a, p0, p1); });
+}
+
+constexpr FocalKernelTable kFocalTable = {
+    XENT_CPU_ISA_NAME, focal_forward_rows, focal_backward_rows, focal_forward_lanes, focal_backward_lanes,
+};
+
+} // namespace
+} // namespace xent::cpu
