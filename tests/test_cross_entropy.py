@@ -1376,6 +1376,7 @@ DETERMINISM_CASES = {
     "rows_64x1000": ((64, 1000), F32, "index"),
     "rows_f64_300x3000": ((300, 3000), F64, "index"),
     "kdim_lanes_4x7x33x17": ((4, 7, 33, 17), F32, "index"),
+    "kdim_lanes_bf16_2x21x64x64": ((2, 21, 64, 64), BF16, "index"),  # blocks in pairs, split across threads
     "transposed_lanes": ((5000, 9), F32, "index_transposed"),
     "prob_2x50257": ((2, 50257), F32, "prob"),
     "prob_kdim": ((4, 7, 33, 17), F32, "prob"),
@@ -1478,6 +1479,9 @@ ISA_SUBSET = [
     ((17, 1000), "index", "contiguous", DTYPES),
     ((2, 50257), "index", "contiguous", [F32, BF16]),  # split rows
     ((3, 17, 5, 7), "index", "contiguous", DTYPES),  # lanes
+    # lanes with whole blocks of vectors (walked in pairs) before the single vectors and the partial one
+    ((2, 7, 300), "index", "contiguous", DTYPES),
+    ((2, 7, 300), "index", "misaligned", [BF16]),
     ((300, 37), "index", "transposed", [F32, F16]),  # lanes from a transposed matrix
     ((5, 1000), "index", "misaligned", [F32, BF16]),
     ((2, 300, 5, 7), "index", "channels_last", [F64, BF16]),

@@ -538,74 +538,103 @@ struct LanesLayout {
     return (j == NV - 1 && lanes < W) ? load_partial<V>(p + j * W, lanes, 0) : V::load(p + j * W);
   }
 
+  // Loads the NV vectors of one class row of a block: in pairs (simd.h) when NV is even (full vectors),
+  // else one by one (the last with `lanes` lanes).
+  template <int NV>
+  static void load_block_row(const T* xc, int64_t lanes, V* out) {
+    if constexpr (NV % 2 == 0) {
+      for (int j = 0; j < NV; j += 2) load_pair(xc + j * W, out[j], out[j + 1]);
+    } else {
+      for (int j = 0; j < NV; ++j) out[j] = load_block<NV>(xc, j, lanes);
+    }
+  }
+  // Per-lane values of a block (kLanes = NV * W, in position order) to and from the lane order of
+  // load_block_row.
+  template <int NV>
+  static void load_lanes(const acc* buf, V* out) {
+    if constexpr (NV % 2 == 0) {
+      for (int j = 0; j < NV; j += 2) load_pair_as<T>(buf + j * W, out[j], out[j + 1]);
+    } else {
+      for (int j = 0; j < NV; ++j) out[j] = V::load(buf + j * W);
+    }
+  }
+  template <int NV>
+  static void store_lanes(acc* dst, int64_t lanes, const V* v) {
+    if constexpr (NV % 2 == 0) {
+      for (int j = 0; j < NV; j += 2) store_pair_as<T>(dst + j * W, v[j], v[j + 1]);
+    } else {
+      for (int j = 0; j < NV; ++j) {
+        if (j == NV - 1 && lanes < W) store_partial(dst + j * W, lanes, v[j]);
+        else V::store(dst + j * W, v[j]);
+      }
+    }
+  }
+
   template <int NV>
   static void forward_index_block(const CrossEntropyArgs& a, const Coefficients<acc>& coef, int64_t n, int64_t s,
                                   int64_t lanes) {
+    constexpr int kLanes = NV * W;
     const T* x = static_cast<const T*>(a.logits) + n * a.stride_n + s;
     const acc* w = coef.weight;
     const bool smoothing = coef.eps > 0;
     const V neg_inf = V::set1(-static_cast<acc>(kInf)), zero = V::set1(0);
-    V m[NV], sum[NV], dot[NV];
+    V m[NV], sum[NV], dot[NV], xv[NV];
     for (int j = 0; j < NV; ++j) m[j] = neg_inf, sum[j] = zero, dot[j] = zero;
     for (int64_t c = 0; c < a.C; ++c) {
-      const T* xc = x + c * a.stride_c;
+      load_block_row<NV>(x + c * a.stride_c, lanes, xv);
       for (int j = 0; j < NV; ++j) {
-        const V xv = load_block<NV>(xc, j, lanes);
-        m[j] = V::max(m[j], xv);
-        if (smoothing) dot[j] = V::fma(V::set1(w ? w[c] : acc(1)), xv, dot[j]);
+        m[j] = V::max(m[j], xv[j]);
+        if (smoothing) dot[j] = V::fma(V::set1(w ? w[c] : acc(1)), xv[j], dot[j]);
       }
     }
     // See RowsLayout::chunk_partial, pass 2: a max of -inf is replaced by 0.
     V mv[NV];
     for (int j = 0; j < NV; ++j) mv[j] = vselect(veq(m[j], neg_inf), zero, m[j]);
     for (int64_t c = 0; c < a.C; ++c) {
-      const T* xc = x + c * a.stride_c;
-      for (int j = 0; j < NV; ++j) sum[j] = sum[j] + V::exp(load_block<NV>(xc, j, lanes) - mv[j]);
+      load_block_row<NV>(x + c * a.stride_c, lanes, xv);
+      for (int j = 0; j < NV; ++j) sum[j] = sum[j] + V::exp(xv[j] - mv[j]);
     }
-    acc* lse_out = static_cast<acc*>(a.lse);
-    acc* loss_out = static_cast<acc*>(a.loss);
+    // Per lane: the target logit, its weight, and whether the position counts (1) or is ignored (0).
+    const int64_t p0 = n * a.S + s;
+    const int64_t count = (NV - 1) * W + lanes;
+    acc x_t_b[kLanes], w_t_b[kLanes], keep_b[kLanes];
+    for (int i = 0; i < kLanes; ++i) x_t_b[i] = 0, w_t_b[i] = 0, keep_b[i] = 0;
+    for (int64_t i = 0; i < count; ++i) {
+      const int64_t t = a.target[p0 + i];
+      if (t == a.ignore_index) continue;
+      keep_b[i] = 1;
+      x_t_b[i] = to_acc(x[t * a.stride_c + i]);
+      w_t_b[i] = w ? w[t] : acc(1);
+    }
+    V x_t[NV], w_t[NV], keep[NV], log_sum[NV], lse[NV], loss[NV];
+    load_lanes<NV>(x_t_b, x_t);
+    load_lanes<NV>(w_t_b, w_t);
+    load_lanes<NV>(keep_b, keep);
+    // lse = max + log(sum); the loss as w_t ((max - x_t) + log(sum)): two non-negative terms, so a small
+    // loss (x_t close to lse) keeps its relative accuracy.
     for (int j = 0; j < NV; ++j) {
-      const int64_t p0 = n * a.S + s + j * W;
-      const int64_t nl = j == NV - 1 ? lanes : W;
-      // Per lane: the target logit, its weight, and whether the position counts (1) or is ignored (0).
-      acc x_t[W], w_t[W], keep[W];
-      for (int i = 0; i < W; ++i) x_t[i] = 0, w_t[i] = 0, keep[i] = 0;
-      for (int64_t i = 0; i < nl; ++i) {
-        const int64_t t = a.target[p0 + i];
-        if (t == a.ignore_index) continue;
-        keep[i] = 1;
-        x_t[i] = to_acc(x[t * a.stride_c + j * W + i]);
-        w_t[i] = w ? w[t] : acc(1);
-      }
-      // lse = max + log(sum); the loss as w_t ((max - x_t) + log(sum)): two non-negative terms, so a small
-      // loss (x_t close to lse) keeps its relative accuracy.
-      const V log_sum = vlog(sum[j]);
-      const auto kept = veq(V::load(keep), V::set1(1));
-      V loss;
-      if (!smoothing) {
-        loss = V::load(w_t) * ((m[j] - V::load(x_t)) + log_sum);
-      } else {
-        acc mb[W], lb[W], db[W];
-        V::store(mb, m[j]);
-        V::store(lb, log_sum);
-        V::store(db, dot[j]);
-        for (int64_t i = 0; i < nl; ++i) {
-          if (keep[i] == 0) continue;
-          const double lse = static_cast<double>(mb[i]) + static_cast<double>(lb[i]);
-          lb[i] = static_cast<acc>(coef.index_loss(lse, x_t[i], a.target[p0 + i], db[i]));
-        }
-        loss = V::load(lb);
-      }
-      const V lse = vselect(kept, m[j] + log_sum, zero);  // ignored positions: lse 0, loss 0
-      loss = vselect(kept, loss, zero);
-      if (nl == W) {
-        V::store(lse_out + p0, lse);
-        V::store(loss_out + p0, loss);
-      } else {
-        store_partial(lse_out + p0, nl, lse);
-        store_partial(loss_out + p0, nl, loss);
-      }
+      log_sum[j] = vlog(sum[j]);
+      loss[j] = w_t[j] * ((m[j] - x_t[j]) + log_sum[j]);
     }
+    if (smoothing) {  // the general formula per lane, in double
+      acc mb[kLanes], lb[kLanes], db[kLanes];
+      store_lanes<NV>(mb, W, m);
+      store_lanes<NV>(lb, W, log_sum);
+      store_lanes<NV>(db, W, dot);
+      for (int64_t i = 0; i < count; ++i) {
+        if (keep_b[i] == 0) continue;
+        const double lse_i = static_cast<double>(mb[i]) + static_cast<double>(lb[i]);
+        lb[i] = static_cast<acc>(coef.index_loss(lse_i, x_t_b[i], a.target[p0 + i], db[i]));
+      }
+      load_lanes<NV>(lb, loss);
+    }
+    for (int j = 0; j < NV; ++j) {  // ignored positions: lse 0, loss 0
+      const auto kept = veq(keep[j], V::set1(1));
+      lse[j] = vselect(kept, m[j] + log_sum[j], zero);
+      loss[j] = vselect(kept, loss[j], zero);
+    }
+    store_lanes<NV>(static_cast<acc*>(a.lse) + p0, lanes, lse);
+    store_lanes<NV>(static_cast<acc*>(a.loss) + p0, lanes, loss);
   }
 
   // grad_c = soft * exp(x_c - lse) - (c == t ? target_term : smooth w_c), zero at ignored positions, with
@@ -640,19 +669,12 @@ struct LanesLayout {
     // per-lane values follow (load_pair_as); a single vector as is.
     constexpr bool kPairs = NV % 2 == 0;
     V lse[NV], soft[NV], target_term[NV], target_class[NV], smooth[NV], keep[NV];
-    auto load_lanes = [&](const acc* buf, V* out) {
-      if constexpr (kPairs) {
-        for (int j = 0; j < NV; j += 2) load_pair_as<T>(buf + j * W, out[j], out[j + 1]);
-      } else {
-        for (int j = 0; j < NV; ++j) out[j] = V::load(buf + j * W);
-      }
-    };
-    load_lanes(lse_b, lse);
-    load_lanes(soft_b, soft);
-    load_lanes(term_b, target_term);
-    load_lanes(class_b, target_class);
-    load_lanes(scale_b, smooth);
-    load_lanes(keep_b, keep);
+    load_lanes<NV>(lse_b, lse);
+    load_lanes<NV>(soft_b, soft);
+    load_lanes<NV>(term_b, target_term);
+    load_lanes<NV>(class_b, target_class);
+    load_lanes<NV>(scale_b, smooth);
+    load_lanes<NV>(keep_b, keep);
     decltype(veq(zero, zero)) kept[NV];
     for (int j = 0; j < NV; ++j) smooth[j] = smooth[j] * eoc, kept[j] = veq(keep[j], V::set1(1));
     // Non-temporal stores when every vector of the block starts a cache line (or half of one, for 16-bit types,
@@ -670,10 +692,10 @@ struct LanesLayout {
         return vselect(kept[j], out - vselect(veq(target_class[j], cv), target_term[j], other), zero);
       };
       if constexpr (kPairs) {
+        V xv[NV];
+        load_block_row<NV>(xc, lanes, xv);
         for (int j = 0; j < NV; j += 2) {
-          V xa, xb;
-          load_pair(xc + j * W, xa, xb);
-          const V ga = grad_of(xa, j), gb = grad_of(xb, j + 1);
+          const V ga = grad_of(xv[j], j), gb = grad_of(xv[j + 1], j + 1);
           if (stream) stream_pair(gc + j * W, ga, gb);
           else store_pair(gc + j * W, ga, gb);
         }
