@@ -1376,6 +1376,7 @@ DETERMINISM_CASES = {
     "rows_64x1000": ((64, 1000), F32, "index"),
     "rows_f64_300x3000": ((300, 3000), F64, "index"),
     "kdim_lanes_4x7x33x17": ((4, 7, 33, 17), F32, "index"),
+    "kdim_lanes_bf16_2x21x64x64": ((2, 21, 64, 64), BF16, "index"),  # blocks in pairs, split across threads
     "transposed_lanes": ((5000, 9), F32, "index_transposed"),
     "prob_2x50257": ((2, 50257), F32, "prob"),
     "prob_kdim": ((4, 7, 33, 17), F32, "prob"),
@@ -1478,6 +1479,9 @@ ISA_SUBSET = [
     ((17, 1000), "index", "contiguous", DTYPES),
     ((2, 50257), "index", "contiguous", [F32, BF16]),  # split rows
     ((3, 17, 5, 7), "index", "contiguous", DTYPES),  # lanes
+    # lanes with whole blocks of vectors (walked in pairs) before the single vectors and the partial one
+    ((2, 7, 300), "index", "contiguous", DTYPES),
+    ((2, 7, 300), "index", "misaligned", [BF16]),
     ((300, 37), "index", "transposed", [F32, F16]),  # lanes from a transposed matrix
     ((5, 1000), "index", "misaligned", [F32, BF16]),
     ((2, 300, 5, 7), "index", "channels_last", [F64, BF16]),
@@ -1556,6 +1560,53 @@ def test_cpu_exp_lengths_and_layout(isa):
     x = torch.linspace(-20, 20, 200, dtype=F32).view(20, 10).t()
     # The same 4-ulp budget as test_cpu_exp_accuracy.
     torch.testing.assert_close(torch.ops.xent._cpu_exp(x).double(), torch.exp(x.double()), rtol=4 * 2.0**-23, atol=0)
+
+
+def _cpu_flag(flag):
+    try:
+        with open("/proc/cpuinfo") as f:
+            return any(line.startswith("flags") and flag in line.split() for line in f)
+    except OSError:
+        return False
+
+
+@pytest.mark.parametrize("shape", [(6, 1000), (2, 3, 40, 7)], ids=["rows", "lanes"])
+def test_avx512_bf16_gradient_bits(monkeypatch, restore_isa, shape):
+    """With AVX512_BF16 the AVX-512 kernels round bf16 gradients with vcvtne2ps2bf16, which flushes
+    subnormals to zero and keeps NaN signs and payloads; vectors holding those must take the integer
+    rounding, so the bits equal those of the plain AVX-512 table (XENT_CPU_AVX512_BF16=0): subnormal
+    gradient elements (logits 90 below the max, small upstream gradients), NaN rows, -inf logits."""
+    if not _cpu_flag("avx512_bf16"):
+        pytest.skip("the CPU lacks AVX512_BF16")
+    torch.ops.xent._cpu_isa("avx512")
+    C = shape[1]
+    g = torch.Generator().manual_seed(5)
+    x = torch.randn(shape, generator=g) * 3
+    x.select(1, 0).fill_(80.0)  # softmax of the other classes near exp(-80): with upstream 1e-8, subnormal
+    x.select(1, 1).copy_(torch.linspace(-50.0, 0.0, x.select(1, 1).numel()).view_as(x.select(1, 1)))
+    x.select(1, 2).fill_(-math.inf)
+    x.view(-1)[1005] = math.nan  # a NaN logit of a counted position: NaN gradients there
+    x = x.to(BF16)
+    positions = (shape[0],) + tuple(shape[2:])
+    target = torch.randint(0, C, positions, generator=g)
+    target.view(-1)[::3] = -100
+    # (shuffled: not correlated with the logits' linspace)
+    upstream = torch.logspace(-1, -8, target.numel())[torch.randperm(target.numel(), generator=g)]
+    upstream = upstream.view(positions).to(BF16)
+
+    def grad():
+        xr = x.clone().requires_grad_()
+        xent.cross_entropy(xr, target, reduction="none").backward(upstream)
+        return xr.grad
+
+    with_bf16 = grad()
+    monkeypatch.setenv("XENT_CPU_AVX512_BF16", "0")
+    plain = grad()
+    bits, plain_bits = with_bf16.view(torch.int16), plain.view(torch.int16)
+    subnormal = (plain.float().abs() < torch.finfo(F32).tiny) & (plain.float() != 0)
+    assert subnormal.any() and plain.isnan().any(), "the inputs must exercise the fix-up"
+    mismatch = (bits != plain_bits).nonzero()
+    assert mismatch.numel() == 0, f"{len(mismatch)} gradient elements differ, first at {mismatch[0].tolist()}"
 
 
 # ================================================================================================

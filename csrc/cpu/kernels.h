@@ -96,6 +96,8 @@ struct KernelTable {
 
 // The tables, one per instruction set; null when this build has no such table (non-x86 targets).
 const KernelTable* kernels_avx512();
+// The AVX-512 table built with AVX512_BF16 as well (faster bf16 gradient stores, same results).
+const KernelTable* kernels_avx512_bf16();
 const KernelTable* kernels_avx2();
 const KernelTable* kernels_generic();
 

@@ -140,12 +140,15 @@ struct RowsLayout {
         m0 = V::max(m0, load_partial<V>(x + i, n - i, -static_cast<acc>(kInf)));
         dot = w ? V::fma(load_partial<V>(w + i, n - i, 0), xv, dot) : dot + xv;
       }
-    } else {  // the hot path: max only, four independent accumulators
+    } else {  // the hot path: max only, four independent accumulators, in pairs (simd.h)
       for (; i + 4 * W <= n; i += 4 * W) {
-        m0 = V::max(m0, V::load(x + i));
-        m1 = V::max(m1, V::load(x + i + W));
-        m2 = V::max(m2, V::load(x + i + 2 * W));
-        m3 = V::max(m3, V::load(x + i + 3 * W));
+        V a0, b0, a1, b1;
+        load_pair(x + i, a0, b0);
+        load_pair(x + i + 2 * W, a1, b1);
+        m0 = V::max(m0, a0);
+        m1 = V::max(m1, b0);
+        m2 = V::max(m2, a1);
+        m3 = V::max(m3, b1);
       }
       for (; i + W <= n; i += W) m0 = V::max(m0, V::load(x + i));
       if (i < n) m0 = V::max(m0, load_partial<V>(x + i, n - i, -static_cast<acc>(kInf)));
@@ -163,10 +166,13 @@ struct RowsLayout {
     constexpr int64_t kLineElems = 64 / sizeof(T);
     for (; i + 4 * W <= n; i += 4 * W) {
       for (int64_t l = 0; l < 4 * W; l += kLineElems) prefetch(x + n + i + l);
-      s0 = s0 + V::exp(V::load(x + i) - mv);
-      s1 = s1 + V::exp(V::load(x + i + W) - mv);
-      s2 = s2 + V::exp(V::load(x + i + 2 * W) - mv);
-      s3 = s3 + V::exp(V::load(x + i + 3 * W) - mv);
+      V a0, b0, a1, b1;
+      load_pair(x + i, a0, b0);
+      load_pair(x + i + 2 * W, a1, b1);
+      s0 = s0 + V::exp(a0 - mv);
+      s1 = s1 + V::exp(b0 - mv);
+      s2 = s2 + V::exp(a1 - mv);
+      s3 = s3 + V::exp(b1 - mv);
     }
     for (; i + W <= n; i += W) s0 = s0 + V::exp(V::load(x + i) - mv);
     if (i < n) s0 = s0 + V::exp(load_partial<V>(x + i, n - i, -static_cast<acc>(kInf)) - mv);
@@ -268,18 +274,44 @@ struct RowsLayout {
     constexpr int W = V::kWidth;
     const V one = V::set1(1);
     int64_t c = c0;
+    // Writes the gradient of [c, c + n), n < W.
+    auto partial = [&](int64_t n) {
+      store_partial(g + c, n, grad_of(load_partial<V>(x + c, n, 0), w ? load_partial<V>(w + c, n, 0) : one));
+      c += n;
+    };
+    // Pairs of vectors (simd.h): the weights are loaded in the same lane order as the logits.
+    auto pair_grad = [&](V& ga, V& gb) {
+      V xa, xb, wa = one, wb = one;
+      load_pair(x + c, xa, xb);
+      if (w) load_pair_as<T>(w + c, wa, wb);
+      ga = grad_of(xa, wa);
+      gb = grad_of(xb, wb);
+    };
     if (a.stream_grad) {
-      const int64_t misaligned = static_cast<int64_t>((reinterpret_cast<uintptr_t>(g + c) / sizeof(T)) % W);
-      const int64_t head = misaligned == 0 ? 0 : (W - misaligned < c1 - c ? W - misaligned : c1 - c);
-      if (head > 0) {
-        store_partial(g + c, head, grad_of(load_partial<V>(x + c, head, 0), w ? load_partial<V>(w + c, head, 0) : one));
-        c += head;
+      // Head up to the pair alignment with ordinary stores, then non-temporal pairs.
+      constexpr int64_t kAlignElems = kPairAlign / sizeof(T) > 0 ? kPairAlign / sizeof(T) : 1;
+      const int64_t misaligned = static_cast<int64_t>((reinterpret_cast<uintptr_t>(g + c) / sizeof(T)) % kAlignElems);
+      int64_t head = misaligned == 0 ? 0 : kAlignElems - misaligned;
+      if (head > c1 - c) head = c1 - c;
+      for (; head >= W; head -= W, c += W) V::store(g + c, grad_of(V::load(x + c), w ? V::load(w + c) : one));
+      if (head > 0) partial(head);
+      for (; c + 2 * W <= c1; c += 2 * W) {
+        V ga, gb;
+        pair_grad(ga, gb);
+        stream_pair(g + c, ga, gb);
       }
-      for (; c + W <= c1; c += W) V::stream(g + c, grad_of(V::load(x + c), w ? V::load(w + c) : one));
     } else {
-      for (; c + W <= c1; c += W) V::store(g + c, grad_of(V::load(x + c), w ? V::load(w + c) : one));
+      for (; c + 2 * W <= c1; c += 2 * W) {
+        V ga, gb;
+        pair_grad(ga, gb);
+        store_pair(g + c, ga, gb);
+      }
     }
-    if (c < c1) store_partial(g + c, c1 - c, grad_of(load_partial<V>(x + c, c1 - c, 0), w ? load_partial<V>(w + c, c1 - c, 0) : one));
+    if (c + W <= c1) {
+      V::store(g + c, grad_of(V::load(x + c), w ? V::load(w + c) : one));
+      c += W;
+    }
+    if (c < c1) partial(c1 - c);
   }
 
   static void backward_rows(const CrossEntropyArgs& a, int64_t row_begin, int64_t row_end, int64_t c0, int64_t c1) {
@@ -361,7 +393,9 @@ struct LanesLayout {
     }
   }
 
-  static void forward(const CrossEntropyArgs& a, int64_t p_begin, int64_t p_end) {
+  // ---- Tiles of up to W positions: probability targets (and C > 2^24) ----
+
+  static void forward_tiles(const CrossEntropyArgs& a, int64_t p_begin, int64_t p_end) {
     const Coefficients<acc> coef(a);
     const acc* w = coef.weight;
     acc* lse_out = static_cast<acc*>(a.lse);
@@ -416,7 +450,7 @@ struct LanesLayout {
     });
   }
 
-  static void backward(const CrossEntropyArgs& a, int64_t p_begin, int64_t p_end) {
+  static void backward_tiles(const CrossEntropyArgs& a, int64_t p_begin, int64_t p_end) {
     const Coefficients<acc> coef(a);
     const acc* w = coef.weight;
     const acc* lse_in = static_cast<const acc*>(a.lse_in);
@@ -467,6 +501,230 @@ struct LanesLayout {
         from_acc(g + t * a.grad_stride_c + i, static_cast<acc>(g_t));
       }
     });
+  }
+
+  // ---- Class-index targets: blocks of positions (the common case, e.g. segmentation logits) ----
+  //
+  // A block is NV vectors of W consecutive positions of one batch row, walked together along the classes:
+  // NV independent dependency chains, and NV * W contiguous logits per class (several whole cache lines per
+  // class stream, which the hardware prefetcher follows far better than C streams of one vector each; 8
+  // vectors measured faster than 4 or 16, and software prefetching of the next block slower than none).
+  // The exponentials re-read the block from L1. The target element, the ignored positions and the
+  // log-sum-exp are handled with vector selects and a vector log rather than a scalar fix-up per position.
+  // Each lane's arithmetic is the same whatever block it falls in.
+  static constexpr int kBlockVecs = 8;
+
+  // Class indices are compared as floats: exact for C <= 2^24 (larger C takes the tile path).
+  static bool index_blocks(const CrossEntropyArgs& a) { return !a.prob_target && a.C <= (int64_t(1) << 24); }
+
+  // Calls f.template operator()<NV>(n, s, lanes) over the blocks covering [p_begin, p_end): blocks of
+  // kBlockVecs full vectors, then single vectors (the last one with `lanes` < W lanes).
+  template <class F>
+  static void for_each_block(const CrossEntropyArgs& a, int64_t p_begin, int64_t p_end, F&& f) {
+    int64_t p = p_begin;
+    while (p < p_end) {
+      const int64_t n = p / a.S;
+      int64_t s = p % a.S;
+      const int64_t s_end = a.S - s < p_end - p ? a.S : s + (p_end - p);
+      for (; s + kBlockVecs * W <= s_end; s += kBlockVecs * W) f.template operator()<kBlockVecs>(n, s, int64_t(W));
+      for (; s < s_end; s += W) f.template operator()<1>(n, s, s_end - s < W ? s_end - s : int64_t(W));
+      p = n * a.S + s_end;
+    }
+  }
+
+  // Loads vector j of a block (the last of NV has `lanes` lanes).
+  template <int NV>
+  static V load_block(const T* p, int j, int64_t lanes) {
+    return (j == NV - 1 && lanes < W) ? load_partial<V>(p + j * W, lanes, 0) : V::load(p + j * W);
+  }
+
+  // Loads the NV vectors of one class row of a block: in pairs (simd.h) when NV is even (full vectors),
+  // else one by one (the last with `lanes` lanes).
+  template <int NV>
+  static void load_block_row(const T* xc, int64_t lanes, V* out) {
+    if constexpr (NV % 2 == 0) {
+      for (int j = 0; j < NV; j += 2) load_pair(xc + j * W, out[j], out[j + 1]);
+    } else {
+      for (int j = 0; j < NV; ++j) out[j] = load_block<NV>(xc, j, lanes);
+    }
+  }
+  // Per-lane values of a block (kLanes = NV * W, in position order) to and from the lane order of
+  // load_block_row.
+  template <int NV>
+  static void load_lanes(const acc* buf, V* out) {
+    if constexpr (NV % 2 == 0) {
+      for (int j = 0; j < NV; j += 2) load_pair_as<T>(buf + j * W, out[j], out[j + 1]);
+    } else {
+      for (int j = 0; j < NV; ++j) out[j] = V::load(buf + j * W);
+    }
+  }
+  template <int NV>
+  static void store_lanes(acc* dst, int64_t lanes, const V* v) {
+    if constexpr (NV % 2 == 0) {
+      for (int j = 0; j < NV; j += 2) store_pair_as<T>(dst + j * W, v[j], v[j + 1]);
+    } else {
+      for (int j = 0; j < NV; ++j) {
+        if (j == NV - 1 && lanes < W) store_partial(dst + j * W, lanes, v[j]);
+        else V::store(dst + j * W, v[j]);
+      }
+    }
+  }
+
+  template <int NV>
+  static void forward_index_block(const CrossEntropyArgs& a, const Coefficients<acc>& coef, int64_t n, int64_t s,
+                                  int64_t lanes) {
+    constexpr int kLanes = NV * W;
+    const T* x = static_cast<const T*>(a.logits) + n * a.stride_n + s;
+    const acc* w = coef.weight;
+    const bool smoothing = coef.eps > 0;
+    const V neg_inf = V::set1(-static_cast<acc>(kInf)), zero = V::set1(0);
+    V m[NV], sum[NV], dot[NV], xv[NV];
+    for (int j = 0; j < NV; ++j) m[j] = neg_inf, sum[j] = zero, dot[j] = zero;
+    for (int64_t c = 0; c < a.C; ++c) {
+      load_block_row<NV>(x + c * a.stride_c, lanes, xv);
+      for (int j = 0; j < NV; ++j) {
+        m[j] = V::max(m[j], xv[j]);
+        if (smoothing) dot[j] = V::fma(V::set1(w ? w[c] : acc(1)), xv[j], dot[j]);
+      }
+    }
+    // See RowsLayout::chunk_partial, pass 2: a max of -inf is replaced by 0.
+    V mv[NV];
+    for (int j = 0; j < NV; ++j) mv[j] = vselect(veq(m[j], neg_inf), zero, m[j]);
+    for (int64_t c = 0; c < a.C; ++c) {
+      load_block_row<NV>(x + c * a.stride_c, lanes, xv);
+      for (int j = 0; j < NV; ++j) sum[j] = sum[j] + V::exp(xv[j] - mv[j]);
+    }
+    // Per lane: the target logit, its weight, and whether the position counts (1) or is ignored (0).
+    const int64_t p0 = n * a.S + s;
+    const int64_t count = (NV - 1) * W + lanes;
+    acc x_t_b[kLanes], w_t_b[kLanes], keep_b[kLanes];
+    for (int i = 0; i < kLanes; ++i) x_t_b[i] = 0, w_t_b[i] = 0, keep_b[i] = 0;
+    for (int64_t i = 0; i < count; ++i) {
+      const int64_t t = a.target[p0 + i];
+      if (t == a.ignore_index) continue;
+      keep_b[i] = 1;
+      x_t_b[i] = to_acc(x[t * a.stride_c + i]);
+      w_t_b[i] = w ? w[t] : acc(1);
+    }
+    V x_t[NV], w_t[NV], keep[NV], log_sum[NV], lse[NV], loss[NV];
+    load_lanes<NV>(x_t_b, x_t);
+    load_lanes<NV>(w_t_b, w_t);
+    load_lanes<NV>(keep_b, keep);
+    // lse = max + log(sum); the loss as w_t ((max - x_t) + log(sum)): two non-negative terms, so a small
+    // loss (x_t close to lse) keeps its relative accuracy.
+    for (int j = 0; j < NV; ++j) {
+      log_sum[j] = vlog(sum[j]);
+      loss[j] = w_t[j] * ((m[j] - x_t[j]) + log_sum[j]);
+    }
+    if (smoothing) {  // the general formula per lane, in double
+      acc mb[kLanes], lb[kLanes], db[kLanes];
+      store_lanes<NV>(mb, W, m);
+      store_lanes<NV>(lb, W, log_sum);
+      store_lanes<NV>(db, W, dot);
+      for (int64_t i = 0; i < count; ++i) {
+        if (keep_b[i] == 0) continue;
+        const double lse_i = static_cast<double>(mb[i]) + static_cast<double>(lb[i]);
+        lb[i] = static_cast<acc>(coef.index_loss(lse_i, x_t_b[i], a.target[p0 + i], db[i]));
+      }
+      load_lanes<NV>(lb, loss);
+    }
+    for (int j = 0; j < NV; ++j) {  // ignored positions: lse 0, loss 0
+      const auto kept = veq(keep[j], V::set1(1));
+      lse[j] = vselect(kept, m[j] + log_sum[j], zero);
+      loss[j] = vselect(kept, loss[j], zero);
+    }
+    store_lanes<NV>(static_cast<acc*>(a.lse) + p0, lanes, lse);
+    store_lanes<NV>(static_cast<acc*>(a.loss) + p0, lanes, loss);
+  }
+
+  // grad_c = soft * exp(x_c - lse) - (c == t ? target_term : smooth w_c), zero at ignored positions, with
+  // soft, target_term and smooth per lane as in RowsLayout::backward_rows.
+  template <int NV>
+  static void backward_index_block(const CrossEntropyArgs& a, const Coefficients<acc>& coef, int64_t n, int64_t s,
+                                   int64_t lanes) {
+    const T* x = static_cast<const T*>(a.logits) + n * a.stride_n + s;
+    T* g = static_cast<T*>(a.grad) + n * a.grad_stride_n + s;
+    const acc* w = coef.weight;
+    const acc* lse_in = static_cast<const acc*>(a.lse_in);
+    const bool smoothing = coef.eps > 0;
+    const V zero = V::set1(0), eoc = V::set1(static_cast<acc>(coef.eps_over_c));
+    // Per lane of the block: lse, soft, target term, target class (-1 when ignored), scale, kept (1 or 0).
+    constexpr int kLanes = NV * W;
+    acc lse_b[kLanes], soft_b[kLanes], term_b[kLanes], class_b[kLanes], scale_b[kLanes], keep_b[kLanes];
+    for (int i = 0; i < kLanes; ++i) lse_b[i] = soft_b[i] = term_b[i] = scale_b[i] = keep_b[i] = 0, class_b[i] = -1;
+    const int64_t p0 = n * a.S + s;
+    for (int64_t i = 0; i < (NV - 1) * W + lanes; ++i) {
+      const int64_t p = p0 + i;
+      const double sc = grad_scale<acc>(a, p);
+      scale_b[i] = static_cast<acc>(sc);
+      lse_b[i] = lse_in[p];
+      const int64_t t = a.target[p];
+      if (t == a.ignore_index) continue;
+      keep_b[i] = 1;
+      class_b[i] = static_cast<acc>(t);
+      soft_b[i] = static_cast<acc>(sc * coef.index_softmax_coef(t));
+      term_b[i] = static_cast<acc>(sc * coef.target_term(t));
+    }
+    // A block of an even number of (full) vectors is processed in pairs (simd.h), whose lane order the
+    // per-lane values follow (load_pair_as); a single vector as is.
+    constexpr bool kPairs = NV % 2 == 0;
+    V lse[NV], soft[NV], target_term[NV], target_class[NV], smooth[NV], keep[NV];
+    load_lanes<NV>(lse_b, lse);
+    load_lanes<NV>(soft_b, soft);
+    load_lanes<NV>(term_b, target_term);
+    load_lanes<NV>(class_b, target_class);
+    load_lanes<NV>(scale_b, smooth);
+    load_lanes<NV>(keep_b, keep);
+    decltype(veq(zero, zero)) kept[NV];
+    for (int j = 0; j < NV; ++j) smooth[j] = smooth[j] * eoc, kept[j] = veq(keep[j], V::set1(1));
+    // Non-temporal stores when every vector of the block starts a cache line (or half of one, for 16-bit types,
+    // the other half following at once).
+    const bool stream = a.stream_grad && reinterpret_cast<uintptr_t>(g) % 64 == 0 &&
+                        (a.grad_stride_c * static_cast<int64_t>(sizeof(T))) % 64 == 0 && (W * sizeof(T)) % 32 == 0;
+    for (int64_t c = 0; c < a.C; ++c) {
+      const T* xc = x + c * a.stride_c;
+      T* gc = g + c * a.grad_stride_c;
+      const V cv = V::set1(static_cast<acc>(c));
+      const V wc = V::set1(w ? w[c] : acc(1));
+      auto grad_of = [&](V xv, int j) {
+        const V other = smoothing ? smooth[j] * wc : zero;
+        const V out = soft[j] * V::exp(xv - lse[j]);
+        return vselect(kept[j], out - vselect(veq(target_class[j], cv), target_term[j], other), zero);
+      };
+      if constexpr (kPairs) {
+        V xv[NV];
+        load_block_row<NV>(xc, lanes, xv);
+        for (int j = 0; j < NV; j += 2) {
+          const V ga = grad_of(xv[j], j), gb = grad_of(xv[j + 1], j + 1);
+          if (stream) stream_pair(gc + j * W, ga, gb);
+          else store_pair(gc + j * W, ga, gb);
+        }
+      } else {
+        for (int j = 0; j < NV; ++j) {
+          const V out = grad_of(load_block<NV>(xc, j, lanes), j);
+          if (j == NV - 1 && lanes < W) store_partial(gc + j * W, lanes, out);
+          else if (stream) V::stream(gc + j * W, out);
+          else V::store(gc + j * W, out);
+        }
+      }
+    }
+  }
+
+  static void forward(const CrossEntropyArgs& a, int64_t p_begin, int64_t p_end) {
+    if (!index_blocks(a)) return forward_tiles(a, p_begin, p_end);
+    const Coefficients<acc> coef(a);
+    for_each_block(a, p_begin, p_end, [&]<int NV>(int64_t n, int64_t s, int64_t lanes) {
+      forward_index_block<NV>(a, coef, n, s, lanes);
+    });
+  }
+
+  static void backward(const CrossEntropyArgs& a, int64_t p_begin, int64_t p_end) {
+    if (!index_blocks(a)) return backward_tiles(a, p_begin, p_end);
+    const Coefficients<acc> coef(a);
+    for_each_block(a, p_begin, p_end, [&]<int NV>(int64_t n, int64_t s, int64_t lanes) {
+      backward_index_block<NV>(a, coef, n, s, lanes);
+    });
+    if (a.stream_grad) stream_fence();
   }
 };
 
