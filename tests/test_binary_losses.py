@@ -58,27 +58,6 @@ def shape_id(shape):
 
 
 # ================================================================================================
-# Backends: the emulated-CUDA library gets these kernels later; until then its tests skip.
-
-
-def require_kernels(backend):
-    if backend.name == "cpu":
-        return
-    ns = "xent_emulated" if backend.emulated else "xent"
-    key = "CUDA" if backend.device.type == "cuda" else "CPU"
-    missing = [op for op in ALL_OPS if not torch._C._dispatch_has_kernel_for_dispatch_key(f"{ns}::{op}", key)]
-    if missing:
-        pytest.skip(f"{backend.name} backend: torch.ops.{ns} has no {key} kernel for {', '.join(missing)} yet")
-
-
-@pytest.fixture
-def bk(backend):
-    """Every backend of conftest.py, skipped where the binary losses' kernels do not exist yet."""
-    require_kernels(backend)
-    return backend
-
-
-# ================================================================================================
 # The three implementations of each loss.
 
 
@@ -451,17 +430,17 @@ SHAPE_CASES = [
 @pytest.mark.parametrize("shape,dtype,reduction", SHAPE_CASES,
                          ids=[f"{shape_id(s)}-{dtype_id(d)}-{r}" for s, d, r in SHAPE_CASES])
 @pytest.mark.parametrize("kind", KINDS)
-def test_shapes(bk, kind, shape, dtype, reduction):
+def test_shapes(backend, kind, shape, dtype, reduction):
     x, y = make_case(kind, shape, dtype)
-    check(kind, bk, x, y, reduction=reduction)
+    check(kind, backend, x, y, reduction=reduction)
 
 
 @pytest.mark.parametrize("reduction", REDUCTIONS)
 @pytest.mark.parametrize("dtype", [F32, F64, BF16], ids=dtype_id)
 @pytest.mark.parametrize("kind", KINDS)
-def test_soft_targets(bk, kind, dtype, reduction):
+def test_soft_targets(backend, kind, dtype, reduction):
     x, y = make_case(kind, (64, 33), dtype, soft=True)
-    check(kind, bk, x, y, make_weight((33,), dtype), None if kind == "bce" else make_pos_weight((33,), dtype),
+    check(kind, backend, x, y, make_weight((33,), dtype), None if kind == "bce" else make_pos_weight((33,), dtype),
           reduction=reduction)
 
 
@@ -555,23 +534,23 @@ LAYOUT_CASES = [
 @pytest.mark.parametrize("dtype", [F32, F64, BF16], ids=dtype_id)
 @pytest.mark.parametrize("layout,target_layout", LAYOUT_CASES, ids=lambda v: v)
 @pytest.mark.parametrize("kind", KINDS)
-def test_layouts(bk, kind, layout, target_layout, dtype, reduction):
+def test_layouts(backend, kind, layout, target_layout, dtype, reduction):
     for shape in ((37, 80), (2, 3, 5, 7), (31,)):
         x, y = make_case(kind, shape, dtype)
         C = shape[-1]
-        check(kind, bk, x, y, make_weight((C,), dtype), None if kind == "bce" else make_pos_weight((C,), dtype),
+        check(kind, backend, x, y, make_weight((C,), dtype), None if kind == "bce" else make_pos_weight((C,), dtype),
               reduction=reduction, layout=layout, target_layout=target_layout)
 
 
 @pytest.mark.parametrize("grad_output", ["ones", "expanded", "expanded_row", "transposed"])
 @pytest.mark.parametrize("dtype", [F32, F64, BF16], ids=dtype_id)
 @pytest.mark.parametrize("kind", KINDS)
-def test_grad_output_layouts(bk, kind, dtype, grad_output):
+def test_grad_output_layouts(backend, kind, dtype, grad_output):
     """reduction='none' with an upstream gradient that is broadcast (stride 0, as loss.sum() gives) or
     not contiguous."""
     for shape in ((37, 80), (2, 3, 5, 7)):
         x, y = make_case(kind, shape, dtype)
-        check(kind, bk, x, y, reduction="none", grad_output=grad_output)
+        check(kind, backend, x, y, reduction="none", grad_output=grad_output)
 
 
 # ================================================================================================
@@ -583,11 +562,11 @@ FOCAL_OPTIONS = [(0.25, g) for g in (0.0, 0.5, 1.0, 2.0, 2.5, 3.0, 5.0)] + [(a, 
 
 @pytest.mark.parametrize("alpha,gamma", FOCAL_OPTIONS, ids=lambda v: str(v))
 @pytest.mark.parametrize("dtype", [F32, F64, BF16], ids=dtype_id)
-def test_focal_alpha_gamma(bk, dtype, alpha, gamma):
+def test_focal_alpha_gamma(backend, dtype, alpha, gamma):
     """gamma: none (0), products (1, 2, 3, 5), exp(gamma log m) (0.5, 2.5); alpha: off (< 0), 0, 1."""
     x, y = make_case("focal", (61, 17), dtype)
     for reduction in REDUCTIONS:
-        check("focal", bk, x, y, reduction=reduction, alpha=alpha, gamma=gamma)
+        check("focal", backend, x, y, reduction=reduction, alpha=alpha, gamma=gamma)
 
 
 # ================================================================================================
@@ -673,7 +652,7 @@ def _special_vector(values, dtype, pad):
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=dtype_id)
 @pytest.mark.parametrize("kind", ["logits", "focal"])
-def test_special_values_logits(bk, kind, dtype):
+def test_special_values_logits(backend, kind, dtype):
     """NaN and infinite logits / targets give PyTorch's (torchvision's) values, NaN included: e.g. a -inf
     logit gives NaN as in PyTorch's formula, +inf with y = 0 gives inf."""
     big = 6e4 if dtype == F16 else 1e4
@@ -690,8 +669,8 @@ def test_special_values_logits(bk, kind, dtype):
                     exact = torch_loss(kind, x.double(), y.double(), None, None if pos_weight is None
                                        else pos_weight.double(), **opts)
                     low = torch_loss(kind, x, y, None, pos_weight, **opts)
-                    with bk.active():
-                        got = xent_loss(kind, bk.put(x), bk.put(y), None, bk.put(pos_weight), **opts)
+                    with backend.active():
+                        got = xent_loss(kind, backend.put(x), backend.put(y), None, backend.put(pos_weight), **opts)
                     what = f"{kind} special x, y={y_value}, pos_weight={pos_weight is not None}, pad={pad}"
                     # (In float16 PyTorch's own result overflows to inf for x = -6e4 with pos_weight,
                     # an intermediate beyond 65504; xent's float32 intermediates keep the finite value.)
@@ -1120,32 +1099,32 @@ def _gradcheck_inputs(kind, shape, opts):
 
 
 @pytest.mark.parametrize("kind,shape,opts", GRADCHECK_CASES, ids=lambda v: str(v))
-def test_gradcheck(bk, kind, shape, opts):
+def test_gradcheck(backend, kind, shape, opts):
     x, y, w, pw, kw = _gradcheck_inputs(kind, shape, opts)
-    xd, yd, wd, pwd = bk.put(x), bk.put(y), bk.put(w), bk.put(pw)
+    xd, yd, wd, pwd = backend.put(x), backend.put(y), backend.put(w), backend.put(pw)
 
     def fn(x, y):
         return xent_loss(kind, x, y, wd, pwd, **kw)
 
-    with bk.active():
+    with backend.active():
         assert torch.autograd.gradcheck(fn, (xd, yd))
         assert torch.autograd.gradgradcheck(fn, (xd, yd))
 
 
 @pytest.mark.parametrize("kind,shape,opts", GRADCHECK_CASES, ids=lambda v: str(v))
-def test_gradgradcheck_through_grad_output(bk, kind, shape, opts):
+def test_gradgradcheck_through_grad_output(backend, kind, shape, opts):
     """The first gradient as a function of (input, target, grad_output): the *_bwd ops' own autograd."""
     x, y, w, pw, kw = _gradcheck_inputs(kind, shape, opts)
-    xd, yd, wd, pwd = bk.put(x), bk.put(y), bk.put(w), bk.put(pw)
-    with bk.active():
+    xd, yd, wd, pwd = backend.put(x), backend.put(y), backend.put(w), backend.put(pw)
+    with backend.active():
         loss = xent_loss(kind, xd.detach(), yd.detach(), wd, pwd, **kw)
     go = torch.randn(loss.shape, dtype=F64).to(xd.device).requires_grad_()
 
     def first_grad(x, y, go):
-        with bk.active():
+        with backend.active():
             return torch.autograd.grad(xent_loss(kind, x, y, wd, pwd, **kw), x, go, create_graph=True)[0]
 
-    with bk.active():
+    with backend.active():
         assert torch.autograd.gradcheck(first_grad, (xd, yd, go))
 
 
@@ -1198,10 +1177,10 @@ def _assert_bitwise(a, b, what):
 
 
 @pytest.mark.parametrize("case", list(DETERMINISM_CASES))
-def test_deterministic_repeated_runs(bk, case):
+def test_deterministic_repeated_runs(backend, case):
     kind, shape, dtype = DETERMINISM_CASES[case]
-    first = _determinism_run(bk, kind, shape, dtype)
-    _assert_bitwise(first, _determinism_run(bk, kind, shape, dtype), f"{case}: repeated run")
+    first = _determinism_run(backend, kind, shape, dtype)
+    _assert_bitwise(first, _determinism_run(backend, kind, shape, dtype), f"{case}: repeated run")
 
 
 @pytest.mark.parametrize("case", list(DETERMINISM_CASES))
