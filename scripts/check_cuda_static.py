@@ -8,6 +8,7 @@ Prints registers per kernel. Usage:
 
     python scripts/check_cuda_static.py                       # sm_80, sm_90 (CI)
     python scripts/check_cuda_static.py --arch all            # the whole default list, sm_75 .. sm_120
+    python scripts/check_cuda_static.py --only binary_losses  # one source file
 """
 
 import argparse
@@ -30,6 +31,10 @@ VECTORIZED = {
     },
     "nll_loss.cu": {
         "zero_fill_kernel": ["STG.E.128"],
+    },
+    "binary_losses.cu": {
+        "fwd_vector_kernel": ["LDG.E.128", "STG.E.128"],
+        "bwd_vector_kernel": ["LDG.E.128", "STG.E.128"],
     },
 }
 
@@ -108,11 +113,14 @@ def sass_by_kernel(cuobjdump, obj):
 def main():
     parser = argparse.ArgumentParser()
     parser.add_argument("--arch", default="80,90", help="comma list like 80,90, or 'all'")
+    parser.add_argument("--only", default=None, help="check only the .cu files whose name contains this")
     args = parser.parse_args()
     archs = ALL_ARCHS if args.arch == "all" else args.arch.split(",")
     nvcc = find_tool("nvcc")
     cuobjdump = find_tool("cuobjdump")
     sources = sorted(glob.glob(os.path.join(ROOT, "csrc", "cuda", "*.cu")))
+    if args.only:
+        sources = [s for s in sources if args.only in os.path.basename(s)]
     if nvcc is None:
         print("check_cuda_static: no nvcc; skipping (the CUDA kernels are not built on this machine)")
         return 0

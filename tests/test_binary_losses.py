@@ -444,18 +444,19 @@ def test_soft_targets(backend, kind, dtype, reduction):
           reduction=reduction)
 
 
-def test_empty_reductions():
+def test_empty_reductions(backend):
     """An empty input: mean is NaN, sum is 0, none is empty, gradients are empty: as PyTorch."""
     for kind in KINDS:
         for shape in ((0,), (0, 80), (3, 0)):
             x, y = make_case(kind, shape, F32)
             for reduction in REDUCTIONS:
-                xl = _leaf(x, True)
-                loss = xent_loss(kind, xl, y, reduction=reduction)
+                xl = backend.put(x).requires_grad_()
+                with backend.active():
+                    loss = xent_loss(kind, xl, backend.put(y), reduction=reduction)
+                    (g,) = torch.autograd.grad(loss, xl, torch.ones_like(loss))
                 expected = torch_loss(kind, x, y, reduction=reduction)
                 assert loss.shape == expected.shape and loss.dtype == expected.dtype
-                torch.testing.assert_close(loss, expected, equal_nan=True)
-                (g,) = torch.autograd.grad(loss, xl, torch.ones_like(loss))
+                torch.testing.assert_close(loss.cpu(), expected, equal_nan=True)
                 assert g.shape == x.shape
 
 
@@ -485,7 +486,7 @@ OPERAND_CASES = (
 
 @pytest.mark.parametrize("weight,pos_weight", OPERAND_CASES, ids=lambda v: str(v))
 @pytest.mark.parametrize("kind", KINDS)
-def test_weight_broadcasts(cpu_backend, kind, weight, pos_weight):
+def test_weight_broadcasts(backend, kind, weight, pos_weight):
     """Every operand kind of the kernels, for float (float32), double (float64) accumulation and an
     operand in the input's 16-bit dtype (bfloat16), unreduced and reduced."""
     if kind == "bce" and pos_weight is not None:
@@ -496,11 +497,48 @@ def test_weight_broadcasts(cpu_backend, kind, weight, pos_weight):
                 x, y = make_case(kind, shape, dtype)
                 w = make_weight(OPERAND_SHAPES[weight][i], dtype) if weight else None
                 pw = make_pos_weight(OPERAND_SHAPES[pos_weight][i], dtype) if pos_weight else None
-                check(kind, cpu_backend, x, y, w, pw, reduction=reduction)
+                check(kind, backend, x, y, w, pw, reduction=reduction)
+
+
+def _weight_layout(name, shape, dtype):
+    """A weight for an input of `shape` stored in a layout of its own (the CUDA kernels read operands in
+    place through their strides, Note [CUDA binary loss kernels])."""
+    if name == "full_transposed":
+        return _transposed(make_weight(shape, dtype))
+    if name == "per_class_sliced":  # stride 2
+        return _sliced(make_weight(shape[-1:], dtype))
+    if name == "per_row_expanded":  # (N, 1) expanded to (N, C): stride 0 in the last dim
+        return make_weight(tuple(shape[:-1]) + (1,), dtype).expand(shape)
+    if name == "full_misaligned":  # dense, storage offset 1: read element by element
+        return _misaligned(make_weight(shape, dtype))
+    if name == "full_float32":  # dense in the accumulation dtype for a 16-bit input
+        return make_weight(shape, F32 if dtype in LOW else dtype)
+    if name == "alternating":  # broadcast in every other dim: more merged dims than the kernels index
+        return make_weight(tuple(s if i % 2 else 1 for i, s in enumerate(shape)), dtype)
+    raise ValueError(name)
+
+
+WEIGHT_LAYOUTS = ["full_transposed", "per_class_sliced", "per_row_expanded", "full_misaligned", "full_float32",
+                  "alternating"]
+
+
+@pytest.mark.parametrize("layout", WEIGHT_LAYOUTS)
+@pytest.mark.parametrize("kind", KINDS)
+def test_weight_layouts(backend, kind, layout):
+    """weight and pos_weight in non-contiguous, broadcast (stride 0), misaligned and other-dtype layouts, on
+    inputs whose vector path is taken (contiguous) or not (misaligned), including a 9-d input whose operand
+    dims do not merge into the kernels' four."""
+    for dtype in (F32, BF16, F64):
+        for shape in ((37, 80), (2, 3, 5, 7), (2, 3, 2, 3, 2, 3, 2, 3, 5)):
+            x, y = make_case(kind, shape, dtype)
+            w = _weight_layout(layout, shape, dtype)
+            pw = None if kind == "bce" else _weight_layout(layout, shape, dtype)
+            for reduction, input_layout in (("none", "contiguous"), ("sum", "misaligned")):
+                check(kind, backend, x, y, w, pw, reduction=reduction, layout=input_layout)
 
 
 @pytest.mark.parametrize("kind", KINDS)
-def test_weight_other_dtypes(kind, cpu_backend):
+def test_weight_other_dtypes(kind, backend):
     """weight / pos_weight of another dtype than the input (float64 or int64 for float32 input, float32
     for bfloat16): PyTorch multiplies them in; so does xent."""
     for dtype, wdtype in ((F32, F64), (F32, torch.int64), (BF16, F32), (F64, F32)):
@@ -510,7 +548,9 @@ def test_weight_other_dtypes(kind, cpu_backend):
             w = (w * 3).round().to(wdtype) if not wdtype.is_floating_point else w.to(wdtype)
             pw = None if kind == "bce" else make_pos_weight(shape, F64).to(wdtype if wdtype.is_floating_point else F32)
             for reduction in REDUCTIONS:
-                got = xent_loss(kind, x, y, w, pw, reduction=reduction)
+                with backend.active():
+                    got = xent_loss(kind, backend.put(x), backend.put(y), backend.put(w), backend.put(pw),
+                                    reduction=reduction).cpu()
                 expected = torch_loss(kind, x, y, w, pw, reduction=reduction)
                 assert got.dtype == expected.dtype == dtype
                 exact = ref_loss(kind, x, y, w, pw, reduction=reduction)
@@ -682,7 +722,7 @@ def test_special_values_logits(backend, kind, dtype):
 
 @pytest.mark.parametrize("dtype", [F32, F64], ids=dtype_id)
 @pytest.mark.parametrize("kind", ["logits", "focal"])
-def test_special_values_gradient(kind, dtype):
+def test_special_values_gradient(backend, kind, dtype):
     """Gradients at NaN / infinite logits have PyTorch's NaN pattern and values."""
     xs = [INF, -INF, NAN, 0.0, 1e4, -1e4, 88.0, -88.0, 20.0, -20.0]
     for y_value in (0.0, 1.0, 0.5):
@@ -692,16 +732,17 @@ def test_special_values_gradient(kind, dtype):
             opts = dict(reduction="sum")
             if kind == "focal":
                 opts.update(alpha=0.25, gamma=gamma)
-            x1, x2 = _leaf(x, True), _leaf(x, True)
+            x1, x2 = _leaf(x, True), backend.put(x).requires_grad_()
             (g_pt,) = torch.autograd.grad(torch_loss(kind, x1, y, **opts), x1)
-            (g,) = torch.autograd.grad(xent_loss(kind, x2, y, **opts), x2)
-            assert_grad(g, g_pt.double(), None, dtype=dtype, what=f"{kind} grad at special x, y={y_value}, gamma={gamma}")
+            with backend.active():
+                (g,) = torch.autograd.grad(xent_loss(kind, x2, backend.put(y), **opts), x2)
+            assert_grad(g.cpu(), g_pt.double(), None, dtype=dtype, what=f"{kind} grad at special x, y={y_value}, gamma={gamma}")
             if kind != "focal":
                 break
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=dtype_id)
-def test_special_values_bce(dtype):
+def test_special_values_bce(backend, dtype):
     """BCE at the ends of [0, 1]: logs clamped at -100 (loss 100 or 0), gradients (x - y) / 1e-12 where
     x (1 - x) < 1e-12; subnormal probabilities are not clamped (log 1e-40 = -92.1). float16 gradients are
     checked in test_bce_float16_gradient_deviation."""
@@ -712,15 +753,18 @@ def test_special_values_bce(dtype):
         y = torch.full_like(x, y_value)
         exact = F.binary_cross_entropy(x.double(), y.double(), reduction="none")
         low = F.binary_cross_entropy(x, y, reduction="none")
-        xl = _leaf(x, True)
-        got = xent.binary_cross_entropy(xl, y, reduction="none")
-        assert_loss(got, exact, low, dtype=dtype, rtol=Tol.F32_LOSS if dtype != F64 else Tol.F64, atol=0.0,
+        xl = backend.put(x).requires_grad_()
+        with backend.active():
+            got = xent.binary_cross_entropy(xl, backend.put(y), reduction="none")
+        assert_loss(got.cpu(), exact, low, dtype=dtype, rtol=Tol.F32_LOSS if dtype != F64 else Tol.F64, atol=0.0,
                     what=f"bce at the ends, y={y_value}")
         if dtype == F16:
             continue
         x64 = _leaf(x.double(), True)
         (g_exact,) = torch.autograd.grad(F.binary_cross_entropy(x64, y.double(), reduction="sum"), x64)
-        (g,) = torch.autograd.grad(got.sum(), xl)
+        with backend.active():
+            (g,) = torch.autograd.grad(got.sum(), xl)
+        g = g.cpu()
         g_low = None
         if dtype in LOW:
             x_low = _leaf(x, True)
@@ -728,16 +772,17 @@ def test_special_values_bce(dtype):
         assert_grad(g, g_exact, g_low, dtype=dtype, what=f"bce grad at the ends, y={y_value}")
 
 
-def test_bce_float16_gradient_deviation():
+def test_bce_float16_gradient_deviation(backend):
     """Documented deviation: PyTorch's float16 BCE backward clamps x (1 - x) at EPSILON = 1e-12 *rounded to
     float16*, i.e. 0, so x = 0 with y = 0 gives 0 / 0 = NaN. xent computes in float32 like the other
     dtypes: the true limit 0 (and -inf where the float32 value -1e12 overflows float16, as PyTorch)."""
     x = torch.tensor([0.0, 1.0, 0.0, 1.0], dtype=F16)
     y = torch.tensor([0.0, 1.0, 1.0, 0.0], dtype=F16)
-    xl, xt = _leaf(x, True), _leaf(x, True)
-    (g,) = torch.autograd.grad(xent.binary_cross_entropy(xl, y, reduction="sum"), xl)
+    xl, xt = backend.put(x).requires_grad_(), _leaf(x, True)
+    with backend.active():
+        (g,) = torch.autograd.grad(xent.binary_cross_entropy(xl, backend.put(y), reduction="sum"), xl)
     (g_pt,) = torch.autograd.grad(F.binary_cross_entropy(xt, y, reduction="sum"), xt)
-    assert g.tolist() == [0.0, 0.0, -math.inf, math.inf]
+    assert g.cpu().tolist() == [0.0, 0.0, -math.inf, math.inf]
     assert torch.isnan(g_pt[:2]).all() and g_pt[2:].tolist() == [-math.inf, math.inf]
 
 
@@ -748,9 +793,12 @@ def test_bce_float16_gradient_deviation():
 @pytest.mark.parametrize("where", ["first", "body", "tail", "last_block"])
 @pytest.mark.parametrize("bad", ["input_above_one", "input_negative", "input_nan", "target_above_one",
                                  "target_negative", "target_nan"])
-def test_bce_out_of_range_raises(bad, where):
+def test_bce_out_of_range_raises(backend, bad, where):
     """One bad value anywhere (first element, inside a vector, in a block's tail, in the last of many
-    blocks) raises PyTorch's RuntimeError, whatever the reduction and the dtype."""
+    blocks) raises PyTorch's RuntimeError, whatever the reduction and the dtype; the CUDA kernels fail a
+    device-side assert naming it (a RuntimeError under the emulator), as PyTorch's CUDA kernel."""
+    if backend.name == "cuda":
+        pytest.skip("a device-side assert leaves the CUDA context unusable for the rest of the session")
     n = {"first": 100, "body": 100, "tail": 100, "last_block": 3 * 2048 + 5}[where]
     pos = {"first": 0, "body": 37, "tail": 99, "last_block": n - 2}[where]
     for dtype in (F32, BF16, F64):
@@ -761,9 +809,12 @@ def test_bce_out_of_range_raises(bad, where):
         message = f"all elements of {bad.split('_')[0]} should be between 0 and 1"
         with pytest.raises(RuntimeError, match=message):
             F.binary_cross_entropy(x, y)
+        if backend.emulated:
+            message = "device-side assert.*binary_cross_entropy: " + message
         for reduction in REDUCTIONS:
             with pytest.raises(RuntimeError, match=message):
-                xent.binary_cross_entropy(x, y, reduction=reduction)
+                with backend.active():
+                    xent.binary_cross_entropy(backend.put(x), backend.put(y), reduction=reduction)
 
 
 # ================================================================================================
@@ -1225,7 +1276,7 @@ def test_isa_parity(isa, cpu_backend, kind, dtype):
 def test_isa_special_values(isa, cpu_backend, kind):
     for dtype in DTYPES:
         test_special_values_logits(cpu_backend, kind, dtype)
-    test_special_values_bce(F32)
+    test_special_values_bce(cpu_backend, F32)
 
 
 # ================================================================================================

@@ -231,10 +231,9 @@ at::Tensor forward(const OpSpec& op, const at::Tensor& input, const at::Tensor& 
   const xent_stream_t stream = host::current_stream(input.device());
   dispatch_dtype(input.scalar_type(), [&](auto tag) {
     using scalar_t = typename decltype(tag)::type;
-    constexpr int V = 16 / static_cast<int>(sizeof(scalar_t));
     dispatch_loss(op.loss, [&](auto loss_tag) {
       constexpr Loss L = decltype(loss_tag)::value;
-      auto* kernel = pr.vectorized ? &binary::fwd_kernel<L, scalar_t, V> : &binary::fwd_kernel<L, scalar_t, 1>;
+      auto* kernel = pr.vectorized ? &binary::fwd_vector_kernel<L, scalar_t> : &binary::fwd_scalar_kernel<L, scalar_t>;
       XENT_LAUNCH(pr.blocks, binary::kBlock, 0, stream, kernel)(a);
       XENT_CUDA_LAUNCH_CHECK();
     });
@@ -286,10 +285,9 @@ at::Tensor backward(const OpSpec& op, const at::Tensor& grad_loss, const at::Ten
   const xent_stream_t stream = host::current_stream(input.device());
   dispatch_dtype(input.scalar_type(), [&](auto tag) {
     using scalar_t = typename decltype(tag)::type;
-    constexpr int V = 16 / static_cast<int>(sizeof(scalar_t));
     dispatch_loss(op.loss, [&](auto loss_tag) {
       constexpr Loss L = decltype(loss_tag)::value;
-      auto* kernel = pr.vectorized ? &binary::bwd_kernel<L, scalar_t, V> : &binary::bwd_kernel<L, scalar_t, 1>;
+      auto* kernel = pr.vectorized ? &binary::bwd_vector_kernel<L, scalar_t> : &binary::bwd_scalar_kernel<L, scalar_t>;
       XENT_LAUNCH(pr.blocks, binary::kBlock, 0, stream, kernel)(a);
       XENT_CUDA_LAUNCH_CHECK();
     });

@@ -412,7 +412,7 @@ __device__ inline typename AccType<scalar_t>::type fwd_element(const Params& a, 
 }
 
 template <Loss L, class scalar_t, int V>
-__global__ void __launch_bounds__(kBlock, 1) fwd_kernel(const Params a) {
+__device__ inline void fwd_body(const Params& a) {
   using acc_t = typename AccType<scalar_t>::type;
   using Vx = Vec<scalar_t, V>;
   __shared__ acc_t sh_uniform[3];
@@ -461,6 +461,16 @@ XENT_BIN_UNROLL
   }
 }
 
+// The vector kernels (V = 16 / sizeof(scalar_t): 128-bit accesses) and the scalar ones (any alignment).
+template <Loss L, class scalar_t>
+__global__ void __launch_bounds__(kBlock, 1) fwd_vector_kernel(const Params a) {
+  fwd_body<L, scalar_t, 16 / static_cast<int>(sizeof(scalar_t))>(a);
+}
+template <Loss L, class scalar_t>
+__global__ void __launch_bounds__(kBlock, 1) fwd_scalar_kernel(const Params a) {
+  fwd_body<L, scalar_t, 1>(a);
+}
+
 template <class scalar_t>
 struct FinishParams {
   const double* partials = nullptr;  // [n]
@@ -496,7 +506,7 @@ __device__ inline void bwd_element(const Params& a, const Consts<typename AccTyp
 }
 
 template <Loss L, class scalar_t, int V>
-__global__ void __launch_bounds__(kBlock, 1) bwd_kernel(const Params a) {
+__device__ inline void bwd_body(const Params& a) {
   using acc_t = typename AccType<scalar_t>::type;
   using Vx = Vec<scalar_t, V>;
   __shared__ acc_t sh_uniform[3];
@@ -529,6 +539,15 @@ XENT_BIN_UNROLL
     if (threadIdx.x < a.head) bwd_element<L, scalar_t>(a, c, sh_uniform, threadIdx.x);
     if (tail_begin + threadIdx.x < a.numel) bwd_element<L, scalar_t>(a, c, sh_uniform, tail_begin + threadIdx.x);
   }
+}
+
+template <Loss L, class scalar_t>
+__global__ void __launch_bounds__(kBlock, 1) bwd_vector_kernel(const Params a) {
+  bwd_body<L, scalar_t, 16 / static_cast<int>(sizeof(scalar_t))>(a);
+}
+template <Loss L, class scalar_t>
+__global__ void __launch_bounds__(kBlock, 1) bwd_scalar_kernel(const Params a) {
+  bwd_body<L, scalar_t, 1>(a);
 }
 
 } // namespace xent::cuda::binary
