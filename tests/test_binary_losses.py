@@ -27,6 +27,7 @@ import torch
 import torch.nn.functional as F
 
 import xent
+from conftest import EMULATED_SCHEDULES, make_backend
 from reference_binary import (
     binary_cross_entropy_reference,
     binary_cross_entropy_with_logits_reference,
@@ -997,8 +998,8 @@ def test_deprecated_size_average_reduce():
 # torch.library.opcheck on every op.
 
 
-def _opcheck_samples():
-    ops = torch.ops.xent
+def _opcheck_samples(ns):
+    ops = getattr(torch.ops, ns)
     samples = []
     configs = (
         ((4, 5), None, None, 1),
@@ -1029,18 +1030,21 @@ def _opcheck_samples():
     return samples
 
 
-OPCHECK_SAMPLES = _opcheck_samples()
+# The CPU ops (torch.ops.xent) and, in the test-only build, the emulated CUDA ops (torch.ops.xent_emulated).
+OPCHECK_NAMESPACES = ["xent"] + (["xent_emulated"] if xent.testing.emulated_cuda_available() else [])
+OPCHECK_SAMPLES = [sample for ns in OPCHECK_NAMESPACES for sample in _opcheck_samples(ns)]
 
 
 @pytest.mark.parametrize("i", range(len(OPCHECK_SAMPLES)),
-                         ids=[f"{s[0]._qualified_op_name.split('::')[-1]}-{j}" for j, s in enumerate(OPCHECK_SAMPLES)])
+                         ids=[f"{s[0]._qualified_op_name.replace('::', '-')}-{j}" for j, s in enumerate(OPCHECK_SAMPLES)])
 def test_opcheck(i):
     op, args, kwargs = OPCHECK_SAMPLES[i]
     torch.library.opcheck(op, args, kwargs)
 
 
 def test_opcheck_covers_every_op():
-    assert {s[0]._qualified_op_name.split("::")[-1] for s in OPCHECK_SAMPLES} == set(ALL_OPS)
+    names = {s[0]._qualified_op_name for s in OPCHECK_SAMPLES}
+    assert names == {f"{ns}::{op}" for ns in OPCHECK_NAMESPACES for op in ALL_OPS}
 
 
 # ================================================================================================
@@ -1246,6 +1250,102 @@ def test_deterministic_across_thread_counts(cpu_backend, restore_num_threads, ca
         torch.set_num_threads(n)
         _assert_bitwise(one, _determinism_run(cpu_backend, kind, shape, dtype, target_grad=False),
                         f"{case}: 1 vs {n} threads")
+
+
+# ================================================================================================
+# Warp schedules of the emulated CUDA kernels.
+
+# A subset reaching every kernel path: vector kernels with whole blocks and a partial last block, the
+# scalar kernels (misaligned input, fresh output), the head and tail of a misaligned input whose target has
+# the same alignment (reductions), strided / broadcast / scalar operands, integer and non-integer gamma.
+SCHEDULE_CASES = {
+    # name: (kind, shape, dtype, layout, target_layout, weight shape, pos_weight shape, options)
+    "bce_vector_mean": ("bce", (300, 80), F32, "contiguous", "contiguous", (80,), None, dict(reduction="mean")),
+    "bce_head_tail_sum": ("bce", (37, 81), BF16, "misaligned", "misaligned", (37, 1), None, dict(reduction="sum")),
+    "logits_scalar_none": ("logits", (2, 3, 5, 7), F32, "misaligned", "transposed", (3, 1, 7), (7,),
+                           dict(reduction="none")),
+    "logits_f64_blocks": ("logits", (1100, 9), F64, "contiguous", "contiguous", (), (9,), dict(reduction="mean")),
+    "focal_vector_sum": ("focal", (64, 257), BF16, "contiguous", "contiguous", (64, 257), (), dict(reduction="sum")),
+    "focal_pow_none": ("focal", (33, 40), F32, "transposed", "contiguous", None, (40,),
+                       dict(reduction="none", gamma=2.5, alpha=-1.0)),
+}
+
+
+@pytest.mark.parametrize("case", list(SCHEDULE_CASES))
+def test_emulated_schedules(schedule_backend, case):
+    kind, shape, dtype, layout, target_layout, wshape, pwshape, opts = SCHEDULE_CASES[case]
+    x, y = make_case(kind, shape, dtype, soft=True)
+    w = make_weight(wshape, dtype) if wshape is not None else None
+    pw = make_pos_weight(pwshape, dtype) if pwshape is not None else None
+    check(kind, schedule_backend, x, y, w, pw, layout=layout, target_layout=target_layout, **opts)
+
+
+@pytest.mark.parametrize("case", list(DETERMINISM_CASES))
+def test_emulated_schedules_bitwise(case):
+    """The CUDA kernels (under the emulator) give bitwise identical losses and gradients under every warp
+    schedule: the reductions' order does not depend on timing."""
+    kind, shape, dtype = DETERMINISM_CASES[case]
+    runs = [(f"{s}-{seed}", _determinism_run(make_backend(f"emulated_cuda-{s}-{seed}"), kind, shape, dtype))
+            for s, seed in EMULATED_SCHEDULES]
+    for name, out in runs[1:]:
+        _assert_bitwise(runs[0][1], out, f"{case}: schedule {runs[0][0]} vs {name}")
+
+
+# ================================================================================================
+# Memory traffic of the CUDA kernels (SIMT emulator counts, Note [CUDA binary loss kernels]).
+
+VECTORS_PER_BLOCK = 256 * 4  # binary_losses.cuh: kBlock x kVectorsPerThread
+
+
+def _traffic(fn):
+    ops = torch.ops.xent_emulated
+    ops._simt_traffic()  # reset
+    out = fn()
+    read, written = ops._simt_traffic()
+    return out, read, written
+
+
+def _kernel_blocks(numel, elt, vectorized, head=0):
+    nvec = (numel - head) // (16 // elt) if vectorized else numel
+    return max(1, -(-nvec // VECTORS_PER_BLOCK))
+
+
+@pytest.mark.parametrize("layout", ["contiguous", "misaligned"])
+@pytest.mark.parametrize("weighted", [False, True])
+@pytest.mark.parametrize("dtype", [F32, BF16, F64], ids=dtype_id)
+@pytest.mark.parametrize("shape", [(64, 4096), (37, 81)], ids=shape_id)
+@pytest.mark.parametrize("kind", KINDS)
+def test_traffic(kind, shape, dtype, weighted, layout):
+    """Forward: each input and target element read once (and an input-shaped weight once), the loss written
+    once (reduction none) or one double partial per block written and read back by the finish kernel.
+    Backward: the same reads plus grad_loss once (none) or the 0-d grad_loss once per block (mean), and
+    each gradient element written once. Exact byte counts."""
+    if not xent.testing.emulated_cuda_available():
+        pytest.skip("needs the test-only emulator build (XENT_BUILD_EMULATOR=1)")
+    ops = torch.ops.xent_emulated
+    x, y = make_case(kind, shape, dtype, soft=True)
+    x, y = LAYOUTS[layout](x), LAYOUTS[layout](y)
+    w = make_weight(shape, dtype) if weighted else None
+    n, elt = x.numel(), x.element_size()
+    stream = n * elt * (3 if weighted else 2)  # input, target (, weight)
+    fwd = getattr(ops, f"{OP_NAMES[kind]}_fwd")
+    bwd = getattr(ops, f"{OP_NAMES[kind]}_bwd")
+    options = (w,) if kind == "bce" else (w, None)
+    # Misaligned input and target share their alignment: the forward's vector kernels with a scalar head
+    # (reductions) or, against the aligned fresh loss / gradient, the scalar kernels.
+    head = (16 - (x.data_ptr() % 16)) % 16 // elt
+    for reduction in (0, 1):
+        loss, read, written = _traffic(lambda: fwd(x, y, *options, reduction=reduction))
+        if reduction == 0:
+            assert (read, written) == (stream, n * elt), (read, written)
+        else:
+            blocks = _kernel_blocks(n, elt, True, head)
+            assert (read, written) == (stream + 8 * blocks, 8 * blocks + elt), (read, written, blocks)
+        go = torch.randn(loss.shape, dtype=F64).to(dtype)
+        grad, read, written = _traffic(lambda: bwd(go, x, y, *options, reduction=reduction))
+        blocks = _kernel_blocks(n, elt, layout == "contiguous")
+        expected_read = stream + (n * elt if reduction == 0 else 8 * blocks)
+        assert (read, written) == (expected_read, n * elt), (read, written, blocks)
 
 
 # ================================================================================================
