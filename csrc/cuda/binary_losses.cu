@@ -210,6 +210,8 @@ void split(Prepared& pr, const void* out) {
 at::Tensor forward(const OpSpec& op, const at::Tensor& input, const at::Tensor& target,
                    const std::optional<at::Tensor>& weight, const std::optional<at::Tensor>& pos_weight,
                    int64_t reduction, double alpha = 0, double gamma = 0) {
+  // The checks first (a guard for a tensor on another device type would fail less clearly); the copies in
+  // prepare() guard their own device.
   Prepared pr = prepare(op, input, target, weight, pos_weight, reduction, alpha, gamma);
   host::DeviceGuard guard(input.device());
   const bool none = reduction == at::Reduction::None;
@@ -251,8 +253,6 @@ at::Tensor forward(const OpSpec& op, const at::Tensor& input, const at::Tensor& 
   return loss;
 }
 
-// The upstream gradient of reduction none (the input's shape, any strides and dtype) as an operand; an
-// expanded scalar (the backward of loss.sum()) becomes kScalar, an expanded row kStrided with stride 0.
 at::Tensor backward(const OpSpec& op, const at::Tensor& grad_loss, const at::Tensor& input, const at::Tensor& target,
                     const std::optional<at::Tensor>& weight, const std::optional<at::Tensor>& pos_weight,
                     int64_t reduction, double alpha = 0, double gamma = 0) {
@@ -264,16 +264,9 @@ at::Tensor backward(const OpSpec& op, const at::Tensor& grad_loss, const at::Ten
   if (a.numel == 0) return grad;
   at::Tensor grad_total;
   if (reduction == at::Reduction::None) {
-    if (grad_loss.numel() == 1 || grad_loss.dim() == 0) {
-      a.grad = describe_operand(grad_loss, pr.input, pr.keep);
-    } else {
-      // All-broadcast (stride 0 everywhere) grad_loss: one value, read through a 0-d view.
-      bool all_broadcast = true;
-      for (int64_t d = 0; d < grad_loss.dim(); ++d) {
-        all_broadcast = all_broadcast && (grad_loss.size(d) == 1 || grad_loss.stride(d) == 0);
-      }
-      a.grad = describe_operand(all_broadcast ? grad_loss.as_strided({}, {}) : grad_loss, pr.input, pr.keep);
-    }
+    // Any strides: the expanded scalar of loss.sum()'s backward (all strides 0) becomes kScalar, an
+    // expanded row kStrided with stride 0, a contiguous one kVector.
+    a.grad = describe_operand(grad_loss, pr.input, pr.keep);
   } else {
     // The 0-d upstream gradient in double, read on the device (the CPU op's item<double>()).
     grad_total = grad_loss.to(at::kDouble);
