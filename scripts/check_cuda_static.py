@@ -8,6 +8,7 @@ Prints registers per kernel. Usage:
 
     python scripts/check_cuda_static.py                       # sm_80, sm_90 (CI)
     python scripts/check_cuda_static.py --arch all            # the whole default list, sm_75 .. sm_120
+    python scripts/check_cuda_static.py --only binary_losses  # one source file
 """
 
 import argparse
@@ -30,6 +31,10 @@ VECTORIZED = {
     },
     "nll_loss.cu": {
         "zero_fill_kernel": ["STG.E.128"],
+    },
+    "binary_losses.cu": {
+        "fwd_vector_kernel": ["LDG.E.128", "STG.E.128"],
+        "bwd_vector_kernel": ["LDG.E.128", "STG.E.128"],
     },
 }
 
@@ -90,6 +95,18 @@ def demangle(names):
     return dict(zip(names, out))
 
 
+def short_name(demangled):
+    """The demangled name without its parameter list (template arguments such as `(Loss)0` keep theirs)."""
+    if not demangled.endswith(")"):
+        return demangled
+    depth = 0
+    for i in range(len(demangled) - 1, -1, -1):
+        depth += {")": 1, "(": -1}.get(demangled[i], 0)
+        if depth == 0:
+            return demangled[:i]
+    return demangled
+
+
 def sass_by_kernel(cuobjdump, obj):
     out = subprocess.run([cuobjdump, "-sass", obj], capture_output=True, text=True)
     if out.returncode != 0:
@@ -108,11 +125,14 @@ def sass_by_kernel(cuobjdump, obj):
 def main():
     parser = argparse.ArgumentParser()
     parser.add_argument("--arch", default="80,90", help="comma list like 80,90, or 'all'")
+    parser.add_argument("--only", default=None, help="check only the .cu files whose name contains this")
     args = parser.parse_args()
     archs = ALL_ARCHS if args.arch == "all" else args.arch.split(",")
     nvcc = find_tool("nvcc")
     cuobjdump = find_tool("cuobjdump")
     sources = sorted(glob.glob(os.path.join(ROOT, "csrc", "cuda", "*.cu")))
+    if args.only:
+        sources = [s for s in sources if args.only in os.path.basename(s)]
     if nvcc is None:
         print("check_cuda_static: no nvcc; skipping (the CUDA kernels are not built on this machine)")
         return 0
@@ -134,7 +154,7 @@ def main():
                 names = demangle(list(kernels))
                 print(f"== {os.path.relpath(src, ROOT)} sm_{arch}: {len(kernels)} kernels")
                 for k, info in sorted(kernels.items(), key=lambda kv: names[kv[0]]):
-                    short = names[k].split("(")[0]
+                    short = short_name(names[k])
                     print(
                         f"   {info.get('registers', '?'):>3} regs  stack {info.get('stack', 0):>3} B  "
                         f"spill {info.get('spill_stores', 0)}/{info.get('spill_loads', 0)} B  {short}"
@@ -154,7 +174,7 @@ def main():
                     for k in matching:
                         missing = [op for op in opcodes if op not in sass[k]]
                         if missing:
-                            failures.append(f"{sass_names[k].split('(')[0]} (sm_{arch}): no {', '.join(missing)} in SASS")
+                            failures.append(f"{short_name(sass_names[k])} (sm_{arch}): no {', '.join(missing)} in SASS")
                     print(f"   128-bit accesses checked in {len(matching)} '{fragment}' kernels")
     if failures:
         print("\nCUDA static checks FAILED:")

@@ -27,6 +27,7 @@ import torch
 import torch.nn.functional as F
 
 import xent
+from conftest import EMULATED_SCHEDULES, make_backend
 from reference_binary import (
     binary_cross_entropy_reference,
     binary_cross_entropy_with_logits_reference,
@@ -55,27 +56,6 @@ def dtype_id(dtype):
 
 def shape_id(shape):
     return "x".join(map(str, shape)) if len(shape) else "scalar"
-
-
-# ================================================================================================
-# Backends: the emulated-CUDA library gets these kernels later; until then its tests skip.
-
-
-def require_kernels(backend):
-    if backend.name == "cpu":
-        return
-    ns = "xent_emulated" if backend.emulated else "xent"
-    key = "CUDA" if backend.device.type == "cuda" else "CPU"
-    missing = [op for op in ALL_OPS if not torch._C._dispatch_has_kernel_for_dispatch_key(f"{ns}::{op}", key)]
-    if missing:
-        pytest.skip(f"{backend.name} backend: torch.ops.{ns} has no {key} kernel for {', '.join(missing)} yet")
-
-
-@pytest.fixture
-def bk(backend):
-    """Every backend of conftest.py, skipped where the binary losses' kernels do not exist yet."""
-    require_kernels(backend)
-    return backend
 
 
 # ================================================================================================
@@ -451,32 +431,33 @@ SHAPE_CASES = [
 @pytest.mark.parametrize("shape,dtype,reduction", SHAPE_CASES,
                          ids=[f"{shape_id(s)}-{dtype_id(d)}-{r}" for s, d, r in SHAPE_CASES])
 @pytest.mark.parametrize("kind", KINDS)
-def test_shapes(bk, kind, shape, dtype, reduction):
+def test_shapes(backend, kind, shape, dtype, reduction):
     x, y = make_case(kind, shape, dtype)
-    check(kind, bk, x, y, reduction=reduction)
+    check(kind, backend, x, y, reduction=reduction)
 
 
 @pytest.mark.parametrize("reduction", REDUCTIONS)
 @pytest.mark.parametrize("dtype", [F32, F64, BF16], ids=dtype_id)
 @pytest.mark.parametrize("kind", KINDS)
-def test_soft_targets(bk, kind, dtype, reduction):
+def test_soft_targets(backend, kind, dtype, reduction):
     x, y = make_case(kind, (64, 33), dtype, soft=True)
-    check(kind, bk, x, y, make_weight((33,), dtype), None if kind == "bce" else make_pos_weight((33,), dtype),
+    check(kind, backend, x, y, make_weight((33,), dtype), None if kind == "bce" else make_pos_weight((33,), dtype),
           reduction=reduction)
 
 
-def test_empty_reductions():
+def test_empty_reductions(backend):
     """An empty input: mean is NaN, sum is 0, none is empty, gradients are empty: as PyTorch."""
     for kind in KINDS:
         for shape in ((0,), (0, 80), (3, 0)):
             x, y = make_case(kind, shape, F32)
             for reduction in REDUCTIONS:
-                xl = _leaf(x, True)
-                loss = xent_loss(kind, xl, y, reduction=reduction)
+                xl = backend.put(x).requires_grad_()
+                with backend.active():
+                    loss = xent_loss(kind, xl, backend.put(y), reduction=reduction)
+                    (g,) = torch.autograd.grad(loss, xl, torch.ones_like(loss))
                 expected = torch_loss(kind, x, y, reduction=reduction)
                 assert loss.shape == expected.shape and loss.dtype == expected.dtype
-                torch.testing.assert_close(loss, expected, equal_nan=True)
-                (g,) = torch.autograd.grad(loss, xl, torch.ones_like(loss))
+                torch.testing.assert_close(loss.cpu(), expected, equal_nan=True)
                 assert g.shape == x.shape
 
 
@@ -506,7 +487,7 @@ OPERAND_CASES = (
 
 @pytest.mark.parametrize("weight,pos_weight", OPERAND_CASES, ids=lambda v: str(v))
 @pytest.mark.parametrize("kind", KINDS)
-def test_weight_broadcasts(cpu_backend, kind, weight, pos_weight):
+def test_weight_broadcasts(backend, kind, weight, pos_weight):
     """Every operand kind of the kernels, for float (float32), double (float64) accumulation and an
     operand in the input's 16-bit dtype (bfloat16), unreduced and reduced."""
     if kind == "bce" and pos_weight is not None:
@@ -517,11 +498,48 @@ def test_weight_broadcasts(cpu_backend, kind, weight, pos_weight):
                 x, y = make_case(kind, shape, dtype)
                 w = make_weight(OPERAND_SHAPES[weight][i], dtype) if weight else None
                 pw = make_pos_weight(OPERAND_SHAPES[pos_weight][i], dtype) if pos_weight else None
-                check(kind, cpu_backend, x, y, w, pw, reduction=reduction)
+                check(kind, backend, x, y, w, pw, reduction=reduction)
+
+
+def _weight_layout(name, shape, dtype):
+    """A weight for an input of `shape` stored in a layout of its own (the CUDA kernels read operands in
+    place through their strides, Note [CUDA binary loss kernels])."""
+    if name == "full_transposed":
+        return _transposed(make_weight(shape, dtype))
+    if name == "per_class_sliced":  # stride 2
+        return _sliced(make_weight(shape[-1:], dtype))
+    if name == "per_row_expanded":  # (N, 1) expanded to (N, C): stride 0 in the last dim
+        return make_weight(tuple(shape[:-1]) + (1,), dtype).expand(shape)
+    if name == "full_misaligned":  # dense, storage offset 1: read element by element
+        return _misaligned(make_weight(shape, dtype))
+    if name == "full_float32":  # dense in the accumulation dtype for a 16-bit input
+        return make_weight(shape, F32 if dtype in LOW else dtype)
+    if name == "alternating":  # broadcast in every other dim: more merged dims than the kernels index
+        return make_weight(tuple(s if i % 2 else 1 for i, s in enumerate(shape)), dtype)
+    raise ValueError(name)
+
+
+WEIGHT_LAYOUTS = ["full_transposed", "per_class_sliced", "per_row_expanded", "full_misaligned", "full_float32",
+                  "alternating"]
+
+
+@pytest.mark.parametrize("layout", WEIGHT_LAYOUTS)
+@pytest.mark.parametrize("kind", KINDS)
+def test_weight_layouts(backend, kind, layout):
+    """weight and pos_weight in non-contiguous, broadcast (stride 0), misaligned and other-dtype layouts, on
+    inputs whose vector path is taken (contiguous) or not (misaligned), including a 9-d input whose operand
+    dims do not merge into the kernels' four."""
+    for dtype in (F32, BF16, F64):
+        for shape in ((37, 80), (2, 3, 5, 7), (2, 3, 2, 3, 2, 3, 2, 3, 5)):
+            x, y = make_case(kind, shape, dtype)
+            w = _weight_layout(layout, shape, dtype)
+            pw = None if kind == "bce" else _weight_layout(layout, shape, dtype)
+            for reduction, input_layout in (("none", "contiguous"), ("sum", "misaligned")):
+                check(kind, backend, x, y, w, pw, reduction=reduction, layout=input_layout)
 
 
 @pytest.mark.parametrize("kind", KINDS)
-def test_weight_other_dtypes(kind, cpu_backend):
+def test_weight_other_dtypes(kind, backend):
     """weight / pos_weight of another dtype than the input (float64 or int64 for float32 input, float32
     for bfloat16): PyTorch multiplies them in; so does xent."""
     for dtype, wdtype in ((F32, F64), (F32, torch.int64), (BF16, F32), (F64, F32)):
@@ -531,7 +549,9 @@ def test_weight_other_dtypes(kind, cpu_backend):
             w = (w * 3).round().to(wdtype) if not wdtype.is_floating_point else w.to(wdtype)
             pw = None if kind == "bce" else make_pos_weight(shape, F64).to(wdtype if wdtype.is_floating_point else F32)
             for reduction in REDUCTIONS:
-                got = xent_loss(kind, x, y, w, pw, reduction=reduction)
+                with backend.active():
+                    got = xent_loss(kind, backend.put(x), backend.put(y), backend.put(w), backend.put(pw),
+                                    reduction=reduction).cpu()
                 expected = torch_loss(kind, x, y, w, pw, reduction=reduction)
                 assert got.dtype == expected.dtype == dtype
                 exact = ref_loss(kind, x, y, w, pw, reduction=reduction)
@@ -555,23 +575,23 @@ LAYOUT_CASES = [
 @pytest.mark.parametrize("dtype", [F32, F64, BF16], ids=dtype_id)
 @pytest.mark.parametrize("layout,target_layout", LAYOUT_CASES, ids=lambda v: v)
 @pytest.mark.parametrize("kind", KINDS)
-def test_layouts(bk, kind, layout, target_layout, dtype, reduction):
+def test_layouts(backend, kind, layout, target_layout, dtype, reduction):
     for shape in ((37, 80), (2, 3, 5, 7), (31,)):
         x, y = make_case(kind, shape, dtype)
         C = shape[-1]
-        check(kind, bk, x, y, make_weight((C,), dtype), None if kind == "bce" else make_pos_weight((C,), dtype),
+        check(kind, backend, x, y, make_weight((C,), dtype), None if kind == "bce" else make_pos_weight((C,), dtype),
               reduction=reduction, layout=layout, target_layout=target_layout)
 
 
 @pytest.mark.parametrize("grad_output", ["ones", "expanded", "expanded_row", "transposed"])
 @pytest.mark.parametrize("dtype", [F32, F64, BF16], ids=dtype_id)
 @pytest.mark.parametrize("kind", KINDS)
-def test_grad_output_layouts(bk, kind, dtype, grad_output):
+def test_grad_output_layouts(backend, kind, dtype, grad_output):
     """reduction='none' with an upstream gradient that is broadcast (stride 0, as loss.sum() gives) or
     not contiguous."""
     for shape in ((37, 80), (2, 3, 5, 7)):
         x, y = make_case(kind, shape, dtype)
-        check(kind, bk, x, y, reduction="none", grad_output=grad_output)
+        check(kind, backend, x, y, reduction="none", grad_output=grad_output)
 
 
 # ================================================================================================
@@ -583,11 +603,11 @@ FOCAL_OPTIONS = [(0.25, g) for g in (0.0, 0.5, 1.0, 2.0, 2.5, 3.0, 5.0)] + [(a, 
 
 @pytest.mark.parametrize("alpha,gamma", FOCAL_OPTIONS, ids=lambda v: str(v))
 @pytest.mark.parametrize("dtype", [F32, F64, BF16], ids=dtype_id)
-def test_focal_alpha_gamma(bk, dtype, alpha, gamma):
+def test_focal_alpha_gamma(backend, dtype, alpha, gamma):
     """gamma: none (0), products (1, 2, 3, 5), exp(gamma log m) (0.5, 2.5); alpha: off (< 0), 0, 1."""
     x, y = make_case("focal", (61, 17), dtype)
     for reduction in REDUCTIONS:
-        check("focal", bk, x, y, reduction=reduction, alpha=alpha, gamma=gamma)
+        check("focal", backend, x, y, reduction=reduction, alpha=alpha, gamma=gamma)
 
 
 # ================================================================================================
@@ -673,7 +693,7 @@ def _special_vector(values, dtype, pad):
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=dtype_id)
 @pytest.mark.parametrize("kind", ["logits", "focal"])
-def test_special_values_logits(bk, kind, dtype):
+def test_special_values_logits(backend, kind, dtype):
     """NaN and infinite logits / targets give PyTorch's (torchvision's) values, NaN included: e.g. a -inf
     logit gives NaN as in PyTorch's formula, +inf with y = 0 gives inf."""
     big = 6e4 if dtype == F16 else 1e4
@@ -690,8 +710,8 @@ def test_special_values_logits(bk, kind, dtype):
                     exact = torch_loss(kind, x.double(), y.double(), None, None if pos_weight is None
                                        else pos_weight.double(), **opts)
                     low = torch_loss(kind, x, y, None, pos_weight, **opts)
-                    with bk.active():
-                        got = xent_loss(kind, bk.put(x), bk.put(y), None, bk.put(pos_weight), **opts)
+                    with backend.active():
+                        got = xent_loss(kind, backend.put(x), backend.put(y), None, backend.put(pos_weight), **opts)
                     what = f"{kind} special x, y={y_value}, pos_weight={pos_weight is not None}, pad={pad}"
                     # (In float16 PyTorch's own result overflows to inf for x = -6e4 with pos_weight,
                     # an intermediate beyond 65504; xent's float32 intermediates keep the finite value.)
@@ -703,7 +723,7 @@ def test_special_values_logits(bk, kind, dtype):
 
 @pytest.mark.parametrize("dtype", [F32, F64], ids=dtype_id)
 @pytest.mark.parametrize("kind", ["logits", "focal"])
-def test_special_values_gradient(kind, dtype):
+def test_special_values_gradient(backend, kind, dtype):
     """Gradients at NaN / infinite logits have PyTorch's NaN pattern and values."""
     xs = [INF, -INF, NAN, 0.0, 1e4, -1e4, 88.0, -88.0, 20.0, -20.0]
     for y_value in (0.0, 1.0, 0.5):
@@ -713,16 +733,17 @@ def test_special_values_gradient(kind, dtype):
             opts = dict(reduction="sum")
             if kind == "focal":
                 opts.update(alpha=0.25, gamma=gamma)
-            x1, x2 = _leaf(x, True), _leaf(x, True)
+            x1, x2 = _leaf(x, True), backend.put(x).requires_grad_()
             (g_pt,) = torch.autograd.grad(torch_loss(kind, x1, y, **opts), x1)
-            (g,) = torch.autograd.grad(xent_loss(kind, x2, y, **opts), x2)
-            assert_grad(g, g_pt.double(), None, dtype=dtype, what=f"{kind} grad at special x, y={y_value}, gamma={gamma}")
+            with backend.active():
+                (g,) = torch.autograd.grad(xent_loss(kind, x2, backend.put(y), **opts), x2)
+            assert_grad(g.cpu(), g_pt.double(), None, dtype=dtype, what=f"{kind} grad at special x, y={y_value}, gamma={gamma}")
             if kind != "focal":
                 break
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=dtype_id)
-def test_special_values_bce(dtype):
+def test_special_values_bce(backend, dtype):
     """BCE at the ends of [0, 1]: logs clamped at -100 (loss 100 or 0), gradients (x - y) / 1e-12 where
     x (1 - x) < 1e-12; subnormal probabilities are not clamped (log 1e-40 = -92.1). float16 gradients are
     checked in test_bce_float16_gradient_deviation."""
@@ -733,15 +754,18 @@ def test_special_values_bce(dtype):
         y = torch.full_like(x, y_value)
         exact = F.binary_cross_entropy(x.double(), y.double(), reduction="none")
         low = F.binary_cross_entropy(x, y, reduction="none")
-        xl = _leaf(x, True)
-        got = xent.binary_cross_entropy(xl, y, reduction="none")
-        assert_loss(got, exact, low, dtype=dtype, rtol=Tol.F32_LOSS if dtype != F64 else Tol.F64, atol=0.0,
+        xl = backend.put(x).requires_grad_()
+        with backend.active():
+            got = xent.binary_cross_entropy(xl, backend.put(y), reduction="none")
+        assert_loss(got.cpu(), exact, low, dtype=dtype, rtol=Tol.F32_LOSS if dtype != F64 else Tol.F64, atol=0.0,
                     what=f"bce at the ends, y={y_value}")
         if dtype == F16:
             continue
         x64 = _leaf(x.double(), True)
         (g_exact,) = torch.autograd.grad(F.binary_cross_entropy(x64, y.double(), reduction="sum"), x64)
-        (g,) = torch.autograd.grad(got.sum(), xl)
+        with backend.active():
+            (g,) = torch.autograd.grad(got.sum(), xl)
+        g = g.cpu()
         g_low = None
         if dtype in LOW:
             x_low = _leaf(x, True)
@@ -749,16 +773,17 @@ def test_special_values_bce(dtype):
         assert_grad(g, g_exact, g_low, dtype=dtype, what=f"bce grad at the ends, y={y_value}")
 
 
-def test_bce_float16_gradient_deviation():
+def test_bce_float16_gradient_deviation(backend):
     """Documented deviation: PyTorch's float16 BCE backward clamps x (1 - x) at EPSILON = 1e-12 *rounded to
     float16*, i.e. 0, so x = 0 with y = 0 gives 0 / 0 = NaN. xent computes in float32 like the other
     dtypes: the true limit 0 (and -inf where the float32 value -1e12 overflows float16, as PyTorch)."""
     x = torch.tensor([0.0, 1.0, 0.0, 1.0], dtype=F16)
     y = torch.tensor([0.0, 1.0, 1.0, 0.0], dtype=F16)
-    xl, xt = _leaf(x, True), _leaf(x, True)
-    (g,) = torch.autograd.grad(xent.binary_cross_entropy(xl, y, reduction="sum"), xl)
+    xl, xt = backend.put(x).requires_grad_(), _leaf(x, True)
+    with backend.active():
+        (g,) = torch.autograd.grad(xent.binary_cross_entropy(xl, backend.put(y), reduction="sum"), xl)
     (g_pt,) = torch.autograd.grad(F.binary_cross_entropy(xt, y, reduction="sum"), xt)
-    assert g.tolist() == [0.0, 0.0, -math.inf, math.inf]
+    assert g.cpu().tolist() == [0.0, 0.0, -math.inf, math.inf]
     assert torch.isnan(g_pt[:2]).all() and g_pt[2:].tolist() == [-math.inf, math.inf]
 
 
@@ -769,9 +794,12 @@ def test_bce_float16_gradient_deviation():
 @pytest.mark.parametrize("where", ["first", "body", "tail", "last_block"])
 @pytest.mark.parametrize("bad", ["input_above_one", "input_negative", "input_nan", "target_above_one",
                                  "target_negative", "target_nan"])
-def test_bce_out_of_range_raises(bad, where):
+def test_bce_out_of_range_raises(backend, bad, where):
     """One bad value anywhere (first element, inside a vector, in a block's tail, in the last of many
-    blocks) raises PyTorch's RuntimeError, whatever the reduction and the dtype."""
+    blocks) raises PyTorch's RuntimeError, whatever the reduction and the dtype; the CUDA kernels fail a
+    device-side assert naming it (a RuntimeError under the emulator), as PyTorch's CUDA kernel."""
+    if backend.name == "cuda":
+        pytest.skip("a device-side assert leaves the CUDA context unusable for the rest of the session")
     n = {"first": 100, "body": 100, "tail": 100, "last_block": 3 * 2048 + 5}[where]
     pos = {"first": 0, "body": 37, "tail": 99, "last_block": n - 2}[where]
     for dtype in (F32, BF16, F64):
@@ -782,9 +810,12 @@ def test_bce_out_of_range_raises(bad, where):
         message = f"all elements of {bad.split('_')[0]} should be between 0 and 1"
         with pytest.raises(RuntimeError, match=message):
             F.binary_cross_entropy(x, y)
+        if backend.emulated:
+            message = "device-side assert.*binary_cross_entropy: " + message
         for reduction in REDUCTIONS:
             with pytest.raises(RuntimeError, match=message):
-                xent.binary_cross_entropy(x, y, reduction=reduction)
+                with backend.active():
+                    xent.binary_cross_entropy(backend.put(x), backend.put(y), reduction=reduction)
 
 
 # ================================================================================================
@@ -967,8 +998,8 @@ def test_deprecated_size_average_reduce():
 # torch.library.opcheck on every op.
 
 
-def _opcheck_samples():
-    ops = torch.ops.xent
+def _opcheck_samples(ns):
+    ops = getattr(torch.ops, ns)
     samples = []
     configs = (
         ((4, 5), None, None, 1),
@@ -999,18 +1030,21 @@ def _opcheck_samples():
     return samples
 
 
-OPCHECK_SAMPLES = _opcheck_samples()
+# The CPU ops (torch.ops.xent) and, in the test-only build, the emulated CUDA ops (torch.ops.xent_emulated).
+OPCHECK_NAMESPACES = ["xent"] + (["xent_emulated"] if xent.testing.emulated_cuda_available() else [])
+OPCHECK_SAMPLES = [sample for ns in OPCHECK_NAMESPACES for sample in _opcheck_samples(ns)]
 
 
 @pytest.mark.parametrize("i", range(len(OPCHECK_SAMPLES)),
-                         ids=[f"{s[0]._qualified_op_name.split('::')[-1]}-{j}" for j, s in enumerate(OPCHECK_SAMPLES)])
+                         ids=[f"{s[0]._qualified_op_name.replace('::', '-')}-{j}" for j, s in enumerate(OPCHECK_SAMPLES)])
 def test_opcheck(i):
     op, args, kwargs = OPCHECK_SAMPLES[i]
     torch.library.opcheck(op, args, kwargs)
 
 
 def test_opcheck_covers_every_op():
-    assert {s[0]._qualified_op_name.split("::")[-1] for s in OPCHECK_SAMPLES} == set(ALL_OPS)
+    names = {s[0]._qualified_op_name for s in OPCHECK_SAMPLES}
+    assert names == {f"{ns}::{op}" for ns in OPCHECK_NAMESPACES for op in ALL_OPS}
 
 
 # ================================================================================================
@@ -1120,32 +1154,32 @@ def _gradcheck_inputs(kind, shape, opts):
 
 
 @pytest.mark.parametrize("kind,shape,opts", GRADCHECK_CASES, ids=lambda v: str(v))
-def test_gradcheck(bk, kind, shape, opts):
+def test_gradcheck(backend, kind, shape, opts):
     x, y, w, pw, kw = _gradcheck_inputs(kind, shape, opts)
-    xd, yd, wd, pwd = bk.put(x), bk.put(y), bk.put(w), bk.put(pw)
+    xd, yd, wd, pwd = backend.put(x), backend.put(y), backend.put(w), backend.put(pw)
 
     def fn(x, y):
         return xent_loss(kind, x, y, wd, pwd, **kw)
 
-    with bk.active():
+    with backend.active():
         assert torch.autograd.gradcheck(fn, (xd, yd))
         assert torch.autograd.gradgradcheck(fn, (xd, yd))
 
 
 @pytest.mark.parametrize("kind,shape,opts", GRADCHECK_CASES, ids=lambda v: str(v))
-def test_gradgradcheck_through_grad_output(bk, kind, shape, opts):
+def test_gradgradcheck_through_grad_output(backend, kind, shape, opts):
     """The first gradient as a function of (input, target, grad_output): the *_bwd ops' own autograd."""
     x, y, w, pw, kw = _gradcheck_inputs(kind, shape, opts)
-    xd, yd, wd, pwd = bk.put(x), bk.put(y), bk.put(w), bk.put(pw)
-    with bk.active():
+    xd, yd, wd, pwd = backend.put(x), backend.put(y), backend.put(w), backend.put(pw)
+    with backend.active():
         loss = xent_loss(kind, xd.detach(), yd.detach(), wd, pwd, **kw)
     go = torch.randn(loss.shape, dtype=F64).to(xd.device).requires_grad_()
 
     def first_grad(x, y, go):
-        with bk.active():
+        with backend.active():
             return torch.autograd.grad(xent_loss(kind, x, y, wd, pwd, **kw), x, go, create_graph=True)[0]
 
-    with bk.active():
+    with backend.active():
         assert torch.autograd.gradcheck(first_grad, (xd, yd, go))
 
 
@@ -1198,10 +1232,10 @@ def _assert_bitwise(a, b, what):
 
 
 @pytest.mark.parametrize("case", list(DETERMINISM_CASES))
-def test_deterministic_repeated_runs(bk, case):
+def test_deterministic_repeated_runs(backend, case):
     kind, shape, dtype = DETERMINISM_CASES[case]
-    first = _determinism_run(bk, kind, shape, dtype)
-    _assert_bitwise(first, _determinism_run(bk, kind, shape, dtype), f"{case}: repeated run")
+    first = _determinism_run(backend, kind, shape, dtype)
+    _assert_bitwise(first, _determinism_run(backend, kind, shape, dtype), f"{case}: repeated run")
 
 
 @pytest.mark.parametrize("case", list(DETERMINISM_CASES))
@@ -1216,6 +1250,102 @@ def test_deterministic_across_thread_counts(cpu_backend, restore_num_threads, ca
         torch.set_num_threads(n)
         _assert_bitwise(one, _determinism_run(cpu_backend, kind, shape, dtype, target_grad=False),
                         f"{case}: 1 vs {n} threads")
+
+
+# ================================================================================================
+# Warp schedules of the emulated CUDA kernels.
+
+# A subset reaching every kernel path: vector kernels with whole blocks and a partial last block, the
+# scalar kernels (misaligned input, fresh output), the head and tail of a misaligned input whose target has
+# the same alignment (reductions), strided / broadcast / scalar operands, integer and non-integer gamma.
+SCHEDULE_CASES = {
+    # name: (kind, shape, dtype, layout, target_layout, weight shape, pos_weight shape, options)
+    "bce_vector_mean": ("bce", (300, 80), F32, "contiguous", "contiguous", (80,), None, dict(reduction="mean")),
+    "bce_head_tail_sum": ("bce", (37, 81), BF16, "misaligned", "misaligned", (37, 1), None, dict(reduction="sum")),
+    "logits_scalar_none": ("logits", (2, 3, 5, 7), F32, "misaligned", "transposed", (3, 1, 7), (7,),
+                           dict(reduction="none")),
+    "logits_f64_blocks": ("logits", (1100, 9), F64, "contiguous", "contiguous", (), (9,), dict(reduction="mean")),
+    "focal_vector_sum": ("focal", (64, 257), BF16, "contiguous", "contiguous", (64, 257), (), dict(reduction="sum")),
+    "focal_pow_none": ("focal", (33, 40), F32, "transposed", "contiguous", None, (40,),
+                       dict(reduction="none", gamma=2.5, alpha=-1.0)),
+}
+
+
+@pytest.mark.parametrize("case", list(SCHEDULE_CASES))
+def test_emulated_schedules(schedule_backend, case):
+    kind, shape, dtype, layout, target_layout, wshape, pwshape, opts = SCHEDULE_CASES[case]
+    x, y = make_case(kind, shape, dtype, soft=True)
+    w = make_weight(wshape, dtype) if wshape is not None else None
+    pw = make_pos_weight(pwshape, dtype) if pwshape is not None else None
+    check(kind, schedule_backend, x, y, w, pw, layout=layout, target_layout=target_layout, **opts)
+
+
+@pytest.mark.parametrize("case", list(DETERMINISM_CASES))
+def test_emulated_schedules_bitwise(case):
+    """The CUDA kernels (under the emulator) give bitwise identical losses and gradients under every warp
+    schedule: the reductions' order does not depend on timing."""
+    kind, shape, dtype = DETERMINISM_CASES[case]
+    runs = [(f"{s}-{seed}", _determinism_run(make_backend(f"emulated_cuda-{s}-{seed}"), kind, shape, dtype))
+            for s, seed in EMULATED_SCHEDULES]
+    for name, out in runs[1:]:
+        _assert_bitwise(runs[0][1], out, f"{case}: schedule {runs[0][0]} vs {name}")
+
+
+# ================================================================================================
+# Memory traffic of the CUDA kernels (SIMT emulator counts, Note [CUDA binary loss kernels]).
+
+VECTORS_PER_BLOCK = 256 * 4  # binary_losses.cuh: kBlock x kVectorsPerThread
+
+
+def _traffic(fn):
+    ops = torch.ops.xent_emulated
+    ops._simt_traffic()  # reset
+    out = fn()
+    read, written = ops._simt_traffic()
+    return out, read, written
+
+
+def _kernel_blocks(numel, elt, vectorized, head=0):
+    nvec = (numel - head) // (16 // elt) if vectorized else numel
+    return max(1, -(-nvec // VECTORS_PER_BLOCK))
+
+
+@pytest.mark.parametrize("layout", ["contiguous", "misaligned"])
+@pytest.mark.parametrize("weighted", [False, True])
+@pytest.mark.parametrize("dtype", [F32, BF16, F64], ids=dtype_id)
+@pytest.mark.parametrize("shape", [(64, 4096), (37, 81)], ids=shape_id)
+@pytest.mark.parametrize("kind", KINDS)
+def test_traffic(kind, shape, dtype, weighted, layout):
+    """Forward: each input and target element read once (and an input-shaped weight once), the loss written
+    once (reduction none) or one double partial per block written and read back by the finish kernel.
+    Backward: the same reads plus grad_loss once (none) or the 0-d grad_loss once per block (mean), and
+    each gradient element written once. Exact byte counts."""
+    if not xent.testing.emulated_cuda_available():
+        pytest.skip("needs the test-only emulator build (XENT_BUILD_EMULATOR=1)")
+    ops = torch.ops.xent_emulated
+    x, y = make_case(kind, shape, dtype, soft=True)
+    x, y = LAYOUTS[layout](x), LAYOUTS[layout](y)
+    w = make_weight(shape, dtype) if weighted else None
+    n, elt = x.numel(), x.element_size()
+    stream = n * elt * (3 if weighted else 2)  # input, target (, weight)
+    fwd = getattr(ops, f"{OP_NAMES[kind]}_fwd")
+    bwd = getattr(ops, f"{OP_NAMES[kind]}_bwd")
+    options = (w,) if kind == "bce" else (w, None)
+    # Misaligned input and target share their alignment: the forward's vector kernels with a scalar head
+    # (reductions) or, against the aligned fresh loss / gradient, the scalar kernels.
+    head = (16 - (x.data_ptr() % 16)) % 16 // elt
+    for reduction in (0, 1):
+        loss, read, written = _traffic(lambda: fwd(x, y, *options, reduction=reduction))
+        if reduction == 0:
+            assert (read, written) == (stream, n * elt), (read, written)
+        else:
+            blocks = _kernel_blocks(n, elt, True, head)
+            assert (read, written) == (stream + 8 * blocks, 8 * blocks + elt), (read, written, blocks)
+        go = torch.randn(loss.shape, dtype=F64).to(dtype)
+        grad, read, written = _traffic(lambda: bwd(go, x, y, *options, reduction=reduction))
+        blocks = _kernel_blocks(n, elt, layout == "contiguous")
+        expected_read = stream + (n * elt if reduction == 0 else 8 * blocks)
+        assert (read, written) == (expected_read, n * elt), (read, written, blocks)
 
 
 # ================================================================================================
@@ -1246,7 +1376,7 @@ def test_isa_parity(isa, cpu_backend, kind, dtype):
 def test_isa_special_values(isa, cpu_backend, kind):
     for dtype in DTYPES:
         test_special_values_logits(cpu_backend, kind, dtype)
-    test_special_values_bce(F32)
+    test_special_values_bce(cpu_backend, F32)
 
 
 # ================================================================================================

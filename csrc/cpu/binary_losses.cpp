@@ -6,11 +6,11 @@
 // better order to exploit), so a non-contiguous input or target is copied to contiguous memory first;
 // a merely misaligned one (storage offset 1) is used as is. The unreduced loss and the gradient are
 // contiguous, as the fake kernels in xent/_binary_ops.py promise.
+#include "binary_losses_host.h"
 #include "cpu/binary_kernels.h"
 #include "cpu/grad_buffer.h"
 #include "cpu/isa.h"
 
-#include <ATen/ExpandUtils.h>
 #include <ATen/Parallel.h>
 #include <ATen/core/Reduction.h>
 #include <ATen/core/Tensor.h>
@@ -34,10 +34,6 @@ const BinaryKernelTable& binary_kernels() {
   const BinaryKernelTable* t =
       isa == "avx512" ? binary_kernels_avx512() : isa == "avx2" ? binary_kernels_avx2() : nullptr;
   return t ? *t : *binary_kernels_generic();
-}
-
-bool kernel_float(at::ScalarType t) {
-  return t == at::kFloat || t == at::kDouble || t == at::kBFloat16 || t == at::kHalf;
 }
 
 DType kernel_dtype(at::ScalarType t) {
@@ -65,8 +61,7 @@ std::vector<int64_t> contiguous_strides(c10::IntArrayRef sizes) {
 }
 
 // ---------------------------------------------------------------------------------------------------
-// Checks. Exception types follow PyTorch's: NotImplementedError for a non-floating input, ValueError for
-// a target of another size, RuntimeError for a weight that does not broadcast to the input.
+// Checks: shared with the CUDA ops (csrc/binary_losses_host.h).
 
 struct OpSpec {
   const char* name;  // for messages: the PyTorch function the op mirrors
@@ -77,46 +72,11 @@ constexpr OpSpec kBce{"binary_cross_entropy", BinaryLoss::bce};
 constexpr OpSpec kLogits{"binary_cross_entropy_with_logits", BinaryLoss::bce_with_logits};
 constexpr OpSpec kFocal{"sigmoid_focal_loss", BinaryLoss::sigmoid_focal};
 
-void check_same_device(const at::Tensor& input, const at::Tensor& other, const char* what, const OpSpec& op) {
-  TORCH_CHECK(other.device() == input.device(), op.name, ": expected ", what, " on the input's device ",
-              input.device(), ", got ", other.device());
-}
-
-// `t` (weight or pos_weight) must broadcast to the input's shape without enlarging it, as PyTorch's
-// in-place `loss.mul_(weight)` requires.
-void check_broadcast(const at::Tensor& input, const std::optional<at::Tensor>& t, const char* what, const OpSpec& op) {
-  if (!t.has_value() || !t->defined()) return;
-  check_same_device(input, *t, what, op);
-  TORCH_CHECK(!at::isComplexType(t->scalar_type()), op.name, ": expected a real ", what, ", got ",
-              t->scalar_type());
-  const std::vector<int64_t> shape = at::infer_size(t->sizes(), input.sizes());  // raises on a mismatch
-  TORCH_CHECK(c10::IntArrayRef(shape).equals(input.sizes()), "output with shape ", input.sizes(),
-              " doesn't match the broadcast shape ", c10::IntArrayRef(shape));
-}
-
 void check_inputs(const OpSpec& op, const at::Tensor& input, const at::Tensor& target,
                   const std::optional<at::Tensor>& weight, const std::optional<at::Tensor>& pos_weight,
                   int64_t reduction) {
-  TORCH_CHECK_NOT_IMPLEMENTED(kernel_float(input.scalar_type()), "\"", op.name, "\" not implemented for '",
-                              input.scalar_type(), "'");
-  if (op.kind == BinaryLoss::bce) {
-    TORCH_CHECK_VALUE(target.sizes().equals(input.sizes()), "Using a target size (", target.sizes(),
-                      ") that is different to the input size (", input.sizes(),
-                      ") is deprecated. Please ensure they have the same size.");
-  } else {
-    TORCH_CHECK_VALUE(target.sizes().equals(input.sizes()), "Target size (", target.sizes(),
-                      ") must be the same as input size (", input.sizes(), ")");
-  }
-  // The ops take one dtype; xent.functional applies PyTorch's type promotion before calling them.
-  TORCH_CHECK(target.scalar_type() == input.scalar_type(), "Found dtype ", target.scalar_type(), " but expected ",
-              input.scalar_type());
+  check_binary_loss_inputs(op.name, op.kind == BinaryLoss::bce, input, target, weight, pos_weight, reduction);
   TORCH_CHECK(input.device().is_cpu(), "xent: the CPU kernel got input on ", input.device());
-  check_same_device(input, target, "target", op);
-  check_broadcast(input, weight, "weight", op);
-  check_broadcast(input, pos_weight, "pos_weight", op);
-  TORCH_CHECK_VALUE(reduction == at::Reduction::None || reduction == at::Reduction::Mean ||
-                        reduction == at::Reduction::Sum,
-                    op.name, ": reduction must be 0 (none), 1 (mean) or 2 (sum), got ", reduction);
 }
 
 // ---------------------------------------------------------------------------------------------------
@@ -262,15 +222,7 @@ at::Tensor backward(const OpSpec& op, const at::Tensor& grad_loss, const at::Ten
                     const std::optional<at::Tensor>& weight, const std::optional<at::Tensor>& pos_weight,
                     int64_t reduction, double alpha = 0, double gamma = 0) {
   Prepared pr = prepare(op, input, target, weight, pos_weight, reduction, alpha, gamma);
-  check_same_device(input, grad_loss, "grad_loss", op);
-  TORCH_CHECK(kernel_float(grad_loss.scalar_type()), op.name, " backward: expected a floating grad_loss, got ",
-              grad_loss.scalar_type());
-  if (reduction == at::Reduction::None) {
-    TORCH_CHECK(grad_loss.sizes().equals(input.sizes()), op.name, " backward: expected grad_loss of shape ",
-                input.sizes(), ", got ", grad_loss.sizes());
-  } else {
-    TORCH_CHECK(grad_loss.dim() == 0, op.name, " backward: expected a 0-d grad_loss, got ", grad_loss.sizes());
-  }
+  check_binary_loss_grad(op.name, grad_loss, input, reduction);
   BinaryArgs& a = pr.args;
   at::Tensor grad = empty_grad_buffer(input.sizes(), contiguous_strides(input.sizes()), input.scalar_type());
   if (a.numel == 0) return grad;

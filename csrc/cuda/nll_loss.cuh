@@ -1,9 +1,10 @@
 // Negative log-likelihood device code: forward gather, deterministic reduction, backward zero-fill and
 // scatter.
 //
-// Device code only. It includes nothing but compat.cuh (and <cstdint>), so that the same source compiles under
-// nvcc and, as plain C++, under the SIMT emulator (tests/simt). Every global memory access goes through
-// xent::cuda::load_global / store_global (the emulator counts the bytes). Host launch code: nll_loss.cu.
+// Device code only. It includes nothing but compat.cuh, the shared device headers acc_type.cuh and reduce.cuh
+// (and <cstdint>), so that the same source compiles under nvcc and, as plain C++, under the SIMT emulator
+// (tests/simt). Every global memory access goes through xent::cuda::load_global / store_global (the emulator
+// counts the bytes). Host launch code: nll_loss.cu.
 //
 // Note [CUDA nll_loss kernels]
 // ----------------------------
@@ -42,7 +43,9 @@
 // No floating-point atomics; results depend only on the shapes and values. Indices are int64 throughout.
 #pragma once
 
+#include "acc_type.cuh"
 #include "compat.cuh"
+#include "reduce.cuh"
 
 #include <cstdint>
 
@@ -72,34 +75,10 @@ constexpr int kFillVectorsPerThread = 4;
 constexpr int kFillVectorsPerBlock = kBlock * kFillVectorsPerThread;
 // Merged position dims a kernel indexes directly (more: the host makes the tensor contiguous).
 constexpr int kMaxPositionDims = 4;
-constexpr unsigned kFullMask = 0xffffffffu;
 
-template <class T>
-struct AccType {
-  using type = float;
-};
-template <>
-struct AccType<double> {
-  using type = double;
-};
-
-// Explicit conversion intrinsics: torch builds CUDA code with __CUDA_NO_HALF_CONVERSIONS__ and
-// __CUDA_NO_BFLOAT16_CONVERSIONS__.
-__device__ inline float to_acc(float v) { return v; }
-__device__ inline double to_acc(double v) { return v; }
-__device__ inline float to_acc(__nv_bfloat16 v) { return __bfloat162float(v); }
-__device__ inline float to_acc(__half v) { return __half2float(v); }
-
-template <class T>
-__device__ inline T from_acc(typename AccType<T>::type v);
-template <>
-__device__ inline float from_acc<float>(float v) { return v; }
-template <>
-__device__ inline double from_acc<double>(double v) { return v; }
-template <>
-__device__ inline __nv_bfloat16 from_acc<__nv_bfloat16>(float v) { return __float2bfloat16_rn(v); }
-template <>
-__device__ inline __half from_acc<__half>(float v) { return __float2half_rn(v); }
+// AccType, to_acc, from_acc: acc_type.cuh; block_sum2: reduce.cuh (both in xent::cuda). The host code
+// names nll::AccType.
+using ::xent::cuda::AccType;
 
 // The position dims (N, d1, ..., dk) of one tensor after the host dropped size-1 dims and merged the
 // contiguous runs: ndim >= 1 (size, stride) pairs, outermost first. size[0] is never needed.
@@ -121,35 +100,6 @@ XENT_NLL_UNROLL
     }
   }
   return off + p * d.stride[0];
-}
-
-__device__ inline double warp_sum(double v) {
-XENT_NLL_UNROLL
-  for (int off = 16; off > 0; off >>= 1) v += __shfl_xor_sync(kFullMask, v, off);
-  return v;
-}
-
-// Sums (v0, v1) over a block of kThreads threads in a fixed tree; returns the sums in thread 0 (the other
-// threads' return values are meaningless). Every thread of the block must call it. smem: 2 * kThreads / 32.
-template <int kThreads>
-__device__ inline void block_sum2(double& v0, double& v1, double* smem) {
-  constexpr int kW = kThreads / 32;
-  const int warp = static_cast<int>(threadIdx.x) / 32, lane = static_cast<int>(threadIdx.x) % 32;
-  v0 = warp_sum(v0);
-  v1 = warp_sum(v1);
-  if (lane == 0) {
-    smem[warp] = v0;
-    smem[kW + warp] = v1;
-  }
-  __syncthreads();
-  if (threadIdx.x == 0) {
-    v0 = smem[0];
-    v1 = smem[kW];
-    for (int w = 1; w < kW; ++w) {
-      v0 += smem[w];
-      v1 += smem[kW + w];
-    }
-  }
 }
 
 // ---------------------------------------------------------------------------------------------------------

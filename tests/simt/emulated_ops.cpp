@@ -1,5 +1,5 @@
 // The test-only translation unit of xent._C_emulated (tests/simt/README.md): the op schemas of csrc/ops.cpp
-// as the `xent_emulated` library, the CUDA host launch code and device code of csrc/cuda/cross_entropy.cu
+// as the `xent_emulated` library, the CUDA host launch code and device code of csrc/cuda/*.cu
 // compiled as C++ against the SIMT emulator (registered as CPU kernels), and the emulator's control ops.
 //
 // Built by setup.py (XENT_BUILD_EMULATOR=1) with -DXENT_EMULATED_BUILD -DXENT_SIMT_EMULATOR and the include
@@ -13,6 +13,7 @@
 
 #include "cuda/cross_entropy.cu"
 #include "cuda/nll_loss.cu"
+#include "cuda/binary_losses.cu"
 
 #include "simt_emulator.h"
 
