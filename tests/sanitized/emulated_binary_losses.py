@@ -32,6 +32,9 @@ for sched in ["forward", "random"]:
                 torch.autograd.grad(l.sum(), [ps if l is losses[0] else xs])
             ref = F.binary_cross_entropy_with_logits(x.double(), y.double(), None if w is None else w.double(),
                                                      reduction=reduction, pos_weight=None if pw is None else pw.double())
-            assert torch.allclose(losses[1].double(), ref, rtol=2e-2, atol=2e-2), (shape, dt, reduction)  # parity is tested elsewhere
+            # This run hunts memory errors under ASan/UBSan, not accuracy (tests/test_binary_losses.py checks
+            # parity with dtype-derived tolerances): a bound loose enough for bf16 inputs and results (2**-8
+            # relative each) that still rejects garbage from a wrong read.
+            assert torch.allclose(losses[1].double(), ref, rtol=2e-2, atol=2e-2), (shape, dt, reduction)
             n += 1
 print("asan run ok", n)
