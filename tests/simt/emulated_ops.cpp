@@ -13,6 +13,7 @@
 
 #include "cuda/cross_entropy.cu"
 #include "cuda/nll_loss.cu"
+#include "cuda/softmax_focal.cu"
 
 #include "simt_emulator.h"
 
