@@ -146,7 +146,7 @@ __global__ void __launch_bounds__(kBlock, 1) fwd_kernel(const Params<scalar_t> a
     int64_t y = -1;
     bool skip = false;
     if (a.target != nullptr) {
-      y = load_global(a.target + p);
+      y = ce::shfl_lane0(lane == 0 ? load_global(a.target + p) : int64_t(0));
       if (y == a.ignore_index) {
         skip = true;
       } else {
@@ -159,11 +159,13 @@ __global__ void __launch_bounds__(kBlock, 1) fwd_kernel(const Params<scalar_t> a
       const int64_t x_off = ce::position_offset(p, a.S, a.x_sn, a.x_ss);
       const acc_t lse = warp_row_lse(a, x_off, lane);
       if (!a.dense) {
-        wy = class_weight(a.weight, y);
-        const acc_t xy = ce::to_acc(load_global(a.x + x_off + y * a.x_sc));
-        loss = wy * focal_terms(a, xy - lse).f;
+        if (lane == 0) {  // only lane 0's loss and weight are used
+          wy = class_weight(a.weight, y);
+          const acc_t xy = ce::to_acc(load_global(a.x + x_off + y * a.x_sc));
+          loss = wy * focal_terms(a, xy - lse).f;
+        }
       } else {
-        if (a.target != nullptr) wy = class_weight(a.weight, y);
+        if (lane == 0 && a.target != nullptr) wy = class_weight(a.weight, y);
         const int64_t t_off = a.tp != nullptr ? ce::position_offset(p, a.S, a.t_sn, a.t_ss) : 0;
         acc_t sum = 0;
         for (int64_t c = lane; c < a.C; c += 32) {
@@ -199,7 +201,7 @@ __global__ void __launch_bounds__(kBlock, 1) bwd_kernel(const Params<scalar_t> a
   int64_t y = -1;
   bool skip = false;
   if (a.target != nullptr) {
-    y = load_global(a.target + p);
+    y = ce::shfl_lane0(lane == 0 ? load_global(a.target + p) : int64_t(0));
     if (y == a.ignore_index) {
       skip = true;
     } else {
@@ -212,17 +214,28 @@ __global__ void __launch_bounds__(kBlock, 1) bwd_kernel(const Params<scalar_t> a
     for (int64_t c = lane; c < a.C; c += 32) store_global(a.grad + g_off + c * a.g_sc, ce::from_acc<scalar_t>(acc_t(0)));
     return;
   }
-  const acc_t g = a.grad_loss != nullptr ? ce::to_acc(load_global(a.grad_loss + p)) : load_global(a.grad_scale);
-  const acc_t lse = load_global(a.lse_in + p);
+  // Per-position scalars are loaded by lane 0 and broadcast (one load per warp, not 32).
+  acc_t g = 0, lse = 0;
+  if (lane == 0) {
+    g = a.grad_loss != nullptr ? ce::to_acc(load_global(a.grad_loss + p)) : load_global(a.grad_scale);
+    lse = load_global(a.lse_in + p);
+  }
+  g = ce::shfl_lane0(g);
+  lse = ce::shfl_lane0(lse);
   const int64_t x_off = ce::position_offset(p, a.S, a.x_sn, a.x_ss);
   if (!a.dense) {
-    const acc_t wy = class_weight(a.weight, y);
-    const Terms<acc_t> ty = focal_terms(a, ce::to_acc(load_global(a.x + x_off + y * a.x_sc)) - lse);
-    const acc_t k = g * wy * ty.h;
+    acc_t k = 0, om_y = 0;  // g w_y h_y and 1 - p_y
+    if (lane == 0) {
+      const Terms<acc_t> ty = focal_terms(a, ce::to_acc(load_global(a.x + x_off + y * a.x_sc)) - lse);
+      k = g * class_weight(a.weight, y) * ty.h;
+      om_y = ty.om;
+    }
+    k = ce::shfl_lane0(k);
+    om_y = ce::shfl_lane0(om_y);
     for (int64_t c = lane; c < a.C; c += 32) {
       acc_t d;
       if (c == y) {
-        d = k * ty.om;
+        d = k * om_y;
       } else {
         d = -k * ce::acc_exp(ce::to_acc(load_global(a.x + x_off + c * a.x_sc)) - lse);
       }
