@@ -64,3 +64,44 @@ def test_traffic_counter_resets():
     first = ops._simt_traffic()
     assert first[0] > 0
     assert list(ops._simt_traffic()) == [0, 0]
+
+
+# Softmax focal loss (Note [CUDA softmax focal kernels]): class-index targets without smoothing read each
+# logit once in the forward and read/write each element once in the backward; label smoothing and
+# probability targets add one pass over the row (L2-hot, still counted here) and read the target per pass.
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("shape", [(64, 4096), (3, 21, 8, 8)], ids=["rows", "k-dim"])
+@pytest.mark.parametrize("case", ["index", "smoothing", "prob"])
+@pytest.mark.parametrize("reduction", [0, 1])
+def test_softmax_focal_loss_passes(shape, dtype, case, reduction):
+    torch.manual_seed(0)
+    x = torch.randn(shape, dtype=dtype)
+    ops = torch.ops.xent_emulated
+    logit_bytes = x.numel() * x.element_size()
+    positions = x.numel() // shape[1]
+    slack = PER_POSITION_ALLOWANCE * positions + 4096
+    if case == "prob":
+        t = torch.softmax(torch.randn(shape), dim=1).to(dtype)
+        fwd = lambda: ops.softmax_focal_loss_prob_fwd(x, t, None, gamma=2.0, reduction=reduction)
+        bwd = lambda g, lse: ops.softmax_focal_loss_prob_bwd(g, x, t, None, lse, gamma=2.0, reduction=reduction)
+    else:
+        t = torch.randint(0, shape[1], (shape[0],) + tuple(shape[2:]))
+        eps = 0.1 if case == "smoothing" else 0.0
+        fwd = lambda: ops.softmax_focal_loss_fwd(x, t, None, gamma=2.0, reduction=reduction, label_smoothing=eps)
+        bwd = lambda g, lse: ops.softmax_focal_loss_bwd(
+            g, x, t, None, lse, gamma=2.0, reduction=reduction, label_smoothing=eps
+        )
+    passes = 1 if case == "index" else 2
+    # Forward: the lse pass reads the logits only; the focal pass the logits and a probability target.
+    # Backward: both passes (H, then the gradient) read the logits and a probability target.
+    target_passes = {"index": (0, 0), "smoothing": (0, 0), "prob": (1, 2)}[case]
+
+    (loss, lse), read, written = _traffic(fwd)
+    expected = (passes + target_passes[0]) * logit_bytes
+    assert expected <= read <= expected + slack, (read, expected)
+    assert written <= slack, written
+
+    grad, read, written = _traffic(lambda: bwd(torch.ones_like(loss), lse))
+    expected = (passes + target_passes[1]) * logit_bytes
+    assert expected <= read <= expected + slack, (read, expected)
+    assert logit_bytes <= written <= logit_bytes + slack, (written, logit_bytes)

@@ -14,6 +14,7 @@
 #include "cuda/cross_entropy.cu"
 #include "cuda/nll_loss.cu"
 #include "cuda/binary_losses.cu"
+#include "cuda/softmax_focal.cu"
 
 #include "simt_emulator.h"
 

@@ -1,0 +1,288 @@
+// Host launch code of the CUDA softmax focal loss ops (device code and Note [CUDA softmax focal kernels]:
+// softmax_focal.cuh). Semantics are the CPU ops' (csrc/cpu/softmax_focal.cpp).
+//
+// Compiled by nvcc, and by g++ for the SIMT emulator (tests/simt/emulated_ops.cpp includes it into the same
+// translation unit as cross_entropy.cu: hence the namespace of its own). Differences: host_compat.h.
+//
+// No host synchronisation: the reductions and the mean's denominators are computed on the device in a fixed
+// order (cross-entropy's finish_kernel and target_weight_kernel).
+#include "softmax_focal.cuh"
+#include "cross_entropy_host.h"
+#include "host_compat.h"
+
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/empty_strided.h>
+#include <c10/util/Exception.h>
+#include <torch/library.h>
+
+#include <cmath>
+#include <limits>
+#include <optional>
+#include <tuple>
+
+namespace xent::cuda::focal_host {
+namespace {
+
+using focal::kBlock;
+using focal::kWarps;
+
+int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
+
+void check_gamma(double gamma) {
+  TORCH_CHECK_VALUE(gamma >= 0.0 && std::isfinite(gamma), "softmax_focal_loss: gamma must be a finite number >= 0, got ",
+                    gamma);
+}
+
+// `t` (shaped like the logits) and its (N, C, S) view; a contiguous copy when its strides do not collapse.
+struct Viewed {
+  at::Tensor t;
+  NCSView v;
+};
+
+Viewed viewed(const at::Tensor& t) {
+  if (auto v = ncs_view(t)) return {t, *v};
+  Viewed r{t.contiguous(), {}};
+  auto v = ncs_view(r.t);
+  TORCH_INTERNAL_ASSERT(v.has_value(), "a contiguous tensor must have an (N, C, S) view");
+  r.v = *v;
+  return r;
+}
+
+template <class T>
+struct Tag {
+  using type = T;
+};
+
+template <class F>
+void dispatch_dtype(at::ScalarType st, F&& f) {
+  switch (st) {
+    case at::kFloat: f(Tag<float>{}); break;
+    case at::kDouble: f(Tag<double>{}); break;
+    case at::kBFloat16: f(Tag<__nv_bfloat16>{}); break;
+    case at::kHalf: f(Tag<__half>{}); break;
+    default: TORCH_CHECK(false, "softmax_focal_loss: unsupported dtype ", st);
+  }
+}
+
+template <class T>
+const T* cptr(const at::Tensor& t) {
+  return t.defined() ? reinterpret_cast<const T*>(t.const_data_ptr()) : nullptr;
+}
+template <class T>
+T* mptr(const at::Tensor& t) {
+  return t.defined() ? reinterpret_cast<T*>(t.mutable_data_ptr()) : nullptr;
+}
+
+// Inputs shared by the forward and the backward, kept alive for the launches.
+struct Prepared {
+  Viewed x, tp;
+  at::Tensor target64, weight;
+  int64_t P = 0;
+  int64_t grid = 0;  // kWarps positions per block
+};
+
+void check_args(const at::Tensor& logits, const at::Tensor& target, const std::optional<at::Tensor>& weight, bool prob,
+                double gamma, int64_t reduction, double label_smoothing) {
+  check_logits(logits, "softmax_focal_loss");
+  if (prob) check_prob_target(logits, target);
+  else check_index_target(logits, target);
+  check_weight(logits, weight);
+  check_reduction(reduction);
+  check_label_smoothing(label_smoothing);
+  check_gamma(gamma);
+}
+
+Prepared prepare(const at::Tensor& logits, const at::Tensor& target, const std::optional<at::Tensor>& weight,
+                 bool prob) {
+  Prepared pr;
+  pr.x = viewed(logits);
+  if (prob) pr.tp = viewed(target);
+  else pr.target64 = target.to(at::kLong).contiguous();
+  pr.weight = weight_for_kernel(logits, weight);
+  pr.P = pr.x.v.N * pr.x.v.S;
+  pr.grid = ceil_div(pr.P, kWarps);
+  TORCH_CHECK(pr.grid <= std::numeric_limits<int32_t>::max(), "softmax_focal_loss: input too large for the CUDA kernels (",
+              pr.grid, " blocks)");
+  return pr;
+}
+
+template <class scalar_t>
+focal::Params<scalar_t> base_params(const Prepared& pr, bool prob, double gamma, int64_t ignore_index,
+                                    double label_smoothing) {
+  using acc_t = typename focal::AccType<scalar_t>::type;
+  focal::Params<scalar_t> a;
+  const NCSView& xv = pr.x.v;
+  a.x = cptr<scalar_t>(pr.x.t);
+  a.N = xv.N;
+  a.C = xv.C;
+  a.S = xv.S;
+  a.x_sn = xv.stride_n;
+  a.x_sc = xv.stride_c;
+  a.x_ss = xv.stride_s;
+  if (prob) {
+    a.tp = cptr<scalar_t>(pr.tp.t);
+    a.t_sn = pr.tp.v.stride_n;
+    a.t_sc = pr.tp.v.stride_c;
+    a.t_ss = pr.tp.v.stride_s;
+  } else {
+    a.target = cptr<int64_t>(pr.target64);
+  }
+  a.ignore_index = ignore_index;
+  a.weight = cptr<acc_t>(pr.weight);
+  a.one_minus_eps = static_cast<acc_t>(1.0 - label_smoothing);
+  a.eps_over_c = a.C > 0 ? static_cast<acc_t>(label_smoothing / static_cast<double>(a.C)) : acc_t(0);
+  a.dense = prob || label_smoothing > 0.0;
+  a.gamma = static_cast<acc_t>(gamma);
+  a.int_gamma = gamma >= 1 && gamma <= 16 && gamma == std::floor(gamma) ? static_cast<int>(gamma) : -1;
+  return a;
+}
+
+template <class scalar_t>
+void launch_finish(const ce::FinishParams<scalar_t>& f, xent_stream_t stream) {
+  auto* kernel = &ce::finish_kernel<scalar_t>;
+  XENT_LAUNCH(1, ce::kFinishBlock, 0, stream, kernel)(f);
+  XENT_CUDA_LAUNCH_CHECK();
+}
+
+std::tuple<at::Tensor, at::Tensor> forward_impl(const at::Tensor& logits, const at::Tensor& target,
+                                                const std::optional<at::Tensor>& weight, bool prob, double gamma,
+                                                int64_t reduction, int64_t ignore_index, double label_smoothing) {
+  check_args(logits, target, weight, prob, gamma, reduction, label_smoothing);
+  host::DeviceGuard guard(logits.device());
+  const auto positions = position_sizes(logits);
+  at::Tensor lse = at::empty(positions, logits.options().dtype(acc_dtype(logits.scalar_type())));  // (P)
+  at::Tensor loss =
+      reduction == at::Reduction::None ? at::empty(positions, logits.options()) : at::empty({}, logits.options());
+  if (lse.numel() == 0) {
+    if (reduction == at::Reduction::Mean) loss.fill_(std::numeric_limits<double>::quiet_NaN());
+    if (reduction == at::Reduction::Sum) loss.zero_();
+    return {loss, lse};
+  }
+  const Prepared pr = prepare(logits, target, weight, prob);
+  const xent_stream_t stream = host::current_stream(logits.device());
+  dispatch_dtype(logits.scalar_type(), [&](auto tag) {
+    using scalar_t = typename decltype(tag)::type;
+    using acc_t = typename focal::AccType<scalar_t>::type;
+    focal::Params<scalar_t> a = base_params<scalar_t>(pr, prob, gamma, ignore_index, label_smoothing);
+    a.lse = mptr<acc_t>(lse);
+    at::Tensor block_partials;  // [grid] losses, then [grid] weights w_y
+    if (reduction == at::Reduction::None) {
+      a.loss = mptr<scalar_t>(loss);
+    } else {
+      block_partials = at::empty({2 * pr.grid}, lse.options());
+      a.block_partials = mptr<acc_t>(block_partials);
+      a.n_blocks = pr.grid;
+    }
+    auto* kernel = &focal::fwd_kernel<scalar_t>;
+    XENT_LAUNCH(static_cast<unsigned>(pr.grid), kBlock, 0, stream, kernel)(a);
+    XENT_CUDA_LAUNCH_CHECK();
+    if (reduction != at::Reduction::None) {
+      ce::FinishParams<scalar_t> f;
+      f.num = a.block_partials;
+      f.n = pr.grid;
+      if (reduction == at::Reduction::Mean) {
+        // Probability targets: every position counts 1; class indices: the summed w_y (0 / 0 = NaN).
+        if (prob) f.den_const = static_cast<acc_t>(pr.P);
+        else f.den = a.block_partials + pr.grid;
+      }
+      f.loss_out = mptr<scalar_t>(loss);
+      launch_finish(f, stream);
+    }
+  });
+  return {loss, lse};
+}
+
+at::Tensor backward_impl(const at::Tensor& grad_loss, const at::Tensor& logits, const at::Tensor& target,
+                         const std::optional<at::Tensor>& weight, const at::Tensor& lse, bool prob, double gamma,
+                         int64_t reduction, int64_t ignore_index, double label_smoothing) {
+  check_args(logits, target, weight, prob, gamma, reduction, label_smoothing);
+  check_backward_inputs(grad_loss, logits, lse, reduction);
+  host::DeviceGuard guard(logits.device());
+  // The gradient takes the logits' dense strides (as the fake kernel promises); when those do not collapse
+  // to an (N, C, S) view, a contiguous gradient is written and copied into place.
+  at::Tensor grad = at::empty_strided(logits.sizes(), dense_strides_like(logits), logits.options());
+  if (grad.numel() == 0) return grad;
+  Viewed g = viewed(grad);
+  const Prepared pr = prepare(logits, target, weight, prob);
+  const at::Tensor lse_c = lse.contiguous();
+  const at::Tensor gl = grad_loss.to(logits.scalar_type()).contiguous();
+  const xent_stream_t stream = host::current_stream(logits.device());
+  dispatch_dtype(logits.scalar_type(), [&](auto tag) {
+    using scalar_t = typename decltype(tag)::type;
+    using acc_t = typename focal::AccType<scalar_t>::type;
+    focal::Params<scalar_t> a = base_params<scalar_t>(pr, prob, gamma, ignore_index, label_smoothing);
+    at::Tensor scale, weight_partials;
+    if (reduction == at::Reduction::None) {
+      a.grad_loss = cptr<scalar_t>(gl);
+    } else {
+      // The device scalar grad_loss / denominator.
+      scale = at::empty({}, lse_c.options());
+      ce::FinishParams<scalar_t> f;
+      f.grad = cptr<scalar_t>(gl);
+      f.acc_out = mptr<acc_t>(scale);
+      if (reduction == at::Reduction::Mean) {
+        if (prob) {
+          f.den_const = static_cast<acc_t>(pr.P);
+        } else {
+          const int64_t blocks = ceil_div(pr.P, ce::kWeightPositionsPerBlock);
+          TORCH_CHECK(blocks <= std::numeric_limits<int32_t>::max(), "softmax_focal_loss: input too large");
+          weight_partials = at::empty({blocks}, lse_c.options());
+          auto* kernel = &ce::target_weight_kernel<acc_t>;
+          XENT_LAUNCH(static_cast<unsigned>(blocks), kBlock, 0, stream, kernel)(
+              a.target, pr.P, a.C, ignore_index, a.weight, mptr<acc_t>(weight_partials));
+          XENT_CUDA_LAUNCH_CHECK();
+          f.den = cptr<acc_t>(weight_partials);
+          f.n = blocks;
+        }
+      }
+      launch_finish(f, stream);
+      a.grad_scale = cptr<acc_t>(scale);
+    }
+    a.lse_in = cptr<acc_t>(lse_c);
+    a.grad = mptr<scalar_t>(g.t);
+    a.g_sn = g.v.stride_n;
+    a.g_sc = g.v.stride_c;
+    a.g_ss = g.v.stride_s;
+    auto* kernel = &focal::bwd_kernel<scalar_t>;
+    XENT_LAUNCH(static_cast<unsigned>(pr.grid), kBlock, 0, stream, kernel)(a);
+    XENT_CUDA_LAUNCH_CHECK();
+  });
+  if (!g.t.is_same(grad)) grad.copy_(g.t);
+  return grad;
+}
+
+std::tuple<at::Tensor, at::Tensor> softmax_focal_loss_fwd(const at::Tensor& logits, const at::Tensor& target,
+                                                          const std::optional<at::Tensor>& weight, double gamma,
+                                                          int64_t reduction, int64_t ignore_index,
+                                                          double label_smoothing) {
+  return forward_impl(logits, target, weight, false, gamma, reduction, ignore_index, label_smoothing);
+}
+
+at::Tensor softmax_focal_loss_bwd(const at::Tensor& grad_loss, const at::Tensor& logits, const at::Tensor& target,
+                                  const std::optional<at::Tensor>& weight, const at::Tensor& lse, double gamma,
+                                  int64_t reduction, int64_t ignore_index, double label_smoothing) {
+  return backward_impl(grad_loss, logits, target, weight, lse, false, gamma, reduction, ignore_index, label_smoothing);
+}
+
+std::tuple<at::Tensor, at::Tensor> softmax_focal_loss_prob_fwd(const at::Tensor& logits, const at::Tensor& target,
+                                                               const std::optional<at::Tensor>& weight, double gamma,
+                                                               int64_t reduction, double label_smoothing) {
+  return forward_impl(logits, target, weight, true, gamma, reduction, 0, label_smoothing);
+}
+
+at::Tensor softmax_focal_loss_prob_bwd(const at::Tensor& grad_loss, const at::Tensor& logits, const at::Tensor& target,
+                                       const std::optional<at::Tensor>& weight, const at::Tensor& lse, double gamma,
+                                       int64_t reduction, double label_smoothing) {
+  return backward_impl(grad_loss, logits, target, weight, lse, true, gamma, reduction, 0, label_smoothing);
+}
+
+} // namespace
+} // namespace xent::cuda::focal_host
+
+TORCH_LIBRARY_IMPL(XENT_CUDA_LIBRARY, XENT_CUDA_DISPATCH_KEY, m) {
+  m.impl("softmax_focal_loss_fwd", TORCH_FN(xent::cuda::focal_host::softmax_focal_loss_fwd));
+  m.impl("softmax_focal_loss_bwd", TORCH_FN(xent::cuda::focal_host::softmax_focal_loss_bwd));
+  m.impl("softmax_focal_loss_prob_fwd", TORCH_FN(xent::cuda::focal_host::softmax_focal_loss_prob_fwd));
+  m.impl("softmax_focal_loss_prob_bwd", TORCH_FN(xent::cuda::focal_host::softmax_focal_loss_prob_bwd));
+}
