@@ -37,6 +37,11 @@ TORCH_LIBRARY(XENT_OPS_NAMESPACE, m) {
       "cross_entropy_bwd(Tensor grad_loss, Tensor logits, Tensor target, Tensor? weight, Tensor lse, *, "
       "int reduction=1, int ignore_index=-100, float label_smoothing=0.0) -> Tensor grad_logits");
 
+  //   The fused forward + gradient (see scale_grad_ below): cross_entropy_fwd's outputs and grad_logits.
+  m.def(
+      "cross_entropy_fwd_grad(Tensor logits, Tensor target, Tensor? weight=None, *, int reduction=1, "
+      "int ignore_index=-100, float label_smoothing=0.0) -> (Tensor loss, Tensor lse, Tensor grad_logits)");
+
   // Cross-entropy with probability targets: target has the logits' shape (N, C, *).
   m.def(
       "cross_entropy_prob_fwd(Tensor logits, Tensor target, Tensor? weight=None, *, int reduction=1, "
@@ -94,6 +99,14 @@ TORCH_LIBRARY(XENT_OPS_NAMESPACE, m) {
   m.def(
       "softmax_focal_loss_prob_bwd(Tensor grad_loss, Tensor logits, Tensor target, Tensor? weight, Tensor lse, *, "
       "float gamma=2.0, int reduction=1, float label_smoothing=0.0) -> Tensor grad_logits");
+
+  // Fused forward + gradient (Note [Fused gradient] in xent/_fused.py). A `*_fwd_grad` op takes its
+  // `*_fwd` op's arguments (reduction mean or sum only), returns the same outputs followed by grad_input:
+  // d loss / d input for grad_loss = 1, with the input's shape and dtype, computed in the forward's pass
+  // over the input. The autograd formula then only has to scale it by the actual grad_loss, in place:
+  //   scale_grad_: grad *= grad_loss (a one-element tensor); nothing is read or written when grad_loss is
+  //   exactly 1, the usual loss.backward().
+  m.def("scale_grad_(Tensor(a!) grad, Tensor grad_loss) -> ()");
 
   // Test and tuning hooks (leading underscore: not API).
   //   _cpu_exp: the CPU kernels' vectorized exp applied to a float32 tensor, to test its accuracy.

@@ -9,6 +9,7 @@ are themselves differentiable (double backward, e.g. for gradient penalties) thr
 import torch
 
 from . import _C  # noqa: F401  (registers the `xent` library and its CPU/CUDA kernels)
+from . import _fused
 
 NAMESPACES = ["xent"]
 try:  # the test-only emulated-CUDA library (tests/simt), present only in XENT_BUILD_EMULATOR builds
@@ -111,6 +112,17 @@ def _register_fakes(ns):
         _check_index_target(logits, target)
         return _fake_grad(logits)
 
+    @torch.library.register_fake(f"{ns}::cross_entropy_fwd_grad")
+    def _(logits, target, weight=None, *, reduction=1, ignore_index=-100, label_smoothing=0.0):
+        _check_common(logits, weight, reduction, label_smoothing)
+        _check_devices(logits, target, weight)
+        _check_index_target(logits, target)
+        torch._check(
+            reduction in (REDUCTION_MEAN, REDUCTION_SUM),
+            lambda: f"cross_entropy_fwd_grad: reduction must be mean (1) or sum (2), got {reduction}",
+        )
+        return _fake_forward(logits, reduction) + (_fake_grad(logits),)
+
     @torch.library.register_fake(f"{ns}::cross_entropy_prob_fwd")
     def _(logits, target, weight=None, *, reduction=1, label_smoothing=0.0):
         _check_common(logits, weight, reduction, label_smoothing)
@@ -203,6 +215,12 @@ def _register_autograd(ns):
         return grad_logits, None, None
 
     torch.library.register_autograd(f"{ns}::cross_entropy_fwd", backward_fwd, setup_context=setup_fwd)
+
+    def separate_backward(grad_loss, inputs, outputs, kw):
+        logits, target, weight = inputs
+        return ops.cross_entropy_bwd(grad_loss, logits, target, weight, outputs[0], **kw)
+
+    _fused.register_fused_autograd(ns, "cross_entropy_fwd_grad", separate_backward)
 
     def setup_bwd(ctx, inputs, keyword_only_inputs, output):
         grad_loss, logits, target, weight, lse = inputs

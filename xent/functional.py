@@ -8,7 +8,7 @@ from torch import Tensor
 from torch.nn import _reduction as _Reduction
 from torch.overrides import handle_torch_function, has_torch_function_variadic
 
-from . import _binary_ops, _focal_ops, _ops, testing  # noqa: F401  (_binary_ops, _focal_ops: fakes/autograd)
+from . import _binary_ops, _focal_ops, _fused, _ops, testing  # noqa: F401  (_binary_ops, _focal_ops: fakes/autograd)
 
 _REDUCTIONS = {"none": _ops.REDUCTION_NONE, "mean": _ops.REDUCTION_MEAN, "sum": _ops.REDUCTION_SUM}
 
@@ -135,6 +135,15 @@ def cross_entropy(
     if probabilities:
         loss, _ = ops.cross_entropy_prob_fwd(
             input, target, weight, reduction=code, label_smoothing=float(label_smoothing)
+        )
+    elif _fused.use_fused_grad(ops, code, input, target, weight):
+        loss, _, _ = ops.cross_entropy_fwd_grad(
+            input,
+            target,
+            weight,
+            reduction=code,
+            ignore_index=int(ignore_index),
+            label_smoothing=float(label_smoothing),
         )
     else:
         loss, _ = ops.cross_entropy_fwd(

@@ -195,6 +195,35 @@ void run_backward(const Plan& plan, const CrossEntropyArgs& args, int64_t P) {
   });
 }
 
+// Forward and backward of the same positions back to back (the fused forward + gradient), in blocks of
+// about kFusedBlockElements logits: the backward then reads the logits from cache instead of memory.
+// Every position is computed by the same kernels as in run_forward and run_backward, so lse, loss and
+// gradient are bitwise those of the separate ops.
+constexpr int64_t kFusedBlockElements = int64_t(1) << 15;
+
+void run_fused(const Plan& plan, const CrossEntropyArgs& args, int64_t P) {
+  const KernelTable& k = kernels();
+  const bool lanes = plan.layout == Layout::lanes;
+  if (!lanes && split_rows(P, args.C)) {  // few long rows: nothing to fuse, every chunk is its own task
+    run_forward(plan, args, P);
+    run_backward(plan, args, P);
+    return;
+  }
+  const int64_t block = std::max<int64_t>(1, kFusedBlockElements / std::max<int64_t>(args.C, 1));
+  at::parallel_for(0, P, grain_positions(args.C), [&](int64_t p0, int64_t p1) {
+    for (int64_t b0 = p0; b0 < p1; b0 += block) {
+      const int64_t b1 = std::min(p1, b0 + block);
+      if (lanes) {
+        k.forward_lanes(args, b0, b1);
+        k.backward_lanes(args, b0, b1);
+      } else {
+        k.forward_rows(args, b0, b1);
+        k.backward_rows(args, b0, b1, 0, args.C);
+      }
+    }
+  });
+}
+
 // ---------------------------------------------------------------------------------------------------
 // The ops.
 
@@ -278,6 +307,51 @@ std::tuple<at::Tensor, at::Tensor> forward_impl(const at::Tensor& logits, const 
   return {at::scalar_tensor(total, logits.options()), lse};
 }
 
+// The gradient buffer for `logits` in the plan's layout: with the logits' strides when they are dense
+// (the fake kernels promise the same), else undefined (the caller runs on contiguous logits and copies).
+at::Tensor grad_buffer_for(const Prepared& pr, const at::Tensor& logits, CrossEntropyArgs& a) {
+  at::Tensor grad = empty_grad_buffer(logits.sizes(), dense_strides_like(logits), logits.scalar_type());
+  auto gv = view_in(pr.plan, grad);
+  if (!gv) return at::Tensor();
+  a.grad = grad.data_ptr();
+  set_strides(*gv, a.grad_stride_n, a.grad_stride_c, a.grad_stride_s);
+  a.stream_grad = grad.nbytes() >= kStreamGradBytes;
+  return grad;
+}
+
+// The forward, and the gradient for grad_loss = 1, in one pass (Note [Fused gradient], xent/_fused.py).
+std::tuple<at::Tensor, at::Tensor, at::Tensor> forward_grad_impl(const at::Tensor& logits, const at::Tensor& target,
+                                                                 const std::optional<at::Tensor>& weight,
+                                                                 int64_t reduction, int64_t ignore_index,
+                                                                 double label_smoothing) {
+  TORCH_CHECK(reduction == at::Reduction::Mean || reduction == at::Reduction::Sum,
+              "cross_entropy_fwd_grad: reduction must be mean (1) or sum (2), got ", reduction);
+  Prepared pr = prepare(logits, target, weight, false, ignore_index, label_smoothing, reduction);
+  CrossEntropyArgs& a = pr.args;
+  at::Tensor grad = grad_buffer_for(pr, logits, a);
+  if (!grad.defined()) {  // a dense layout no kernel takes (e.g. permuted K-dim): as backward_impl does
+    auto [loss, lse, contiguous_grad] =
+        forward_grad_impl(logits.contiguous(), target, weight, reduction, ignore_index, label_smoothing);
+    at::Tensor g = empty_grad_buffer(logits.sizes(), dense_strides_like(logits), logits.scalar_type());
+    return {loss, lse, g.copy_(contiguous_grad)};
+  }
+  const auto acc = acc_dtype(logits.scalar_type());
+  const auto positions = position_sizes(logits);
+  at::Tensor lse = at::empty(positions, logits.options().dtype(acc));
+  at::Tensor loss = at::empty(positions, logits.options().dtype(acc));
+  a.lse = lse.data_ptr();
+  a.loss = loss.data_ptr();
+  a.lse_in = lse.const_data_ptr();  // each block's backward reads the lse its forward just wrote
+  // Exactly the separate backward's scale for grad_loss = 1 (backward_impl), so the gradients agree bitwise.
+  a.grad_scale_value = reduction == at::Reduction::Mean ? 1.0 / pr.mean_denominator : 1.0;
+  if (pr.positions > 0 && a.C > 0) run_fused(pr.plan, a, pr.positions);
+  else if (pr.positions > 0) run_forward(pr.plan, a, pr.positions);
+
+  double total = deterministic_sum(loss);
+  if (reduction == at::Reduction::Mean) total /= pr.mean_denominator;  // 0 / 0 = NaN, as PyTorch
+  return {at::scalar_tensor(total, logits.options()), lse, grad};
+}
+
 at::Tensor backward_impl(const at::Tensor& grad_loss, const at::Tensor& logits, const at::Tensor& target,
                          const std::optional<at::Tensor>& weight, const at::Tensor& lse, bool prob, int64_t reduction,
                          int64_t ignore_index, double label_smoothing) {
@@ -288,17 +362,14 @@ at::Tensor backward_impl(const at::Tensor& grad_loss, const at::Tensor& logits, 
   // The gradient takes the logits' strides when they are dense (the fake kernel promises the same). When
   // that layout fits none of the kernels' (e.g. a dense but permuted K-dim tensor), the kernel writes a
   // contiguous gradient from contiguous logits and it is copied into place.
-  at::Tensor grad = empty_grad_buffer(logits.sizes(), dense_strides_like(logits), logits.scalar_type());
-  auto gv = view_in(pr.plan, grad);
-  if (!gv) {
+  CrossEntropyArgs& a = pr.args;
+  at::Tensor grad = grad_buffer_for(pr, logits, a);
+  if (!grad.defined()) {
     at::Tensor contiguous_grad =
         backward_impl(grad_loss, logits.contiguous(), target, weight, lse, prob, reduction, ignore_index, label_smoothing);
-    return grad.copy_(contiguous_grad);
+    at::Tensor g = empty_grad_buffer(logits.sizes(), dense_strides_like(logits), logits.scalar_type());
+    return g.copy_(contiguous_grad);
   }
-  CrossEntropyArgs& a = pr.args;
-  a.grad = grad.data_ptr();
-  set_strides(*gv, a.grad_stride_n, a.grad_stride_c, a.grad_stride_s);
-  a.stream_grad = grad.nbytes() >= kStreamGradBytes;
   if (pr.positions == 0 || a.C == 0) return grad;
 
   at::Tensor lse_c = lse.contiguous();
@@ -329,6 +400,13 @@ at::Tensor cross_entropy_bwd(const at::Tensor& grad_loss, const at::Tensor& logi
   return backward_impl(grad_loss, logits, target, weight, lse, false, reduction, ignore_index, label_smoothing);
 }
 
+std::tuple<at::Tensor, at::Tensor, at::Tensor> cross_entropy_fwd_grad(const at::Tensor& logits, const at::Tensor& target,
+                                                                      const std::optional<at::Tensor>& weight,
+                                                                      int64_t reduction, int64_t ignore_index,
+                                                                      double label_smoothing) {
+  return forward_grad_impl(logits, target, weight, reduction, ignore_index, label_smoothing);
+}
+
 std::tuple<at::Tensor, at::Tensor> cross_entropy_prob_fwd(const at::Tensor& logits, const at::Tensor& target,
                                                           const std::optional<at::Tensor>& weight, int64_t reduction,
                                                           double label_smoothing) {
@@ -356,6 +434,7 @@ std::vector<int64_t> cpu_grad_cache(int64_t capacity) { return grad_cache_contro
 TORCH_LIBRARY_IMPL(xent, CPU, m) {
   m.impl("cross_entropy_fwd", &cross_entropy_fwd);
   m.impl("cross_entropy_bwd", &cross_entropy_bwd);
+  m.impl("cross_entropy_fwd_grad", &cross_entropy_fwd_grad);
   m.impl("cross_entropy_prob_fwd", &cross_entropy_prob_fwd);
   m.impl("cross_entropy_prob_bwd", &cross_entropy_prob_bwd);
   m.impl("_cpu_exp", &cpu_exp);

@@ -1,0 +1,198 @@
+"""The fused forward + gradient path (Note [Fused gradient] in xent/_fused.py) of every loss that has one.
+
+The parity suites already run the fused path: their CPU cases differentiate mean/sum losses of inputs that
+require grad. This file checks what is particular to it, per loss:
+
+* the API takes the fused op exactly when it should (input requires grad, grad mode, mean/sum, CPU);
+* its gradient equals the separate backward op's, for grad_loss = 1 and for other values (a GradScaler's
+  power of two and 1/3), bitwise where the same kernels compute both (FUSED_CASES' ``bitwise``);
+* a second backward through a retained graph and a double backward (create_graph) are right;
+* torch.compile(fullgraph=True) gives eager's results; opcheck of the fused op and of scale_grad_.
+"""
+
+import contextlib
+
+import pytest
+import torch
+
+import xent
+from xent import _fused
+
+
+def _index_case(dtype, n=37, c=300, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    x = (torch.randn(n, c, generator=g) * 3).to(dtype)
+    t = torch.randint(0, c, (n,), generator=g)
+    t[::5] = -100
+    w = torch.rand(c, generator=g).to(dtype) + 0.5
+    return x, t, w
+
+
+# One entry per fused op: name -> (build inputs, the public call, the fused op's name, bitwise).
+# ``call(x, t, w, reduction)`` returns the loss; x is the differentiated input.
+def _cross_entropy_call(x, t, w, reduction):
+    return xent.cross_entropy(x, t, w, reduction=reduction, label_smoothing=0.1)
+
+
+FUSED_CASES = {
+    "cross_entropy": (_index_case, _cross_entropy_call, "cross_entropy_fwd_grad", True),
+}
+CASE_IDS = list(FUSED_CASES)
+DTYPES = [torch.float32, torch.float64, torch.bfloat16, torch.float16]
+
+
+def _dtype_id(d):
+    return str(d).replace("torch.", "")
+
+
+@contextlib.contextmanager
+def _fused_enabled(enabled):
+    old = _fused.ENABLED
+    _fused.ENABLED = enabled
+    try:
+        yield
+    finally:
+        _fused.ENABLED = old
+
+
+def _grad(case, dtype, reduction, grad_loss, fused, **kw):
+    build, call, _, _ = FUSED_CASES[case]
+    x, t, w = build(dtype)
+    x = x.clone().requires_grad_(True)
+    with _fused_enabled(fused):
+        loss = call(x, t, w, reduction)
+        (g,) = torch.autograd.grad(loss, x, torch.tensor(grad_loss, dtype=loss.dtype), **kw)
+    return loss.detach(), g
+
+
+def _grad_fn_names(loss):
+    names, stack = set(), [loss.grad_fn]
+    while stack:
+        fn = stack.pop()
+        if fn is not None:
+            names.add(type(fn).__name__)
+            stack.extend(f for f, _ in fn.next_functions)
+    return names
+
+
+@pytest.mark.parametrize("case", CASE_IDS)
+def test_fused_op_is_taken_exactly_when_differentiated(case):
+    build, call, op_name, _ = FUSED_CASES[case]
+    x, t, w = build(torch.float32)
+    # Counted through the profiler, which sees every dispatcher call of the op.
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        call(x.clone().requires_grad_(True), t, w, "mean")  # fused
+        call(x.clone().requires_grad_(True), t, w, "sum")  # fused
+        call(x.clone().requires_grad_(True), t, w, "none")  # reduction none: separate
+        call(x.clone(), t, w, "mean")  # no grad wanted: separate
+        with torch.no_grad():
+            call(x.clone().requires_grad_(True), t, w, "mean")  # grad mode off: separate
+        with _fused_enabled(False):
+            call(x.clone().requires_grad_(True), t, w, "mean")  # XENT_FUSED_GRAD=0
+    fused_calls = sum(e.count for e in prof.key_averages() if e.key == f"xent::{op_name}")
+    assert fused_calls == 2
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=_dtype_id)
+@pytest.mark.parametrize("reduction", ["mean", "sum"])
+@pytest.mark.parametrize("grad_loss", [1.0, 4.0, 1.0 / 3.0], ids=["one", "pow2", "third"])
+@pytest.mark.parametrize("case", CASE_IDS)
+def test_fused_gradient_equals_separate_backward(case, dtype, reduction, grad_loss):
+    bitwise = FUSED_CASES[case][3]
+    loss_f, g_f = _grad(case, dtype, reduction, grad_loss, fused=True)
+    loss_s, g_s = _grad(case, dtype, reduction, grad_loss, fused=False)
+    assert torch.equal(loss_f, loss_s)  # the same forward kernels
+    if bitwise and grad_loss in (1.0, 4.0):
+        # grad_loss = 1: the same kernels with the same scale. A power of two scales exactly in both.
+        assert torch.equal(g_f, g_s)
+        return
+    # Otherwise the fused gradient is rounded twice (unit gradient to the dtype, then the scaled value):
+    # at most one extra rounding of the dtype, relative to each element.
+    eps = torch.finfo(dtype).eps
+    diff = (g_f.double() - g_s.double()).abs()
+    assert torch.all(diff <= 2 * eps * g_s.double().abs() + torch.finfo(dtype).tiny), diff.max()
+
+
+@pytest.mark.parametrize("case", CASE_IDS)
+def test_second_backward_through_retained_graph(case):
+    build, call, _, _ = FUSED_CASES[case]
+    x, t, w = build(torch.float32)
+    x.requires_grad_(True)
+    loss = call(x, t, w, "mean")
+    (g1,) = torch.autograd.grad(loss, x, torch.tensor(3.0), retain_graph=True)
+    g1 = g1.clone()
+    (g2,) = torch.autograd.grad(loss, x, torch.tensor(3.0))
+    _, expected = _grad(case, torch.float32, "mean", 3.0, fused=False)
+    torch.testing.assert_close(g1, expected, rtol=2 * torch.finfo(torch.float32).eps, atol=0)
+    assert torch.equal(g2, expected)  # the separate backward op, as without fusion
+
+
+@pytest.mark.parametrize("case", CASE_IDS)
+def test_double_backward_takes_the_differentiable_path(case):
+    build, call, _, _ = FUSED_CASES[case]
+    results = []
+    for fused in (True, False):
+        x, t, w = build(torch.float64)
+        x.requires_grad_(True)
+        with _fused_enabled(fused):
+            loss = call(x, t, w, "mean")
+            (g,) = torch.autograd.grad(loss, x, create_graph=True)
+            (gg,) = torch.autograd.grad((g * g).sum(), x)
+        results.append((g.detach(), gg))
+    assert torch.equal(results[0][0], results[1][0])
+    assert torch.equal(results[0][1], results[1][1])
+
+
+@pytest.mark.parametrize("case", CASE_IDS)
+def test_compile_fullgraph_matches_eager(case):
+    build, call, _, _ = FUSED_CASES[case]
+    torch._dynamo.reset()
+    x, t, w = build(torch.float32)
+    compiled = torch.compile(lambda x, t, w: call(x, t, w, "mean") * 2, fullgraph=True)
+    xs = [x.clone().requires_grad_(True) for _ in range(2)]
+    compiled(xs[0], t, w).backward()
+    (call(xs[1], t, w, "mean") * 2).backward()
+    assert torch.equal(xs[0].grad, xs[1].grad)
+
+
+@pytest.mark.parametrize("case", CASE_IDS)
+def test_opcheck(case):
+    build, _, op_name, _ = FUSED_CASES[case]
+    x, t, w = build(torch.float32)
+    op = getattr(torch.ops.xent, op_name)
+    kwargs = {"reduction": 1}
+    torch.library.opcheck(op, (x, t, w), kwargs)
+    loss, *_, grad = op(x, t, w, **kwargs)
+    torch.library.opcheck(torch.ops.xent.scale_grad_, (grad.clone(), torch.tensor(0.5)))
+    torch.library.opcheck(torch.ops.xent.scale_grad_, (grad.clone(), torch.tensor(1.0)))
+
+
+@pytest.mark.parametrize("case", CASE_IDS)
+def test_fused_op_refuses_reduction_none(case):
+    build, _, op_name, _ = FUSED_CASES[case]
+    x, t, w = build(torch.float32)
+    with pytest.raises(RuntimeError, match="reduction must be mean"):
+        getattr(torch.ops.xent, op_name)(x, t, w, reduction=0)
+
+
+def test_scale_grad_bad_arguments():
+    g = torch.ones(4, 3)
+    with pytest.raises(RuntimeError, match="one element"):
+        torch.ops.xent.scale_grad_(g, torch.ones(2))
+    with pytest.raises(RuntimeError, match="dense"):
+        torch.ops.xent.scale_grad_(g[:, ::2], torch.tensor(2.0))
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=_dtype_id)
+def test_scale_grad_values(dtype):
+    g = torch.randn(1000, 3).to(dtype)
+    expected = (g.double() * 0.75).to(dtype) if dtype == torch.float64 else (g.float() * 0.75).to(dtype)
+    out = g.clone()
+    torch.ops.xent.scale_grad_(out, torch.tensor(0.75, dtype=dtype))
+    assert torch.equal(out, expected)
+    same = g.clone()
+    torch.ops.xent.scale_grad_(same, torch.tensor(1.0, dtype=dtype))
+    assert torch.equal(same, g)
+    permuted = g.t().contiguous().t()  # dense, not contiguous
+    torch.ops.xent.scale_grad_(permuted, torch.tensor(0.75, dtype=dtype))
+    assert torch.equal(permuted, expected)
