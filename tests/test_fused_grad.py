@@ -34,8 +34,27 @@ def _cross_entropy_call(x, t, w, reduction):
     return xent.cross_entropy(x, t, w, reduction=reduction, label_smoothing=0.1)
 
 
+def _prob_case(dtype, n=37, c=300, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    x = (torch.randn(n, c, generator=g) * 3).to(dtype)
+    t = torch.softmax(torch.randn(n, c, generator=g) * 2, 1).to(dtype)
+    w = torch.rand(c, generator=g).to(dtype) + 0.5
+    return x, t, w
+
+
+def _kdim_case(dtype, seed=2):  # (N, C, d1): the lanes layout, class dimension strided
+    g = torch.Generator().manual_seed(seed)
+    x = (torch.randn(3, 21, 50, generator=g) * 3).to(dtype)
+    t = torch.randint(0, 21, (3, 50), generator=g)
+    t[:, ::7] = -100
+    w = torch.rand(21, generator=g).to(dtype) + 0.5
+    return x, t, w
+
+
 FUSED_CASES = {
     "cross_entropy": (_index_case, _cross_entropy_call, "cross_entropy_fwd_grad", True),
+    "cross_entropy_kdim": (_kdim_case, _cross_entropy_call, "cross_entropy_fwd_grad", True),
+    "cross_entropy_prob": (_prob_case, _cross_entropy_call, "cross_entropy_prob_fwd_grad", True),
 }
 CASE_IDS = list(FUSED_CASES)
 DTYPES = [torch.float32, torch.float64, torch.bfloat16, torch.float16]
