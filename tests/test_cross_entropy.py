@@ -25,6 +25,7 @@ import torch.nn.functional as F
 from torch.nn import _reduction as _Reduction
 
 import xent
+from inputs import layouts, make_target, make_weight
 from reference import cross_entropy_reference, cross_entropy_reference_chunked
 
 F32, F64, BF16, F16 = torch.float32, torch.float64, torch.bfloat16, torch.float16
@@ -249,24 +250,6 @@ def make_logits(shape, dtype, scale=3.0):
     return (torch.randn(shape, dtype=F64) * scale).to(dtype)
 
 
-def make_target(positions, C, *, dtype=torch.long, ignore_index=-100, ignored=0.0):
-    """Class indices (N, *) in [0, C); a fraction `ignored` of them set to ignore_index."""
-    t = torch.randint(0, max(C, 1), positions, dtype=torch.long)
-    if ignored:
-        mask = torch.rand(positions) < ignored
-        if ignored >= 1.0:
-            mask[...] = True
-        t[mask] = ignore_index
-    return t.to(dtype)
-
-
-def make_weight(C, dtype, with_zero=False):
-    w = (torch.rand(C, dtype=F64) * 1.5 + 0.25).to(dtype)
-    if with_zero and C > 1:
-        w[C // 2] = 0
-    return w
-
-
 def make_prob_target(shape, dtype, kind="softmax"):
     if kind == "softmax":
         return torch.softmax(torch.randn(shape, dtype=F64) * 2, dim=1 if len(shape) > 1 else 0).to(dtype)
@@ -279,65 +262,16 @@ def positions_of(shape):
     return (shape[0],) + tuple(shape[2:])
 
 
-# Layouts: functions of a contiguous tensor returning a tensor with the same values and shape in
-# another memory layout, built on the tensor's own device.
-def _contiguous(x):
-    return x.clone()
-
-
-def _transposed(x):  # (N, C) stored as (C, N): class stride N, batch stride 1 (the lanes layout)
-    return x.transpose(0, 1).contiguous().transpose(0, 1)
-
-
-def _class_sliced(x):  # x[:, ::2] of a twice-as-wide tensor: class stride 2 (fits no kernel layout)
-    wide = torch.zeros((x.shape[0], 2 * x.shape[1]) + tuple(x.shape[2:]), dtype=x.dtype, device=x.device)
-    wide[:, ::2] = x
-    return wide[:, ::2]
-
-
-def _batch_sliced(x):  # x[::2] of a twice-as-tall tensor: rows 2C apart
-    tall = torch.zeros((2 * x.shape[0],) + tuple(x.shape[1:]), dtype=x.dtype, device=x.device)
-    tall[::2] = x
-    return tall[::2]
-
-
-def _spatial_sliced(x):  # x[..., ::2] of a K-dim tensor twice as wide in the last dim
-    wide = torch.zeros(tuple(x.shape[:-1]) + (2 * x.shape[-1],), dtype=x.dtype, device=x.device)
-    wide[..., ::2] = x
-    return wide[..., ::2]
-
-
-def _channels_last(x):  # class stride 1, spatial positions strided (channels-last / NHWC)
-    if x.dim() == 4:
-        return x.contiguous(memory_format=torch.channels_last)
-    if x.dim() == 3:
-        return x.transpose(1, 2).contiguous().transpose(1, 2)
-    raise ValueError("channels_last needs a K-dim tensor")
-
-
-def _permuted(x):  # dense, but storage order (d1, N, d2, C) for 4-d / (C, d1, N) for 3-d
-    if x.dim() == 4:
-        return x.permute(2, 0, 3, 1).contiguous().permute(1, 3, 0, 2)
-    if x.dim() == 3:
-        return x.permute(1, 2, 0).contiguous().permute(2, 0, 1)
-    raise ValueError("permuted needs a K-dim tensor")
-
-
-def _misaligned(x):  # storage offset 1: the data pointer is not vector-aligned
-    buf = torch.empty(x.numel() + 1, dtype=x.dtype, device=x.device)
-    return buf[1:].view(x.shape).copy_(x)
-
-
-LAYOUTS = {
-    "contiguous": _contiguous,
-    "transposed": _transposed,
-    "class_sliced": _class_sliced,
-    "batch_sliced": _batch_sliced,
-    "spatial_sliced": _spatial_sliced,
-    "channels_last": _channels_last,
-    "permuted": _permuted,
-    "misaligned": _misaligned,
-}
+LAYOUTS = layouts(
+    "contiguous",
+    "transposed",
+    "class_sliced",
+    "batch_sliced",
+    "spatial_sliced",
+    "channels_last",
+    "permuted",
+    "misaligned",
+)
 
 
 def _leaf(t, requires_grad):
@@ -1396,7 +1330,7 @@ def _determinism_run(backend, shape, dtype, kind):
         t = torch.softmax(torch.randn(shape, generator=g, dtype=F64), 1).to(dtype)
     xd = backend.put(x)
     if kind == "index_transposed":
-        xd = _transposed(xd)
+        xd = LAYOUTS["transposed"](xd)
     xd.requires_grad_(True)
     td = backend.put(t)
     if kind == "prob":

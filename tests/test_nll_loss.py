@@ -22,6 +22,7 @@ import torch.nn.functional as F
 
 import xent
 from conftest import EMULATED_SCHEDULES, make_backend
+from inputs import layouts, make_target, make_weight
 
 F32, F64, BF16, F16 = torch.float32, torch.float64, torch.bfloat16, torch.float16
 DTYPES = [F32, F64, BF16, F16]
@@ -60,91 +61,18 @@ def positions_of(shape):
     return (shape[0],) + tuple(shape[2:]) if len(shape) > 1 else ()
 
 
-def make_target(positions, C, *, dtype=torch.long, ignore_index=-100, ignored=0.0):
-    """Class indices in [0, C); a fraction `ignored` of them set to ignore_index (all when ignored >= 1)."""
-    t = torch.randint(0, max(C, 1), positions, dtype=torch.long)
-    if ignored:
-        mask = torch.rand(positions) < ignored
-        if ignored >= 1.0:
-            mask[...] = True
-        t[mask] = ignore_index
-    return t.to(dtype)
-
-
-def make_weight(C, dtype, with_zero=False):
-    w = (torch.rand(C, dtype=F64) * 1.5 + 0.25).to(dtype)
-    if with_zero and C > 1:
-        w[C // 2] = 0
-    return w
-
-
-# Layouts: a tensor with the same values and shape as the contiguous `x`, laid out differently in memory,
-# built on x's own device.
-def _contiguous(x):
-    return x.clone()
-
-
-def _transposed(x):  # (N, C) stored as (C, N): class stride N, batch stride 1
-    return x.transpose(0, 1).contiguous().transpose(0, 1)
-
-
-def _class_sliced(x):  # x[:, ::2] of a twice-as-wide tensor: class stride 2, not dense
-    wide = torch.zeros((x.shape[0], 2 * x.shape[1]) + tuple(x.shape[2:]), dtype=x.dtype, device=x.device)
-    wide[:, ::2] = x
-    return wide[:, ::2]
-
-
-def _batch_sliced(x):  # x[::2] of a twice-as-tall tensor
-    tall = torch.zeros((2 * x.shape[0],) + tuple(x.shape[1:]), dtype=x.dtype, device=x.device)
-    tall[::2] = x
-    return tall[::2]
-
-
-def _spatial_sliced(x):  # x[..., ::2] of a K-dim tensor twice as wide in the last dim
-    wide = torch.zeros(tuple(x.shape[:-1]) + (2 * x.shape[-1],), dtype=x.dtype, device=x.device)
-    wide[..., ::2] = x
-    return wide[..., ::2]
-
-
-def _channels_last(x):  # class stride 1, spatial positions strided (NHWC)
-    if x.dim() == 4:
-        return x.contiguous(memory_format=torch.channels_last)
-    return x.movedim(1, -1).contiguous().movedim(-1, 1)
-
-
-def _permuted(x):  # dense, storage order (d1, N, d2, C) for 4-d
-    return x.permute(2, 0, 3, 1).contiguous().permute(1, 3, 0, 2)
-
-
-def _spatial_reversed(x):  # dense, spatial dims stored in reverse order: none of them merge
-    k = x.dim() - 2
-    order = [0, 1] + list(range(x.dim() - 1, 1, -1))
-    inverse = [order.index(d) for d in range(x.dim())]
-    assert k >= 2
-    return x.permute(order).contiguous().permute(inverse)
-
-
-def _misaligned(x):  # storage offset 1: the data pointer is not 16-byte aligned
-    buf = torch.empty(x.numel() + 1, dtype=x.dtype, device=x.device)
-    return buf[1:].view(x.shape).copy_(x)
-
-
-def _expanded(x):  # batch stride 0: every row the same (x's first row)
-    return x[:1].expand(x.shape)
-
-
-LAYOUTS = {
-    "contiguous": _contiguous,
-    "transposed": _transposed,
-    "class_sliced": _class_sliced,
-    "batch_sliced": _batch_sliced,
-    "spatial_sliced": _spatial_sliced,
-    "channels_last": _channels_last,
-    "permuted": _permuted,
-    "spatial_reversed": _spatial_reversed,
-    "misaligned": _misaligned,
-    "expanded": _expanded,
-}
+LAYOUTS = layouts(
+    "contiguous",
+    "transposed",
+    "class_sliced",
+    "batch_sliced",
+    "spatial_sliced",
+    "channels_last",
+    "permuted",
+    "spatial_reversed",
+    "misaligned",
+    "expanded",
+)
 
 
 # ================================================================================================
