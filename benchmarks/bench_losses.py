@@ -45,7 +45,8 @@ REPO_ROOT = os.path.dirname(HERE)
 FULL_SHAPES = ((65536, 80), (4096, 1000))  # detection-like (anchors x COCO classes); multi-label classification
 QUICK_SHAPES = ((4096, 80), (512, 1000))
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, "float64": torch.float64}
-LOSSES = ("bce", "bce_with_logits", "focal", "softmax_focal")
+LOSSES = ("nll", "bce", "bce_with_logits", "focal", "softmax_focal")
+CLASS_INDEX_LOSSES = ("nll", "softmax_focal")  # the others take a target shaped like the input
 IMPLS = ("xent", "eager", "compile")
 UNIT_ROUNDOFF = {"float32": 2.0**-24, "float64": 2.0**-53, "bfloat16": 2.0**-8, "float16": 2.0**-11}
 TARGETS = {"eager": 4.0, "compile": 2.0}  # the project's speed targets: xent at least this many times faster
@@ -89,8 +90,9 @@ def make_inputs(loss: str, shape, dtype: torch.dtype, seed: int) -> Tuple[torch.
     in detection), drawn in float32 and cast so that every dtype sees the same values up to rounding."""
     gen = torch.Generator().manual_seed(seed)
     z = torch.randn(shape, generator=gen).mul_(2.0)
-    if loss == "softmax_focal":  # logits (N, C) and class indices (N)
-        return z.to(dtype), torch.randint(0, shape[1], shape[:1], generator=gen)
+    if loss in CLASS_INDEX_LOSSES:  # logits (log-probabilities for nll) (N, C) and class indices (N)
+        x = torch.log_softmax(z, dim=1) if loss == "nll" else z
+        return x.to(dtype), torch.randint(0, shape[1], shape[:1], generator=gen)
     x = torch.sigmoid(z) if loss == "bce" else z
     y = (torch.rand(shape, generator=gen) < 0.1).float()
     return x.to(dtype), y.to(dtype)
@@ -108,6 +110,8 @@ def softmax_focal_torch(x: torch.Tensor, y: torch.Tensor, gamma: float = 2.0) ->
 def torch_fn(loss: str) -> LossFn:
     if loss == "softmax_focal":
         return softmax_focal_torch
+    if loss == "nll":
+        return lambda x, y: F.nll_loss(x, y)
     if loss == "bce":
         return lambda x, y: F.binary_cross_entropy(x, y)
     if loss == "bce_with_logits":
@@ -121,6 +125,8 @@ def xent_fn(loss: str) -> LossFn:
     xent = import_xent()
     if loss == "softmax_focal":
         return lambda x, y: xent.softmax_focal_loss(x, y, gamma=2.0)
+    if loss == "nll":
+        return lambda x, y: xent.nll_loss(x, y)
     if loss == "bce":
         return lambda x, y: xent.binary_cross_entropy(x, y)
     if loss == "bce_with_logits":
@@ -163,7 +169,7 @@ def _errors(fn: LossFn, x: torch.Tensor, y: torch.Tensor, loss64: float, grad64:
 def check_correctness(loss: str, shape, dtype_name: str, seed: int) -> dict:
     x, y = make_inputs(loss, shape, DTYPES[dtype_name], seed)
     x64 = x.double().requires_grad_()
-    value64 = torch_fn(loss)(x64, y if loss == "softmax_focal" else y.double())
+    value64 = torch_fn(loss)(x64, y if loss in CLASS_INDEX_LOSSES else y.double())
     (grad64,) = torch.autograd.grad(value64, x64)
     entry = {"loss": loss, "shape": list(shape), "dtype": dtype_name}
     for name in ("xent", "eager"):

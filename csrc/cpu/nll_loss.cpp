@@ -14,7 +14,9 @@
 #include <c10/util/Half.h>
 #include <torch/library.h>
 
+#include <algorithm>
 #include <cstring>
+#include <type_traits>
 
 namespace xent::cpu {
 namespace {
@@ -57,12 +59,6 @@ NllPlan prepare(const at::Tensor& input, const at::Tensor& target, const std::op
   return plan;
 }
 
-double weight_of(const at::Tensor& weight, int64_t t) {
-  if (!weight.defined()) return 1.0;
-  return weight.scalar_type() == at::kDouble ? weight.const_data_ptr<double>()[t]
-                                             : static_cast<double>(weight.const_data_ptr<float>()[t]);
-}
-
 std::tuple<at::Tensor, at::Tensor> nll_loss_fwd(const at::Tensor& input, const at::Tensor& target,
                                                 const std::optional<at::Tensor>& weight, int64_t reduction,
                                                 int64_t ignore_index) {
@@ -74,16 +70,22 @@ std::tuple<at::Tensor, at::Tensor> nll_loss_fwd(const at::Tensor& input, const a
   const int64_t* t = plan.target64.const_data_ptr<int64_t>();
   dispatch_float(input.scalar_type(), [&](auto tag) {
     using scalar_t = decltype(tag);
+    using acc_t = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
     const scalar_t* x = plan.input.const_data_ptr<scalar_t>();
+    const acc_t* w = plan.weight.defined() ? plan.weight.const_data_ptr<acc_t>() : nullptr;
+    acc_t* out = loss.data_ptr<acc_t>();
+    const int64_t S = v.S, sn = v.stride_n, sc = v.stride_c, ss = v.stride_s;
     at::parallel_for(0, P, kReduceBlock, [&](int64_t p0, int64_t p1) {
       for (int64_t p = p0; p < p1; ++p) {
-        const int64_t n = p / v.S, s = p % v.S, tp = t[p];
-        double l = 0;
-        if (tp != ignore_index) {
-          l = -weight_of(plan.weight, tp) * static_cast<double>(x[n * v.stride_n + tp * v.stride_c + s * v.stride_s]);
+        const int64_t tp = t[p];
+        if (tp == ignore_index) {
+          out[p] = 0;
+          continue;
         }
-        if (acc == at::kDouble) loss.data_ptr<double>()[p] = l;
-        else loss.data_ptr<float>()[p] = static_cast<float>(l);
+        const int64_t n = S == 1 ? p : p / S, s = S == 1 ? 0 : p % S;
+        // The product of two acc_t values rounded once to acc_t, as -weight * input in acc_t.
+        const acc_t xv = static_cast<acc_t>(x[n * sn + tp * sc + s * ss]);
+        out[p] = w ? -(w[tp] * xv) : -xv;
       }
     });
   });
@@ -135,8 +137,30 @@ at::Tensor nll_loss_bwd(const at::Tensor& grad_loss, const at::Tensor& input, co
   const int64_t* t = plan.target64.const_data_ptr<int64_t>();
   dispatch_float(input.scalar_type(), [&](auto tag) {
     using scalar_t = decltype(tag);
+    using acc_t = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
     scalar_t* g = grad.data_ptr<scalar_t>();
-    // Zero the whole (dense) storage in parallel blocks, then write one element per position.
+    const acc_t* w = plan.weight.defined() ? plan.weight.const_data_ptr<acc_t>() : nullptr;
+    const acc_t* s_p = scale_per_position.defined() ? scale_per_position.const_data_ptr<acc_t>() : nullptr;
+    const int64_t S = v.S, sn = v.stride_n, sc = v.stride_c, ss = v.stride_s;
+    // grad[p, t_p] = -w[t_p] * s_p in double, rounded once (ATen: -weight * grad_output / total_weight).
+    auto write_target = [&](int64_t p) {
+      const int64_t tp = t[p];
+      if (tp == ignore_index) return;
+      const double sp = s_p ? static_cast<double>(s_p[p]) : scale;
+      const int64_t n = S == 1 ? p : p / S, sj = S == 1 ? 0 : p % S;
+      g[n * sn + tp * sc + sj * ss] = static_cast<scalar_t>(-(w ? static_cast<double>(w[tp]) : 1.0) * sp);
+    };
+    if (S == 1 && sc == 1 && sn == v.C) {
+      // Rows one after another: each task zeroes its rows and writes their target elements while they
+      // are in cache (one pass over the gradient).
+      at::parallel_for(0, P, std::max<int64_t>(1, (int64_t(1) << 16) / std::max<int64_t>(v.C, 1)),
+                       [&](int64_t p0, int64_t p1) {
+                         std::memset(g + p0 * v.C, 0, static_cast<size_t>((p1 - p0) * v.C) * sizeof(scalar_t));
+                         for (int64_t p = p0; p < p1; ++p) write_target(p);
+                       });
+      return;
+    }
+    // Any other dense layout: zero the whole storage in parallel blocks, then write one element per position.
     const int64_t bytes = grad.numel() * static_cast<int64_t>(sizeof(scalar_t));
     constexpr int64_t kZeroBlock = int64_t(1) << 20;
     at::parallel_for(0, (bytes + kZeroBlock - 1) / kZeroBlock, 1, [&](int64_t b0, int64_t b1) {
@@ -144,16 +168,7 @@ at::Tensor nll_loss_bwd(const at::Tensor& grad_loss, const at::Tensor& input, co
       std::memset(reinterpret_cast<char*>(g) + begin, 0, end - begin);
     });
     at::parallel_for(0, P, kReduceBlock, [&](int64_t p0, int64_t p1) {
-      for (int64_t p = p0; p < p1; ++p) {
-        const int64_t tp = t[p];
-        if (tp == ignore_index || P == 0) continue;
-        const double s = scale_per_position.defined()
-                             ? (acc == at::kDouble ? scale_per_position.const_data_ptr<double>()[p]
-                                                   : static_cast<double>(scale_per_position.const_data_ptr<float>()[p]))
-                             : scale;
-        const int64_t n = p / v.S, sp = p % v.S;
-        g[n * v.stride_n + tp * v.stride_c + sp * v.stride_s] = static_cast<scalar_t>(-weight_of(plan.weight, tp) * s);
-      }
+      for (int64_t p = p0; p < p1; ++p) write_target(p);
     });
   });
   return grad;
