@@ -1,7 +1,9 @@
 #!/usr/bin/env python
-"""Benchmark and correctness check of xent's binary losses and softmax focal loss against PyTorch on the CPU.
+"""Benchmark and correctness check of xent's loss family (NLL, binary losses, softmax focal loss) against
+PyTorch on the CPU.
 
-Losses: ``binary_cross_entropy`` (probabilities), ``binary_cross_entropy_with_logits``,
+Losses: ``nll_loss`` (log-probabilities and class indices), ``binary_cross_entropy`` (probabilities),
+``binary_cross_entropy_with_logits``,
 ``sigmoid_focal_loss`` (torchvision's) and ``softmax_focal_loss`` (multi-class focal loss with class-index
 targets, gamma = 2; its PyTorch reference is the usual composition -(1 - p_y)^gamma log p_y from
 log_softmax and gather), each with reduction='mean' (the usual training setup). For every loss, shape and
