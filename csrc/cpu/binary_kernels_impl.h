@@ -240,6 +240,14 @@ struct BceOp {
     const V eps = V::set1(static_cast<typename V::scalar>(1e-12f));
     return s * (x - y) * vrecip(V::max(eps, (one - x) * x)) * w;
   }
+
+  // The fused forward + gradient: the logs and the reciprocal share nothing but the loads, so both are
+  // exactly loss() and grad().
+  template <class V>
+  static V loss_grad(const LossParams<V>& c, V x, V y, V w, V pw, V s, MaskOf<V>& bad_x, MaskOf<V>& bad_y, V& g) {
+    g = grad(c, x, y, w, pw, s);
+    return loss(c, x, y, w, pw, bad_x, bad_y);
+  }
 };
 
 struct LogitsOp {
@@ -258,6 +266,17 @@ struct LogitsOp {
     const SigmoidParts<V> sg(x);
     const V pwy = c.has_pos_weight ? pw * y : y;
     return s * ((V::set1(1) - y) * sg.p() - pwy * sg.q()) * w;
+  }
+
+  // loss() and grad() sharing e = exp(-|x|): log1p(e) for the loss, 1 / (1 + e) for the sigmoids. The
+  // same operations on the same e, so both results are bitwise those of the separate functions.
+  template <class V>
+  static V loss_grad(const LossParams<V>& c, V x, V y, V w, V pw, V s, MaskOf<V>&, MaskOf<V>&, V& g) {
+    const SigmoidParts<V> sg(x);
+    V pwy, L;
+    pos_weight_terms(c, y, pw, pwy, L);
+    g = s * ((V::set1(1) - y) * sg.p() - pwy * sg.q()) * w;
+    return logits_loss_unweighted(x, y, pwy, L, sg.softplus()) * w;
   }
 };
 
@@ -316,6 +335,38 @@ struct FocalOp {
     }
     g = s * g * w;
     return c.alpha_on ? alpha_t(c, y) * g : g;
+  }
+
+  // loss() and grad() sharing the sigmoid parts, ce_u, m and its powers: the formulas of the two, each
+  // term computed once.
+  template <class V>
+  static V loss_grad(const LossParams<V>& c, V x, V y, V w, V pw, V s, MaskOf<V>&, MaskOf<V>&, V& grad_out) {
+    const V one = V::set1(1);
+    const SigmoidParts<V> sg(x);
+    const V p = sg.p(), q = sg.q();
+    V pwy, L;
+    pos_weight_terms(c, y, pw, pwy, L);
+    const V ce_u = logits_loss_unweighted(x, y, pwy, L, sg.softplus());
+    const V m = (one - y) * p + y * q;
+    V f, h = V::set1(0);
+    powers<V>(c, m, f, &h);
+    // The loss, as loss().
+    const V loss = (ce_u * w) * f;
+    // The gradient, as grad().
+    const V dce = (one - y) * p - pwy * q;
+    V g = dce * f;
+    if (c.gamma_int != 0) {
+      const V dm = p * q * (one - y - y);
+      g = g + ce_u * (V::set1(c.gamma) * h) * dm;
+    }
+    g = s * g * w;
+    if (!c.alpha_on) {
+      grad_out = g;
+      return loss;
+    }
+    const V a = alpha_t(c, y);
+    grad_out = a * g;
+    return a * loss;
   }
 };
 
@@ -402,6 +453,61 @@ void backward_blocks(const BinaryArgs& a, int64_t b0, int64_t b1) {
   }
 }
 
+// The fused forward + gradient (reduction mean or sum): forward_blocks<T, Op, true>'s block sums and
+// flags, accumulated in the same order (so the loss is bitwise the forward op's), and the gradient for
+// the scalar a.grad_scale, written as backward_blocks writes it.
+template <class T, class Op>
+void forward_grad_blocks(const BinaryArgs& a, int64_t b0, int64_t b1) {
+  using V = typename BinaryVec<T>::type;
+  using acc = typename V::scalar;
+  using M = MaskOf<V>;
+  constexpr int W = V::kWidth;
+  const LossParams<V> c(a);
+  const acc half = acc(0.5);
+  const V s = V::set1(static_cast<acc>(a.grad_scale.value));  // the host passes a scalar grad_scale
+  acc wbuf[kBinaryBlock], pbuf[kBinaryBlock];
+  for (int64_t b = b0; b < b1; ++b) {
+    const int64_t i0 = b * kBinaryBlock;
+    const int64_t n = a.numel - i0 < kBinaryBlock ? a.numel - i0 : kBinaryBlock;
+    const OperandBlock<V> w = operand_block<T, V>(a.weight, i0, n, wbuf);
+    const OperandBlock<V> pw = operand_block<T, V>(a.pos_weight, i0, n, pbuf);
+    const T* x = static_cast<const T*>(a.input) + i0;
+    const T* y = static_cast<const T*>(a.target) + i0;
+    T* g = static_cast<T*>(a.grad) + i0;
+    M bad_x = vlt(V::set1(0), V::set1(0)), bad_y = bad_x;  // all false
+    V run = V::set1(0);
+    int in_run = 0;
+    double total = 0;
+    int64_t j = 0;
+    for (; j + W <= n; j += W) {
+      V gj;
+      const V l = Op::loss_grad(c, V::load(x + j), V::load(y + j), w.at(j), pw.at(j), s, bad_x, bad_y, gj);
+      V::store(g + j, gj);
+      run = run + l;
+      if (++in_run == kFlushVectors) {
+        total += static_cast<double>(run.reduce_add());
+        run = V::set1(0);
+        in_run = 0;
+      }
+    }
+    if (j < n) {
+      // The partial last vector takes the separate loss() and grad(), as the separate ops' tails do: a
+      // second inlined copy of loss_grad() may contract a * b + c into fmas differently from the loop's
+      // (-ffp-contract=fast) and round the gradient an ulp away from the backward op's.
+      const int64_t r = n - j;
+      const V xv = load_partial<V>(x + j, r, half), yv = load_partial<V>(y + j, r, half);
+      const V wv = w.tail(j, r), pwv = pw.tail(j, r);
+      store_partial(g + j, r, Op::grad(c, xv, yv, wv, pwv, s));
+      const V l = Op::loss(c, xv, yv, wv, pwv, bad_x, bad_y);
+      acc buf[W];
+      V::store(buf, l);
+      for (int64_t i = 0; i < r; ++i) total += static_cast<double>(buf[i]);
+    }
+    a.block_sums[b] = total + static_cast<double>(run.reduce_add());
+    if constexpr (Op::kChecksRange) a.block_flags[b] = (mask_any(bad_x) ? 1 : 0) | (mask_any(bad_y) ? 2 : 0);
+  }
+}
+
 // ---------------------------------------------------------------------------------------------------
 // Dispatch and the table.
 
@@ -441,7 +547,14 @@ void binary_backward(const BinaryArgs& a, int64_t b0, int64_t b1) {
   });
 }
 
-constexpr BinaryKernelTable kBinaryTable = {XENT_CPU_ISA_NAME, binary_forward, binary_backward, VecF::kWidth};
+void binary_forward_grad(const BinaryArgs& a, int64_t b0, int64_t b1) {
+  dispatch_dtype(a.dtype, [&](auto t) {
+    dispatch_loss(a.kind, [&](auto op) { forward_grad_blocks<decltype(t), decltype(op)>(a, b0, b1); });
+  });
+}
+
+constexpr BinaryKernelTable kBinaryTable = {XENT_CPU_ISA_NAME, binary_forward, binary_backward, binary_forward_grad,
+                                            VecF::kWidth};
 
 } // namespace
 } // namespace xent::cpu
