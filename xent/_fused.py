@@ -60,12 +60,17 @@ def register_fused_autograd(ns: str, op_name: str, separate_backward) -> None:
 
     def setup_context(ctx, inputs, keyword_only_inputs, output):
         ctx.mark_non_differentiable(*output[1:])
+        # The gradient output is as large as the input: autograd must not build a zero tensor for its
+        # (never used) incoming gradient, as it otherwise does for every output without one.
+        ctx.set_materialize_grads(False)
         ctx.save_for_backward(*inputs, *output[1:])
         ctx.num_inputs = len(inputs)
         ctx.kw = keyword_only_inputs
         ctx.gradient_used = False
 
     def backward(ctx, grad_loss, *_unused):
+        if grad_loss is None:  # not materialized (see setup_context): the loss got no gradient
+            return (None,) * ctx.num_inputs
         saved = ctx.saved_tensors
         inputs, outputs = saved[: ctx.num_inputs], saved[ctx.num_inputs :]
         if ctx.gradient_used or torch.is_grad_enabled():
