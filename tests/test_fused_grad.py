@@ -75,6 +75,15 @@ def _sigmoid_focal_real_gamma_call(x, t, w, reduction):
                                    pos_weight=_pos_weight(w))
 
 
+def _unweighted(call):
+    # The kernels' other instance (no weight and no pos_weight, binary_kernels_impl.h: kPlain).
+    return lambda x, t, w, reduction: call(x, t, None, reduction)
+
+
+def _bce_with_logits_plain_call(x, t, w, reduction):
+    return xent.binary_cross_entropy_with_logits(x, t, reduction=reduction)
+
+
 FUSED_CASES = {
     "cross_entropy": (_index_case, _cross_entropy_call, "cross_entropy_fwd_grad", True),
     "binary_cross_entropy": (_binary_case(True), _bce_call, "binary_cross_entropy_fwd_grad", True),
@@ -88,6 +97,24 @@ FUSED_CASES = {
     "sigmoid_focal_loss_real_gamma": (
         _binary_case(False),
         _sigmoid_focal_real_gamma_call,
+        "sigmoid_focal_loss_fwd_grad",
+        True,
+    ),
+    "binary_cross_entropy_unweighted": (
+        _binary_case(True),
+        _unweighted(_bce_call),
+        "binary_cross_entropy_fwd_grad",
+        True,
+    ),
+    "binary_cross_entropy_with_logits_unweighted": (
+        _binary_case(False),
+        _bce_with_logits_plain_call,
+        "binary_cross_entropy_with_logits_fwd_grad",
+        True,
+    ),
+    "sigmoid_focal_loss_unweighted": (
+        _binary_case(False),
+        _unweighted(_sigmoid_focal_call),
         "sigmoid_focal_loss_fwd_grad",
         True,
     ),

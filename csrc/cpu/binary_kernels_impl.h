@@ -35,7 +35,12 @@
 // Integer gamma (0, 1, 2, ... the usual 2 included) uses products, m^k = m * ... * m (as torch's pow does
 // for 2 and 3); other gamma use exp(gamma log m) (simd.h: vpow).
 //
-// float32 math (simd.h): exp about 1 ulp, log 1-2 ulp, log1p(exp(-|x|)) by vlog1p_unit about 3 ulp,
+// The fused forward + gradient (forward_grad_blocks, for the `*_fwd_grad` ops) calls each loss's
+// loss_grad(), which computes both from shared terms with exactly the operations of loss() and grad(), so
+// that loss and gradient are bitwise those of the separate ops (tests/test_fused_grad.py checks this, per
+// ISA and dtype: the compiler's fma contraction could break it).
+//
+// float32 math (simd.h): exp about 1 ulp, log 1-2 ulp, log1p(exp(-|x|)) by vlog1p_unit_poly about 1.5 ulp,
 // reciprocals by rcp + one Newton step (vrecip) about 1-2 ulp instead of divisions, whose throughput
 // would otherwise dominate these kernels. float64 uses libm throughout.
 #pragma once
@@ -160,7 +165,7 @@ struct SigmoidParts {
   }
   V p() const { return vselect(nonneg, d, e * d); }  // sigmoid(x)
   V q() const { return vselect(nonneg, e * d, d); }  // sigmoid(-x) = 1 - sigmoid(x), accurately
-  V softplus() const { return vlog1p_unit(e); }  // log1p(exp(-|x|)) = -log_sigmoid(|x|)
+  V softplus() const { return vlog1p_unit_poly(e); }  // log1p(exp(-|x|)) = -log_sigmoid(|x|)
 };
 
 // ce_u, the with-logits loss before the weight (see the top of the file); pwy = pw y and L = 1 + (pw - 1) y
@@ -191,6 +196,9 @@ inline void pos_weight_terms(const LossParams<V>& c, V y, V pw, V& pwy, V& L) {
 
 struct BceOp {
   static constexpr bool kChecksRange = true;
+  // Whether forward_grad_blocks may compile the weightless call with the weights known to be 1 (kPlain):
+  // only where that gives bitwise the separate ops' results (checked by tests/test_fused_grad.py).
+  static constexpr bool kPlainIsBitwise = true;
 
   // max(log x, -100) and max(log1p(-x), -100) for x in [0, 1], the only values whose loss is kept (the
   // host raises for any other), so none of vlog's special cases but log(0) = -inf -> -100 can occur.
@@ -252,10 +260,11 @@ struct BceOp {
 
 struct LogitsOp {
   static constexpr bool kChecksRange = false;
+  static constexpr bool kPlainIsBitwise = true;
 
   template <class V>
   static V loss(const LossParams<V>& c, V x, V y, V w, V pw, MaskOf<V>&, MaskOf<V>&) {
-    const V sp = vlog1p_unit(V::exp(V::set1(0) - vabs(x)));  // the forward needs no sigmoid
+    const V sp = vlog1p_unit_poly(V::exp(V::set1(0) - vabs(x)));  // the forward needs no sigmoid
     V pwy, L;
     pos_weight_terms(c, y, pw, pwy, L);
     return logits_loss_unweighted(x, y, pwy, L, sp) * w;
@@ -282,6 +291,9 @@ struct LogitsOp {
 
 struct FocalOp {
   static constexpr bool kChecksRange = false;
+  // With the weights folded away the compiler contracts the gradient's products into fmas differently
+  // (an ulp here and there, also in float64), and they save 2 of about 100 operations per vector.
+  static constexpr bool kPlainIsBitwise = false;
 
   // f = m^gamma and, when want_h, h = m^(gamma - 1).
   template <class V>
@@ -456,13 +468,17 @@ void backward_blocks(const BinaryArgs& a, int64_t b0, int64_t b1) {
 // The fused forward + gradient (reduction mean or sum): forward_blocks<T, Op, true>'s block sums and
 // flags, accumulated in the same order (so the loss is bitwise the forward op's), and the gradient for
 // the scalar a.grad_scale, written as backward_blocks writes it.
-template <class T, class Op>
+//
+// kPlain: neither weight nor pos_weight (the common call), compiled with both known to be 1, which drops
+// their loads, pointer tests and multiplications (x * 1 is exact, so the results do not change).
+template <class T, class Op, bool kPlain>
 void forward_grad_blocks(const BinaryArgs& a, int64_t b0, int64_t b1) {
   using V = typename BinaryVec<T>::type;
   using acc = typename V::scalar;
   using M = MaskOf<V>;
   constexpr int W = V::kWidth;
-  const LossParams<V> c(a);
+  LossParams<V> c(a);
+  if constexpr (kPlain) c.has_pos_weight = false;  // as LossParams found it, now visible to the compiler
   const acc half = acc(0.5);
   const V s = V::set1(static_cast<acc>(a.grad_scale.value));  // the host passes a scalar grad_scale
   acc wbuf[kBinaryBlock], pbuf[kBinaryBlock];
@@ -481,7 +497,8 @@ void forward_grad_blocks(const BinaryArgs& a, int64_t b0, int64_t b1) {
     int64_t j = 0;
     for (; j + W <= n; j += W) {
       V gj;
-      const V l = Op::loss_grad(c, V::load(x + j), V::load(y + j), w.at(j), pw.at(j), s, bad_x, bad_y, gj);
+      const V wj = kPlain ? V::set1(1) : w.at(j), pwj = kPlain ? V::set1(1) : pw.at(j);
+      const V l = Op::loss_grad(c, V::load(x + j), V::load(y + j), wj, pwj, s, bad_x, bad_y, gj);
       V::store(g + j, gj);
       run = run + l;
       if (++in_run == kFlushVectors) {
@@ -496,7 +513,7 @@ void forward_grad_blocks(const BinaryArgs& a, int64_t b0, int64_t b1) {
       // (-ffp-contract=fast) and round the gradient an ulp away from the backward op's.
       const int64_t r = n - j;
       const V xv = load_partial<V>(x + j, r, half), yv = load_partial<V>(y + j, r, half);
-      const V wv = w.tail(j, r), pwv = pw.tail(j, r);
+      const V wv = kPlain ? V::set1(1) : w.tail(j, r), pwv = kPlain ? V::set1(1) : pw.tail(j, r);
       store_partial(g + j, r, Op::grad(c, xv, yv, wv, pwv, s));
       const V l = Op::loss(c, xv, yv, wv, pwv, bad_x, bad_y);
       acc buf[W];
@@ -549,7 +566,17 @@ void binary_backward(const BinaryArgs& a, int64_t b0, int64_t b1) {
 
 void binary_forward_grad(const BinaryArgs& a, int64_t b0, int64_t b1) {
   dispatch_dtype(a.dtype, [&](auto t) {
-    dispatch_loss(a.kind, [&](auto op) { forward_grad_blocks<decltype(t), decltype(op)>(a, b0, b1); });
+    dispatch_loss(a.kind, [&](auto op) {
+      using T = decltype(t);
+      using Op = decltype(op);
+      if constexpr (Op::kPlainIsBitwise) {
+        if (a.weight.kind == BinaryOperand::one && a.pos_weight.kind == BinaryOperand::one) {
+          forward_grad_blocks<T, Op, true>(a, b0, b1);
+          return;
+        }
+      }
+      forward_grad_blocks<T, Op, false>(a, b0, b1);
+    });
   });
 }
 
