@@ -37,8 +37,9 @@
 //
 // The fused forward + gradient (forward_grad_blocks, for the `*_fwd_grad` ops) calls each loss's
 // loss_grad(), which computes both from shared terms with exactly the operations of loss() and grad(), so
-// that loss and gradient are bitwise those of the separate ops (tests/test_fused_grad.py checks this, per
-// ISA and dtype: the compiler's fma contraction could break it).
+// that loss and gradient are bitwise those of the separate ops (NaN payloads aside). The compiler's fma
+// contraction (-ffp-contract=fast) could break that: tests/test_binary_losses.py checks it per ISA, dtype
+// and operand kind, tests/test_fused_grad.py through the API.
 //
 // float32 math (simd.h): exp about 1 ulp, log 1-2 ulp, log1p(exp(-|x|)) by vlog1p_unit_poly about 1.5 ulp,
 // reciprocals by rcp + one Newton step (vrecip) about 1-2 ulp instead of divisions, whose throughput
@@ -197,7 +198,7 @@ inline void pos_weight_terms(const LossParams<V>& c, V y, V pw, V& pwy, V& L) {
 struct BceOp {
   static constexpr bool kChecksRange = true;
   // Whether forward_grad_blocks may compile the weightless call with the weights known to be 1 (kPlain):
-  // only where that gives bitwise the separate ops' results (checked by tests/test_fused_grad.py).
+  // only where that gives bitwise the separate ops' results (checked by the tests named at the top).
   static constexpr bool kPlainIsBitwise = true;
 
   // max(log x, -100) and max(log1p(-x), -100) for x in [0, 1], the only values whose loss is kept (the
