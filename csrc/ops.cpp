@@ -49,6 +49,9 @@ TORCH_LIBRARY(XENT_OPS_NAMESPACE, m) {
   m.def(
       "cross_entropy_prob_bwd(Tensor grad_loss, Tensor logits, Tensor target, Tensor? weight, Tensor lse, *, "
       "int reduction=1, float label_smoothing=0.0) -> Tensor grad_logits");
+  m.def(
+      "cross_entropy_prob_fwd_grad(Tensor logits, Tensor target, Tensor? weight=None, *, int reduction=1, "
+      "float label_smoothing=0.0) -> (Tensor loss, Tensor lse, Tensor grad_logits)");
 
   // Negative log-likelihood: input holds log-probabilities (N, C, *), target class indices (N, *).
   //   loss: () for mean/sum, (N, *) for none. total_weight: () in the input's dtype, the mean's

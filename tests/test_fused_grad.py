@@ -34,6 +34,23 @@ def _cross_entropy_call(x, t, w, reduction):
     return xent.cross_entropy(x, t, w, reduction=reduction, label_smoothing=0.1)
 
 
+def _prob_case(dtype, n=37, c=300, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    x = (torch.randn(n, c, generator=g) * 3).to(dtype)
+    t = torch.softmax(torch.randn(n, c, generator=g) * 2, 1).to(dtype)
+    w = torch.rand(c, generator=g).to(dtype) + 0.5
+    return x, t, w
+
+
+def _kdim_case(dtype, seed=2):  # (N, C, d1): the lanes layout, class dimension strided
+    g = torch.Generator().manual_seed(seed)
+    x = (torch.randn(3, 21, 50, generator=g) * 3).to(dtype)
+    t = torch.randint(0, 21, (3, 50), generator=g)
+    t[:, ::7] = -100
+    w = torch.rand(21, generator=g).to(dtype) + 0.5
+    return x, t, w
+
+
 def _binary_case(probabilities):
     """Builder of a binary loss's inputs: x (37, 300) logits, or probabilities in [0.002, 0.998]; targets
     hard 0/1 in most rows (bce's one-log path) and soft in every fourth row; a per-class weight (300)."""
@@ -86,6 +103,8 @@ def _bce_with_logits_plain_call(x, t, w, reduction):
 
 FUSED_CASES = {
     "cross_entropy": (_index_case, _cross_entropy_call, "cross_entropy_fwd_grad", True),
+    "cross_entropy_kdim": (_kdim_case, _cross_entropy_call, "cross_entropy_fwd_grad", True),
+    "cross_entropy_prob": (_prob_case, _cross_entropy_call, "cross_entropy_prob_fwd_grad", True),
     "binary_cross_entropy": (_binary_case(True), _bce_call, "binary_cross_entropy_fwd_grad", True),
     "binary_cross_entropy_with_logits": (
         _binary_case(False),

@@ -130,6 +130,17 @@ def _register_fakes(ns):
         _check_prob_target(logits, target)
         return _fake_forward(logits, reduction)
 
+    @torch.library.register_fake(f"{ns}::cross_entropy_prob_fwd_grad")
+    def _(logits, target, weight=None, *, reduction=1, label_smoothing=0.0):
+        _check_common(logits, weight, reduction, label_smoothing)
+        _check_devices(logits, target, weight)
+        _check_prob_target(logits, target)
+        torch._check(
+            reduction in (REDUCTION_MEAN, REDUCTION_SUM),
+            lambda: f"cross_entropy_prob_fwd_grad: reduction must be mean (1) or sum (2), got {reduction}",
+        )
+        return _fake_forward(logits, reduction) + (_fake_grad(logits),)
+
     @torch.library.register_fake(f"{ns}::cross_entropy_prob_bwd")
     def _(grad_loss, logits, target, weight, lse, *, reduction=1, label_smoothing=0.0):
         _check_common(logits, weight, reduction, label_smoothing)
@@ -272,6 +283,12 @@ def _register_autograd(ns):
         return grad_logits, grad_target, None
 
     torch.library.register_autograd(f"{ns}::cross_entropy_prob_fwd", backward_prob_fwd, setup_context=setup_prob_fwd)
+
+    def separate_prob_backward(grad_loss, inputs, outputs, kw):
+        logits, target, weight = inputs
+        return ops.cross_entropy_prob_bwd(grad_loss, logits, target, weight, outputs[0], **kw)
+
+    _fused.register_fused_autograd(ns, "cross_entropy_prob_fwd_grad", separate_prob_backward)
 
     def setup_prob_bwd(ctx, inputs, keyword_only_inputs, output):
         ctx.save_for_backward(*inputs)

@@ -132,28 +132,21 @@ def cross_entropy(
         input, target, weight, size_average, ignore_index, reduce, reduction, label_smoothing
     )
     ops = testing._active_ops()
+    # The *_fwd_grad ops also compute the gradient when it will be needed (Note [Fused gradient]).
+    fused = _fused.use_fused_grad(ops, code, input, target, weight)
     if probabilities:
-        loss, _ = ops.cross_entropy_prob_fwd(
-            input, target, weight, reduction=code, label_smoothing=float(label_smoothing)
-        )
-    elif _fused.use_fused_grad(ops, code, input, target, weight):
-        loss, _, _ = ops.cross_entropy_fwd_grad(
-            input,
-            target,
-            weight,
-            reduction=code,
-            ignore_index=int(ignore_index),
-            label_smoothing=float(label_smoothing),
-        )
+        forward = ops.cross_entropy_prob_fwd_grad if fused else ops.cross_entropy_prob_fwd
+        loss = forward(input, target, weight, reduction=code, label_smoothing=float(label_smoothing))[0]
     else:
-        loss, _ = ops.cross_entropy_fwd(
+        forward = ops.cross_entropy_fwd_grad if fused else ops.cross_entropy_fwd
+        loss = forward(
             input,
             target,
             weight,
             reduction=code,
             ignore_index=int(ignore_index),
             label_smoothing=float(label_smoothing),
-        )
+        )[0]
     if unbatched and code == _ops.REDUCTION_NONE:
         loss = loss.squeeze(0)
     return loss

@@ -321,17 +321,18 @@ at::Tensor grad_buffer_for(const Prepared& pr, const at::Tensor& logits, CrossEn
 
 // The forward, and the gradient for grad_loss = 1, in one pass (Note [Fused gradient], xent/_fused.py).
 std::tuple<at::Tensor, at::Tensor, at::Tensor> forward_grad_impl(const at::Tensor& logits, const at::Tensor& target,
-                                                                 const std::optional<at::Tensor>& weight,
+                                                                 const std::optional<at::Tensor>& weight, bool prob,
                                                                  int64_t reduction, int64_t ignore_index,
                                                                  double label_smoothing) {
   TORCH_CHECK(reduction == at::Reduction::Mean || reduction == at::Reduction::Sum,
-              "cross_entropy_fwd_grad: reduction must be mean (1) or sum (2), got ", reduction);
-  Prepared pr = prepare(logits, target, weight, false, ignore_index, label_smoothing, reduction);
+              prob ? "cross_entropy_prob_fwd_grad" : "cross_entropy_fwd_grad",
+              ": reduction must be mean (1) or sum (2), got ", reduction);
+  Prepared pr = prepare(logits, target, weight, prob, ignore_index, label_smoothing, reduction);
   CrossEntropyArgs& a = pr.args;
   at::Tensor grad = grad_buffer_for(pr, logits, a);
   if (!grad.defined()) {  // a dense layout no kernel takes (e.g. permuted K-dim): as backward_impl does
     auto [loss, lse, contiguous_grad] =
-        forward_grad_impl(logits.contiguous(), target, weight, reduction, ignore_index, label_smoothing);
+        forward_grad_impl(logits.contiguous(), target, weight, prob, reduction, ignore_index, label_smoothing);
     at::Tensor g = empty_grad_buffer(logits.sizes(), dense_strides_like(logits), logits.scalar_type());
     return {loss, lse, g.copy_(contiguous_grad)};
   }
@@ -404,7 +405,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> cross_entropy_fwd_grad(const at::
                                                                       const std::optional<at::Tensor>& weight,
                                                                       int64_t reduction, int64_t ignore_index,
                                                                       double label_smoothing) {
-  return forward_grad_impl(logits, target, weight, reduction, ignore_index, label_smoothing);
+  return forward_grad_impl(logits, target, weight, false, reduction, ignore_index, label_smoothing);
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> cross_entropy_prob_fwd_grad(const at::Tensor& logits,
+                                                                           const at::Tensor& target,
+                                                                           const std::optional<at::Tensor>& weight,
+                                                                           int64_t reduction, double label_smoothing) {
+  return forward_grad_impl(logits, target, weight, true, reduction, 0, label_smoothing);
 }
 
 std::tuple<at::Tensor, at::Tensor> cross_entropy_prob_fwd(const at::Tensor& logits, const at::Tensor& target,
@@ -437,6 +445,7 @@ TORCH_LIBRARY_IMPL(xent, CPU, m) {
   m.impl("cross_entropy_fwd_grad", &cross_entropy_fwd_grad);
   m.impl("cross_entropy_prob_fwd", &cross_entropy_prob_fwd);
   m.impl("cross_entropy_prob_bwd", &cross_entropy_prob_bwd);
+  m.impl("cross_entropy_prob_fwd_grad", &cross_entropy_prob_fwd_grad);
   m.impl("_cpu_exp", &cpu_exp);
 }
 

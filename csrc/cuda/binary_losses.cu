@@ -46,7 +46,7 @@ constexpr OpSpec kBce{"binary_cross_entropy", Loss::bce};
 constexpr OpSpec kLogits{"binary_cross_entropy_with_logits", Loss::logits};
 constexpr OpSpec kFocal{"sigmoid_focal_loss", Loss::focal};
 
-int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
+using host::ceil_div;
 
 at::ScalarType acc_of(at::ScalarType t) { return t == at::kDouble ? at::kDouble : at::kFloat; }
 
@@ -106,31 +106,6 @@ Operand describe_operand(const at::Tensor& t_in, const at::Tensor& input, std::v
 }
 
 bool dense(const Operand& op) { return op.kind == Operand::kStrided && op.ndim == 1 && op.stride[0] == 1; }
-
-template <class T>
-struct Tag {
-  using type = T;
-};
-
-template <class F>
-void dispatch_dtype(at::ScalarType st, F&& f) {
-  switch (st) {
-    case at::kFloat:
-      f(Tag<float>{});
-      break;
-    case at::kDouble:
-      f(Tag<double>{});
-      break;
-    case at::kBFloat16:
-      f(Tag<__nv_bfloat16>{});
-      break;
-    case at::kHalf:
-      f(Tag<__half>{});
-      break;
-    default:
-      TORCH_CHECK(false, "xent binary losses: unsupported dtype ", st);
-  }
-}
 
 template <class F>
 void dispatch_loss(Loss loss, F&& f) {
@@ -231,7 +206,7 @@ at::Tensor forward(const OpSpec& op, const at::Tensor& input, const at::Tensor& 
     a.partials = partials.mutable_data_ptr<double>();
   }
   const xent_stream_t stream = host::current_stream(input.device());
-  dispatch_dtype(input.scalar_type(), [&](auto tag) {
+  host::dispatch_float_dtype(input.scalar_type(), op.name, [&](auto tag) {
     using scalar_t = typename decltype(tag)::type;
     dispatch_loss(op.loss, [&](auto loss_tag) {
       constexpr Loss L = decltype(loss_tag)::value;
@@ -276,7 +251,7 @@ at::Tensor backward(const OpSpec& op, const at::Tensor& grad_loss, const at::Ten
   split(pr, grad.const_data_ptr());
   a.out = grad.mutable_data_ptr();
   const xent_stream_t stream = host::current_stream(input.device());
-  dispatch_dtype(input.scalar_type(), [&](auto tag) {
+  host::dispatch_float_dtype(input.scalar_type(), op.name, [&](auto tag) {
     using scalar_t = typename decltype(tag)::type;
     dispatch_loss(op.loss, [&](auto loss_tag) {
       constexpr Loss L = decltype(loss_tag)::value;

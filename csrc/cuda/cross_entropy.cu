@@ -37,7 +37,9 @@ namespace {
 using ce::kBlock;
 using ce::kWarps;
 
-int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
+using host::ceil_div;
+using host::cptr;
+using host::mptr;
 int64_t round_up(int64_t a, int64_t b) { return ceil_div(a, b) * b; }
 
 // ---- Layouts (Note [CUDA cross-entropy kernels]) ----
@@ -177,41 +179,6 @@ Plan make_plan(const Prepared& pr, int sms) {
   return pl;
 }
 
-// ---- dtype dispatch ----
-template <class T>
-struct Tag {
-  using type = T;
-};
-
-template <class F>
-void dispatch_dtype(at::ScalarType st, F&& f) {
-  switch (st) {
-    case at::kFloat:
-      f(Tag<float>{});
-      break;
-    case at::kDouble:
-      f(Tag<double>{});
-      break;
-    case at::kBFloat16:
-      f(Tag<__nv_bfloat16>{});
-      break;
-    case at::kHalf:
-      f(Tag<__half>{});
-      break;
-    default:
-      TORCH_CHECK(false, "cross_entropy: unsupported dtype ", st);
-  }
-}
-
-template <class T>
-const T* cptr(const at::Tensor& t) {
-  return t.defined() ? reinterpret_cast<const T*>(t.const_data_ptr()) : nullptr;
-}
-template <class T>
-T* mptr(const at::Tensor& t) {
-  return t.defined() ? reinterpret_cast<T*>(t.mutable_data_ptr()) : nullptr;
-}
-
 // ---- Launchers ----
 template <class scalar_t>
 void launch_finish(const ce::FinishParams<scalar_t>& f, xent_stream_t stream) {
@@ -223,7 +190,7 @@ void launch_finish(const ce::FinishParams<scalar_t>& f, xent_stream_t stream) {
 // Device scalar sum_c w_c (label smoothing with class weights).
 template <class scalar_t>
 at::Tensor weight_total(const at::Tensor& w, xent_stream_t stream) {
-  using acc_t = typename ce::AccType<scalar_t>::type;
+  using acc_t = typename AccType<scalar_t>::type;
   at::Tensor total = at::empty({}, w.options());
   ce::FinishParams<scalar_t> f;
   f.num = cptr<acc_t>(w);
@@ -244,7 +211,7 @@ void launch_forward_main(const ce::Params<scalar_t>& a, Kind kind, int64_t grid,
 // partial sums in a.block_partials (sized by forward_partial_blocks), or Q for kProbWsum.
 template <class scalar_t, int MODE>
 void run_forward(ce::Params<scalar_t> a, const Prepared& pr, const Plan& pl, xent_stream_t stream) {
-  using acc_t = typename ce::AccType<scalar_t>::type;
+  using acc_t = typename AccType<scalar_t>::type;
   const int64_t P = a.N * a.S;
   a.chunk = pl.chunk;
   a.n_chunks = pl.n_chunks;
@@ -274,7 +241,7 @@ ce::Params<scalar_t> base_params(
     const at::Tensor& weight_total,
     int64_t ignore_index,
     double label_smoothing) {
-  using acc_t = typename ce::AccType<scalar_t>::type;
+  using acc_t = typename AccType<scalar_t>::type;
   ce::Params<scalar_t> a;
   a.x = cptr<scalar_t>(pr.x);
   a.N = pr.xv.N;
@@ -349,9 +316,9 @@ std::tuple<at::Tensor, at::Tensor> forward_impl(
   const Plan pl = make_plan(pr, host::sm_count(logits.device()));
   const int64_t n_blocks = forward_partial_blocks(P, pl);
 
-  dispatch_dtype(logits.scalar_type(), [&](auto tag) {
+  host::dispatch_float_dtype(logits.scalar_type(), "cross_entropy", [&](auto tag) {
     using scalar_t = typename decltype(tag)::type;
-    using acc_t = typename ce::AccType<scalar_t>::type;
+    using acc_t = typename AccType<scalar_t>::type;
     const at::Tensor wt = mode == ce::kIndexSmooth && w.defined() ? weight_total<scalar_t>(w, stream) : at::Tensor();
     ce::Params<scalar_t> a = base_params<scalar_t>(pr, target64, w, wt, ignore_index, label_smoothing);
     a.lse = mptr<acc_t>(lse);
@@ -415,9 +382,9 @@ at::Tensor backward_impl(
   const xent_stream_t stream = host::current_stream(logits.device());
   const Plan pl = make_plan(pr, host::sm_count(logits.device()));
 
-  dispatch_dtype(logits.scalar_type(), [&](auto tag) {
+  host::dispatch_float_dtype(logits.scalar_type(), "cross_entropy", [&](auto tag) {
     using scalar_t = typename decltype(tag)::type;
-    using acc_t = typename ce::AccType<scalar_t>::type;
+    using acc_t = typename AccType<scalar_t>::type;
     const auto acc_opts = lse_c.options();
     const at::Tensor wt = mode == ce::kIndexSmooth && w.defined() ? weight_total<scalar_t>(w, stream) : at::Tensor();
     ce::Params<scalar_t> a = base_params<scalar_t>(pr, target64, w, wt, ignore_index, label_smoothing);

@@ -1,8 +1,9 @@
 // Cross-entropy device code: forward, backward and the deterministic reductions.
 //
-// Device code only. It includes nothing but compat.cuh (and two standard headers for the math overloads), so
-// that the same source compiles under nvcc and, as plain C++, under the SIMT emulator (tests/simt). Every
-// global memory access goes through xent::cuda::load_global / store_global (the emulator counts the bytes).
+// Device code only. It includes nothing but compat.cuh and acc_type.cuh (and two standard headers for the
+// math overloads), so that the same source compiles under nvcc and, as plain C++, under the SIMT emulator
+// (tests/simt). Every global memory access goes through xent::cuda::load_global / store_global (the emulator
+// counts the bytes).
 // Host launch code: cross_entropy.cu.
 //
 // Note [CUDA cross-entropy kernels]
@@ -44,6 +45,7 @@
 // Indices: positions, offsets and class indices are int64 everywhere (inputs may exceed 2^31 elements).
 #pragma once
 
+#include "acc_type.cuh"
 #include "compat.cuh"
 
 #include <cmath>
@@ -81,34 +83,8 @@ enum Mode : int {
   kProbWsum = 3,     // probability targets, only Q = sum_c w_c q_c per position (backward pre-pass)
 };
 
-template <class T>
-struct AccType {
-  using type = float;
-};
-template <>
-struct AccType<double> {
-  using type = double;
-};
-
 // ---------------------------------------------------------------------------------------------------------
-// Scalar helpers. Explicit conversion intrinsics: torch builds CUDA code with __CUDA_NO_HALF_CONVERSIONS__
-// and __CUDA_NO_BFLOAT16_CONVERSIONS__.
-__device__ inline float to_acc(float v) { return v; }
-__device__ inline double to_acc(double v) { return v; }
-__device__ inline float to_acc(__nv_bfloat16 v) { return __bfloat162float(v); }
-__device__ inline float to_acc(__half v) { return __half2float(v); }
-
-template <class T>
-__device__ inline T from_acc(typename AccType<T>::type v);
-template <>
-__device__ inline float from_acc<float>(float v) { return v; }
-template <>
-__device__ inline double from_acc<double>(double v) { return v; }
-template <>
-__device__ inline __nv_bfloat16 from_acc<__nv_bfloat16>(float v) { return __float2bfloat16_rn(v); }
-template <>
-__device__ inline __half from_acc<__half>(float v) { return __float2half_rn(v); }
-
+// Scalar helpers (AccType, to_acc and from_acc are acc_type.cuh's, found from this namespace).
 __device__ inline float acc_exp(float x) { return expf(x); }
 __device__ inline double acc_exp(double x) { return exp(x); }
 __device__ inline float acc_log(float x) { return logf(x); }

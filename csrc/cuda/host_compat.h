@@ -9,13 +9,17 @@
 //   XENT_CUDA_LAUNCH_CHECK()                   after every launch (C10_CUDA_KERNEL_LAUNCH_CHECK; the emulator
 //                                              throws from the launch itself);
 //   xent::cuda::host::DeviceGuard, current_stream(device), sm_count(device).
+// Also the host helpers every .cu uses alike (same reason: one definition for the shared translation
+// unit): ceil_div, the dtype dispatchers and typed data pointers.
 #pragma once
 
 #include "compat.cuh"
 
 #include <ATen/core/Tensor.h>
+#include <c10/util/Exception.h>
 
 #include <atomic>
+#include <cstdint>
 #include <cstdlib>
 
 #ifdef XENT_SIMT_EMULATOR
@@ -62,3 +66,49 @@ inline int sm_count(const at::Device& device) {
 }
 } // namespace xent::cuda::host
 #endif
+
+namespace xent::cuda::host {
+
+inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
+
+// A type carried as a value, so a generic lambda can receive it: f(Tag<float>{}) -> decltype(tag)::type.
+template <class T>
+struct Tag {
+  using type = T;
+};
+
+// Calls f(Tag<T>{}) with T the device type of a floating dtype (__nv_bfloat16 and __half for the 16-bit
+// ones); `op` names the op in the error for any other dtype.
+template <class F>
+void dispatch_float_dtype(at::ScalarType st, const char* op, F&& f) {
+  switch (st) {
+    case at::kFloat: f(Tag<float>{}); break;
+    case at::kDouble: f(Tag<double>{}); break;
+    case at::kBFloat16: f(Tag<__nv_bfloat16>{}); break;
+    case at::kHalf: f(Tag<__half>{}); break;
+    default: TORCH_CHECK(false, op, ": unsupported dtype ", st);
+  }
+}
+
+// The same for class-index target dtypes (int64, int32, uint8).
+template <class F>
+void dispatch_index_dtype(at::ScalarType st, const char* op, F&& f) {
+  switch (st) {
+    case at::kLong: f(Tag<int64_t>{}); break;
+    case at::kInt: f(Tag<int32_t>{}); break;
+    case at::kByte: f(Tag<uint8_t>{}); break;
+    default: TORCH_CHECK(false, op, ": unsupported target dtype ", st);
+  }
+}
+
+// A tensor's data as T (the device type of its dtype), or null for an undefined (absent optional) tensor.
+template <class T>
+const T* cptr(const at::Tensor& t) {
+  return t.defined() ? reinterpret_cast<const T*>(t.const_data_ptr()) : nullptr;
+}
+template <class T>
+T* mptr(const at::Tensor& t) {
+  return t.defined() ? reinterpret_cast<T*>(t.mutable_data_ptr()) : nullptr;
+}
+
+} // namespace xent::cuda::host

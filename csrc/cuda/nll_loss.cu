@@ -26,7 +26,9 @@
 namespace xent::cuda::nll_host {
 namespace {
 
-int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
+using host::ceil_div;
+using host::cptr;
+using host::mptr;
 
 // The position dims (N, d1, ..., dk) of `t` (shaped like the input), size-1 dims dropped and each run of
 // dims that is contiguous in `t` merged into one; nullopt when more than kMaxPositionDims remain.
@@ -54,57 +56,6 @@ std::optional<nll::PositionDims> position_dims(const at::Tensor& t) {
 }
 
 int64_t class_stride(const at::Tensor& t) { return t.size(1) == 1 ? 0 : t.stride(1); }
-
-template <class T>
-struct Tag {
-  using type = T;
-};
-
-template <class F>
-void dispatch_dtype(at::ScalarType st, F&& f) {
-  switch (st) {
-    case at::kFloat:
-      f(Tag<float>{});
-      break;
-    case at::kDouble:
-      f(Tag<double>{});
-      break;
-    case at::kBFloat16:
-      f(Tag<__nv_bfloat16>{});
-      break;
-    case at::kHalf:
-      f(Tag<__half>{});
-      break;
-    default:
-      TORCH_CHECK(false, "nll_loss: unsupported dtype ", st);
-  }
-}
-
-template <class F>
-void dispatch_target(at::ScalarType st, F&& f) {
-  switch (st) {
-    case at::kLong:
-      f(Tag<int64_t>{});
-      break;
-    case at::kInt:
-      f(Tag<int32_t>{});
-      break;
-    case at::kByte:
-      f(Tag<uint8_t>{});
-      break;
-    default:
-      TORCH_CHECK(false, "nll_loss: unsupported target dtype ", st);
-  }
-}
-
-template <class T>
-const T* cptr(const at::Tensor& t) {
-  return t.defined() ? reinterpret_cast<const T*>(t.const_data_ptr()) : nullptr;
-}
-template <class T>
-T* mptr(const at::Tensor& t) {
-  return t.defined() ? reinterpret_cast<T*>(t.mutable_data_ptr()) : nullptr;
-}
 
 int64_t num_positions(const at::Tensor& input) {
   int64_t P = 1;
@@ -155,10 +106,10 @@ std::tuple<at::Tensor, at::Tensor> nll_loss_fwd(const at::Tensor& input, const a
   const unsigned blocks = position_blocks(P);
   at::Tensor partials = at::empty({2 * static_cast<int64_t>(blocks)}, input.options().dtype(at::kDouble));
 
-  dispatch_dtype(input.scalar_type(), [&](auto tag) {
+  host::dispatch_float_dtype(input.scalar_type(), "nll_loss", [&](auto tag) {
     using scalar_t = typename decltype(tag)::type;
     using acc_t = typename nll::AccType<scalar_t>::type;
-    dispatch_target(t.scalar_type(), [&](auto ttag) {
+    host::dispatch_index_dtype(t.scalar_type(), "nll_loss", [&](auto ttag) {
       using target_t = typename decltype(ttag)::type;
       nll::FwdParams<scalar_t, target_t> a;
       a.x = cptr<scalar_t>(x);
@@ -250,10 +201,10 @@ at::Tensor nll_loss_bwd(const at::Tensor& grad_loss, const at::Tensor& input, co
   }
   // 2. Then (same stream) one element per non-ignored position. Runs even when the gradient is empty
   // (C == 0): it still checks the targets, as the CPU op does.
-  dispatch_dtype(input.scalar_type(), [&](auto tag) {
+  host::dispatch_float_dtype(input.scalar_type(), "nll_loss", [&](auto tag) {
     using scalar_t = typename decltype(tag)::type;
     using acc_t = typename nll::AccType<scalar_t>::type;
-    dispatch_target(t.scalar_type(), [&](auto ttag) {
+    host::dispatch_index_dtype(t.scalar_type(), "nll_loss", [&](auto ttag) {
       using target_t = typename decltype(ttag)::type;
       nll::ScatterParams<scalar_t, target_t> a;
       a.grad = mptr<scalar_t>(gk);

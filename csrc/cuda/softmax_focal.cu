@@ -27,7 +27,9 @@ namespace {
 using focal::kBlock;
 using focal::kWarps;
 
-int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
+using host::ceil_div;
+using host::cptr;
+using host::mptr;
 
 void check_gamma(double gamma) {
   TORCH_CHECK_VALUE(gamma >= 0.0 && std::isfinite(gamma), "softmax_focal_loss: gamma must be a finite number >= 0, got ",
@@ -47,31 +49,6 @@ Viewed viewed(const at::Tensor& t) {
   TORCH_INTERNAL_ASSERT(v.has_value(), "a contiguous tensor must have an (N, C, S) view");
   r.v = *v;
   return r;
-}
-
-template <class T>
-struct Tag {
-  using type = T;
-};
-
-template <class F>
-void dispatch_dtype(at::ScalarType st, F&& f) {
-  switch (st) {
-    case at::kFloat: f(Tag<float>{}); break;
-    case at::kDouble: f(Tag<double>{}); break;
-    case at::kBFloat16: f(Tag<__nv_bfloat16>{}); break;
-    case at::kHalf: f(Tag<__half>{}); break;
-    default: TORCH_CHECK(false, "softmax_focal_loss: unsupported dtype ", st);
-  }
-}
-
-template <class T>
-const T* cptr(const at::Tensor& t) {
-  return t.defined() ? reinterpret_cast<const T*>(t.const_data_ptr()) : nullptr;
-}
-template <class T>
-T* mptr(const at::Tensor& t) {
-  return t.defined() ? reinterpret_cast<T*>(t.mutable_data_ptr()) : nullptr;
 }
 
 // Inputs shared by the forward and the backward, kept alive for the launches.
@@ -110,7 +87,7 @@ Prepared prepare(const at::Tensor& logits, const at::Tensor& target, const std::
 template <class scalar_t>
 focal::Params<scalar_t> base_params(const Prepared& pr, bool prob, double gamma, int64_t ignore_index,
                                     double label_smoothing) {
-  using acc_t = typename focal::AccType<scalar_t>::type;
+  using acc_t = typename AccType<scalar_t>::type;
   focal::Params<scalar_t> a;
   const NCSView& xv = pr.x.v;
   a.x = cptr<scalar_t>(pr.x.t);
@@ -161,9 +138,9 @@ std::tuple<at::Tensor, at::Tensor> forward_impl(const at::Tensor& logits, const 
   }
   const Prepared pr = prepare(logits, target, weight, prob);
   const xent_stream_t stream = host::current_stream(logits.device());
-  dispatch_dtype(logits.scalar_type(), [&](auto tag) {
+  host::dispatch_float_dtype(logits.scalar_type(), "softmax_focal_loss", [&](auto tag) {
     using scalar_t = typename decltype(tag)::type;
-    using acc_t = typename focal::AccType<scalar_t>::type;
+    using acc_t = typename AccType<scalar_t>::type;
     focal::Params<scalar_t> a = base_params<scalar_t>(pr, prob, gamma, ignore_index, label_smoothing);
     a.lse = mptr<acc_t>(lse);
     at::Tensor block_partials;  // [grid] losses, then [grid] weights w_y
@@ -208,9 +185,9 @@ at::Tensor backward_impl(const at::Tensor& grad_loss, const at::Tensor& logits, 
   const at::Tensor lse_c = lse.contiguous();
   const at::Tensor gl = grad_loss.to(logits.scalar_type()).contiguous();
   const xent_stream_t stream = host::current_stream(logits.device());
-  dispatch_dtype(logits.scalar_type(), [&](auto tag) {
+  host::dispatch_float_dtype(logits.scalar_type(), "softmax_focal_loss", [&](auto tag) {
     using scalar_t = typename decltype(tag)::type;
-    using acc_t = typename focal::AccType<scalar_t>::type;
+    using acc_t = typename AccType<scalar_t>::type;
     focal::Params<scalar_t> a = base_params<scalar_t>(pr, prob, gamma, ignore_index, label_smoothing);
     at::Tensor scale, weight_partials;
     if (reduction == at::Reduction::None) {

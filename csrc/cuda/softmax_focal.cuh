@@ -25,7 +25,6 @@
 
 namespace xent::cuda::focal {
 
-using ce::AccType;
 using ce::kBlock;
 using ce::kWarps;
 
@@ -106,7 +105,7 @@ template <class scalar_t, class acc_t>
 __device__ inline acc_t coef(const Params<scalar_t>& a, int64_t t_off, int64_t c, int64_t y) {
   const acc_t w = class_weight(a.weight, c);
   if (a.tp != nullptr) {
-    const acc_t t = ce::to_acc(load_global(a.tp + t_off + c * a.t_sc));
+    const acc_t t = to_acc(load_global(a.tp + t_off + c * a.t_sc));
     return w * (a.one_minus_eps * t + a.eps_over_c);
   }
   return w * (c == y ? a.one_minus_eps + a.eps_over_c : a.eps_over_c);
@@ -118,7 +117,7 @@ __device__ inline typename AccType<scalar_t>::type warp_row_lse(const Params<sca
   using acc_t = typename AccType<scalar_t>::type;
   ce::State<acc_t> st = ce::empty_state<acc_t>();
   for (int64_t c = lane; c < a.C; c += 32) {
-    const acc_t v = ce::to_acc(load_global(a.x + x_off + c * a.x_sc));
+    const acc_t v = to_acc(load_global(a.x + x_off + c * a.x_sc));
     const acc_t m = ce::acc_max(st.m, v);
     if (m == ce::neg_inf<acc_t>()) {
       st.s += ce::acc_exp(v);  // v is -inf (adds 0) or NaN (propagates)
@@ -161,7 +160,7 @@ __global__ void __launch_bounds__(kBlock, 1) fwd_kernel(const Params<scalar_t> a
       if (!a.dense) {
         if (lane == 0) {  // only lane 0's loss and weight are used
           wy = class_weight(a.weight, y);
-          const acc_t xy = ce::to_acc(load_global(a.x + x_off + y * a.x_sc));
+          const acc_t xy = to_acc(load_global(a.x + x_off + y * a.x_sc));
           loss = wy * focal_terms(a, xy - lse).f;
         }
       } else {
@@ -169,7 +168,7 @@ __global__ void __launch_bounds__(kBlock, 1) fwd_kernel(const Params<scalar_t> a
         const int64_t t_off = a.tp != nullptr ? ce::position_offset(p, a.S, a.t_sn, a.t_ss) : 0;
         acc_t sum = 0;
         for (int64_t c = lane; c < a.C; c += 32) {
-          const acc_t l = ce::to_acc(load_global(a.x + x_off + c * a.x_sc)) - lse;
+          const acc_t l = to_acc(load_global(a.x + x_off + c * a.x_sc)) - lse;
           const acc_t ac = coef<scalar_t, acc_t>(a, t_off, c, y);
           // As on the CPU, a_c == 0 still multiplies f (0 * inf = NaN where p_c == 0).
           sum += ac * focal_terms(a, l).f;
@@ -180,7 +179,7 @@ __global__ void __launch_bounds__(kBlock, 1) fwd_kernel(const Params<scalar_t> a
     } else if (lane == 0) {
       store_global(a.lse + p, acc_t(0));
     }
-    if (lane == 0 && a.loss != nullptr) store_global(a.loss + p, ce::from_acc<scalar_t>(loss));
+    if (lane == 0 && a.loss != nullptr) store_global(a.loss + p, from_acc<scalar_t>(loss));
   }
   if (a.block_partials != nullptr) {
     if (lane != 0) loss = wy = acc_t(0);
@@ -211,13 +210,13 @@ __global__ void __launch_bounds__(kBlock, 1) bwd_kernel(const Params<scalar_t> a
     }
   }
   if (skip) {
-    for (int64_t c = lane; c < a.C; c += 32) store_global(a.grad + g_off + c * a.g_sc, ce::from_acc<scalar_t>(acc_t(0)));
+    for (int64_t c = lane; c < a.C; c += 32) store_global(a.grad + g_off + c * a.g_sc, from_acc<scalar_t>(acc_t(0)));
     return;
   }
   // Per-position scalars are loaded by lane 0 and broadcast (one load per warp, not 32).
   acc_t g = 0, lse = 0;
   if (lane == 0) {
-    g = a.grad_loss != nullptr ? ce::to_acc(load_global(a.grad_loss + p)) : load_global(a.grad_scale);
+    g = a.grad_loss != nullptr ? to_acc(load_global(a.grad_loss + p)) : load_global(a.grad_scale);
     lse = load_global(a.lse_in + p);
   }
   g = ce::shfl_lane0(g);
@@ -226,7 +225,7 @@ __global__ void __launch_bounds__(kBlock, 1) bwd_kernel(const Params<scalar_t> a
   if (!a.dense) {
     acc_t k = 0, om_y = 0;  // g w_y h_y and 1 - p_y
     if (lane == 0) {
-      const Terms<acc_t> ty = focal_terms(a, ce::to_acc(load_global(a.x + x_off + y * a.x_sc)) - lse);
+      const Terms<acc_t> ty = focal_terms(a, to_acc(load_global(a.x + x_off + y * a.x_sc)) - lse);
       k = g * class_weight(a.weight, y) * ty.h;
       om_y = ty.om;
     }
@@ -237,9 +236,9 @@ __global__ void __launch_bounds__(kBlock, 1) bwd_kernel(const Params<scalar_t> a
       if (c == y) {
         d = k * om_y;
       } else {
-        d = -k * ce::acc_exp(ce::to_acc(load_global(a.x + x_off + c * a.x_sc)) - lse);
+        d = -k * ce::acc_exp(to_acc(load_global(a.x + x_off + c * a.x_sc)) - lse);
       }
-      store_global(a.grad + g_off + c * a.g_sc, ce::from_acc<scalar_t>(d));
+      store_global(a.grad + g_off + c * a.g_sc, from_acc<scalar_t>(d));
     }
     return;
   }
@@ -247,13 +246,13 @@ __global__ void __launch_bounds__(kBlock, 1) bwd_kernel(const Params<scalar_t> a
   acc_t H = 0;
   for (int64_t c = lane; c < a.C; c += 32) {
     const acc_t ac = coef<scalar_t, acc_t>(a, t_off, c, y);
-    H += ac * focal_terms(a, ce::to_acc(load_global(a.x + x_off + c * a.x_sc)) - lse).h;
+    H += ac * focal_terms(a, to_acc(load_global(a.x + x_off + c * a.x_sc)) - lse).h;
   }
   H = ce::shfl_lane0(ce::warp_sum(H));
   for (int64_t c = lane; c < a.C; c += 32) {
     const acc_t ac = coef<scalar_t, acc_t>(a, t_off, c, y);
-    const Terms<acc_t> tc = focal_terms(a, ce::to_acc(load_global(a.x + x_off + c * a.x_sc)) - lse);
-    store_global(a.grad + g_off + c * a.g_sc, ce::from_acc<scalar_t>(g * (ac * tc.h - tc.p * H)));
+    const Terms<acc_t> tc = focal_terms(a, to_acc(load_global(a.x + x_off + c * a.x_sc)) - lse);
+    store_global(a.grad + g_off + c * a.g_sc, from_acc<scalar_t>(g * (ac * tc.h - tc.p * H)));
   }
 }
 
