@@ -71,6 +71,10 @@ TORCH_LIBRARY(XENT_OPS_NAMESPACE, m) {
   m.def(
       "binary_cross_entropy_bwd(Tensor grad_loss, Tensor input, Tensor target, Tensor? weight, *, int reduction=1) "
       "-> Tensor grad_input");
+  //   Fused forward + gradient (Note [Fused gradient]): the reduced loss and grad_input for grad_loss = 1.
+  m.def(
+      "binary_cross_entropy_fwd_grad(Tensor input, Tensor target, Tensor? weight=None, *, int reduction=1) "
+      "-> (Tensor loss, Tensor grad_input)");
   //   binary_cross_entropy_with_logits: input holds logits.
   m.def(
       "binary_cross_entropy_with_logits_fwd(Tensor input, Tensor target, Tensor? weight=None, "
@@ -78,6 +82,10 @@ TORCH_LIBRARY(XENT_OPS_NAMESPACE, m) {
   m.def(
       "binary_cross_entropy_with_logits_bwd(Tensor grad_loss, Tensor input, Tensor target, Tensor? weight, "
       "Tensor? pos_weight, *, int reduction=1) -> Tensor grad_input");
+  //   Fused forward + gradient (Note [Fused gradient]): the reduced loss and grad_input for grad_loss = 1.
+  m.def(
+      "binary_cross_entropy_with_logits_fwd_grad(Tensor input, Tensor target, Tensor? weight=None, "
+      "Tensor? pos_weight=None, *, int reduction=1) -> (Tensor loss, Tensor grad_input)");
   //   sigmoid_focal_loss: torchvision.ops.sigmoid_focal_loss (alpha < 0 disables alpha weighting), with
   //   weight and pos_weight applied to its binary cross-entropy term as in binary_cross_entropy_with_logits.
   m.def(
@@ -86,6 +94,10 @@ TORCH_LIBRARY(XENT_OPS_NAMESPACE, m) {
   m.def(
       "sigmoid_focal_loss_bwd(Tensor grad_loss, Tensor input, Tensor target, Tensor? weight, Tensor? pos_weight, *, "
       "float alpha=0.25, float gamma=2.0, int reduction=0) -> Tensor grad_input");
+  //   Fused forward + gradient (Note [Fused gradient]): the reduced loss and grad_input for grad_loss = 1.
+  m.def(
+      "sigmoid_focal_loss_fwd_grad(Tensor input, Tensor target, Tensor? weight=None, Tensor? pos_weight=None, *, "
+      "float alpha=0.25, float gamma=2.0, int reduction=1) -> (Tensor loss, Tensor grad_input)");
 
   // Softmax focal loss: sum_c w_c q_c (1 - p_c)^gamma (-log p_c), p = softmax(logits), q the (smoothed)
   // target distribution; gamma = 0 is cross_entropy's formula. Same arguments, shapes and lse as the

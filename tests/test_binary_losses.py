@@ -1383,6 +1383,74 @@ def test_isa_special_values(isa, cpu_backend, kind):
 
 
 # ================================================================================================
+# The fused forward + gradient ops (Note [Fused gradient] in xent/_fused.py; the API-level checks of every
+# fused loss are in tests/test_fused_grad.py).
+
+FUSED_OPS = {
+    "bce": ("binary_cross_entropy", False),
+    "logits": ("binary_cross_entropy_with_logits", True),
+    "focal": ("sigmoid_focal_loss", True),
+}
+
+
+def _same_values(a, b):
+    """Bitwise equal values (signed zeros included), NaN where NaN. NaN payloads and signs may differ: which
+    operand's NaN an instruction propagates depends on the operand order the compiler picked."""
+    if a.dtype != b.dtype or a.shape != b.shape:
+        return False
+    nan = torch.isnan(a)
+    if not torch.equal(nan, torch.isnan(b)):
+        return False
+    ints = {2: torch.int16, 4: torch.int32, 8: torch.int64}[a.element_size()]
+    return torch.equal(a[~nan].view(ints), b[~nan].view(ints))
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=dtype_id)
+@pytest.mark.parametrize("kind", KINDS)
+def test_isa_fused_op_is_bitwise_the_separate_ops(isa, kind, dtype):
+    """Every instruction set's `*_fwd_grad` kernel gives bitwise the `*_fwd` op's loss and the `*_bwd` op's
+    gradient for grad_loss = 1 (vector body, tails, operand kinds, the weightless instance, special values,
+    integer and non-integer gamma): the fused kernel shares their terms, and fma contraction must not
+    round them differently."""
+    name, has_pos_weight = FUSED_OPS[kind]
+    ops = torch.ops.xent
+    fwd, bwd, fused = (getattr(ops, f"{name}_{suffix}") for suffix in ("fwd", "bwd", "fwd_grad"))
+    for shape in ISA_SHAPES + [(3, 2048 + 33)]:
+        x, y = make_case(kind, shape, dtype, soft=True)
+        if kind != "bce":  # infinite and NaN logits (the kernels' special-value branch) in a few lanes
+            flat = x.view(-1)
+            flat[: min(4, flat.numel())] = torch.tensor([INF, -INF, NAN, 30.0], dtype=dtype)[: min(4, flat.numel())]
+        C = shape[-1]
+        operands = [(None, None), (make_weight((C,), dtype), make_pos_weight((C,), dtype)),
+                    (make_weight(shape, dtype), make_pos_weight((), dtype))]
+        for w, pw in operands:
+            options = (w, pw) if has_pos_weight else (w,)
+            for reduction in (1, 2):
+                for kwargs in ({}, ) if kind != "focal" else ({"alpha": 0.25, "gamma": 2.0},
+                                                             {"alpha": -1.0, "gamma": 1.5}):
+                    loss, grad = fused(x, y, *options, reduction=reduction, **kwargs)
+                    expected_loss = fwd(x, y, *options, reduction=reduction, **kwargs)
+                    expected_grad = bwd(torch.ones((), dtype=dtype), x, y, *options, reduction=reduction, **kwargs)
+                    what = f"{isa} {kind} {dtype} {shape} weighted={w is not None} reduction={reduction} {kwargs}"
+                    assert _same_values(loss, expected_loss), what
+                    assert _same_values(grad, expected_grad), what
+
+
+@pytest.mark.parametrize("bad", ["input", "target"])
+def test_fused_bce_out_of_range_raises(bad):
+    """The fused op checks the range as the forward op does (a bad value in a later block's tail)."""
+    x = torch.full((3 * 2048 + 5,), 0.5, requires_grad=True)
+    y = torch.full((3 * 2048 + 5,), 1.0)
+    with torch.no_grad():
+        (x if bad == "input" else y)[-2] = 1.5
+    for reduction in ("mean", "sum"):
+        with pytest.raises(RuntimeError, match=f"all elements of {bad} should be between 0 and 1"):
+            xent.binary_cross_entropy(x, y, reduction=reduction)  # differentiated: the fused op
+    with pytest.raises(RuntimeError, match="reduction must be mean"):
+        torch.ops.xent.binary_cross_entropy_fwd_grad(x.detach(), y, reduction=0)
+
+
+# ================================================================================================
 # Modules.
 
 

@@ -51,10 +51,92 @@ def _kdim_case(dtype, seed=2):  # (N, C, d1): the lanes layout, class dimension 
     return x, t, w
 
 
+def _binary_case(probabilities):
+    """Builder of a binary loss's inputs: x (37, 300) logits, or probabilities in [0.002, 0.998]; targets
+    hard 0/1 in most rows (bce's one-log path) and soft in every fourth row; a per-class weight (300)."""
+
+    def build(dtype, n=37, c=300, seed=0):
+        g = torch.Generator().manual_seed(seed)
+        x = torch.randn(n, c, generator=g) * 3
+        if probabilities:  # away from 0 and 1, whose gradients (~1e12) overflow float16
+            x = torch.sigmoid(x).clamp(0.002, 0.998)
+        t = (torch.rand(n, c, generator=g) < 0.3).float()
+        t[::4] = torch.rand(c, generator=g)
+        w = torch.rand(c, generator=g) + 0.5
+        return x.to(dtype), t.to(dtype), w.to(dtype)
+
+    return build
+
+
+def _bce_call(x, t, w, reduction):
+    return xent.binary_cross_entropy(x, t, w, reduction=reduction)
+
+
+def _pos_weight(w):
+    # One value per class (the last dimension), in [0.5, 1.5]: the weight reversed, an exact operation also
+    # when torch.compile generates it (linspace there may round differently from eager).
+    return w.flip(-1)
+
+
+def _bce_with_logits_call(x, t, w, reduction):
+    return xent.binary_cross_entropy_with_logits(x, t, w, reduction=reduction, pos_weight=_pos_weight(w))
+
+
+def _sigmoid_focal_call(x, t, w, reduction):
+    return xent.sigmoid_focal_loss(x, t, alpha=0.25, gamma=2.0, reduction=reduction, weight=w)
+
+
+def _sigmoid_focal_real_gamma_call(x, t, w, reduction):
+    # A non-integer gamma (the vpow path), no alpha weighting, with pos_weight.
+    return xent.sigmoid_focal_loss(x, t, alpha=-1.0, gamma=1.5, reduction=reduction, weight=w,
+                                   pos_weight=_pos_weight(w))
+
+
+def _unweighted(call):
+    # The kernels' other instance (no weight and no pos_weight, binary_kernels_impl.h: kPlain).
+    return lambda x, t, w, reduction: call(x, t, None, reduction)
+
+
+def _bce_with_logits_plain_call(x, t, w, reduction):
+    return xent.binary_cross_entropy_with_logits(x, t, reduction=reduction)
+
+
 FUSED_CASES = {
     "cross_entropy": (_index_case, _cross_entropy_call, "cross_entropy_fwd_grad", True),
     "cross_entropy_kdim": (_kdim_case, _cross_entropy_call, "cross_entropy_fwd_grad", True),
     "cross_entropy_prob": (_prob_case, _cross_entropy_call, "cross_entropy_prob_fwd_grad", True),
+    "binary_cross_entropy": (_binary_case(True), _bce_call, "binary_cross_entropy_fwd_grad", True),
+    "binary_cross_entropy_with_logits": (
+        _binary_case(False),
+        _bce_with_logits_call,
+        "binary_cross_entropy_with_logits_fwd_grad",
+        True,
+    ),
+    "sigmoid_focal_loss": (_binary_case(False), _sigmoid_focal_call, "sigmoid_focal_loss_fwd_grad", True),
+    "sigmoid_focal_loss_real_gamma": (
+        _binary_case(False),
+        _sigmoid_focal_real_gamma_call,
+        "sigmoid_focal_loss_fwd_grad",
+        True,
+    ),
+    "binary_cross_entropy_unweighted": (
+        _binary_case(True),
+        _unweighted(_bce_call),
+        "binary_cross_entropy_fwd_grad",
+        True,
+    ),
+    "binary_cross_entropy_with_logits_unweighted": (
+        _binary_case(False),
+        _bce_with_logits_plain_call,
+        "binary_cross_entropy_with_logits_fwd_grad",
+        True,
+    ),
+    "sigmoid_focal_loss_unweighted": (
+        _binary_case(False),
+        _unweighted(_sigmoid_focal_call),
+        "sigmoid_focal_loss_fwd_grad",
+        True,
+    ),
 }
 CASE_IDS = list(FUSED_CASES)
 DTYPES = [torch.float32, torch.float64, torch.bfloat16, torch.float16]

@@ -1,7 +1,8 @@
 """Fake (meta) kernels and autograd formulas of the binary losses' ops.
 
-Ops (schemas in csrc/ops.cpp): ``binary_cross_entropy_{fwd,bwd}``,
-``binary_cross_entropy_with_logits_{fwd,bwd}`` and ``sigmoid_focal_loss_{fwd,bwd}``. The forward ops
+Ops (schemas in csrc/ops.cpp): ``binary_cross_entropy_{fwd,bwd,fwd_grad}``,
+``binary_cross_entropy_with_logits_{fwd,bwd,fwd_grad}`` and ``sigmoid_focal_loss_{fwd,bwd,fwd_grad}`` (the
+``*_fwd_grad`` ops: Note [Fused gradient] in xent/_fused.py). The forward ops
 return the loss only; their backward calls the ``*_bwd`` op for the input's gradient and computes the
 (rare) target gradient here with PyTorch ops. The ``*_bwd`` ops are differentiable too (double backward,
 e.g. for gradient penalties) through the second-derivative formulas below.
@@ -18,7 +19,8 @@ so that grad_input = s * G; the double backward needs dG/dx and dG/dy.
 import torch
 import torch.nn.functional as F
 
-from ._ops import NAMESPACES, REDUCTION_MEAN, REDUCTION_NONE, acc_dtype
+from . import _fused
+from ._ops import NAMESPACES, REDUCTION_MEAN, REDUCTION_NONE, REDUCTION_SUM, acc_dtype
 
 FLOAT_DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
 # ATen's EPSILON of binary_cross_entropy_backward: the float 1e-12 (also for float64 inputs).
@@ -64,6 +66,15 @@ def _fake_grad(input):
     return input.new_empty(tuple(input.shape))
 
 
+def _fake_fwd_grad(name, input, reduction):
+    """The outputs of a fused ``*_fwd_grad`` op: the reduced loss () and grad_input (the input's shape)."""
+    torch._check(
+        reduction in (REDUCTION_MEAN, REDUCTION_SUM),
+        lambda: f"{name}_fwd_grad: reduction must be mean (1) or sum (2), got {reduction}",
+    )
+    return _fake_loss(input, reduction), _fake_grad(input)
+
+
 def _register_fakes(ns):
     @torch.library.register_fake(f"{ns}::binary_cross_entropy_fwd")
     def _(input, target, weight=None, *, reduction=1):
@@ -75,6 +86,11 @@ def _register_fakes(ns):
         _check_args("binary_cross_entropy", input, target, weight, None, reduction)
         return _fake_grad(input)
 
+    @torch.library.register_fake(f"{ns}::binary_cross_entropy_fwd_grad")
+    def _(input, target, weight=None, *, reduction=1):
+        _check_args("binary_cross_entropy", input, target, weight, None, reduction)
+        return _fake_fwd_grad("binary_cross_entropy", input, reduction)
+
     @torch.library.register_fake(f"{ns}::binary_cross_entropy_with_logits_fwd")
     def _(input, target, weight=None, pos_weight=None, *, reduction=1):
         _check_args("binary_cross_entropy_with_logits", input, target, weight, pos_weight, reduction)
@@ -85,6 +101,11 @@ def _register_fakes(ns):
         _check_args("binary_cross_entropy_with_logits", input, target, weight, pos_weight, reduction)
         return _fake_grad(input)
 
+    @torch.library.register_fake(f"{ns}::binary_cross_entropy_with_logits_fwd_grad")
+    def _(input, target, weight=None, pos_weight=None, *, reduction=1):
+        _check_args("binary_cross_entropy_with_logits", input, target, weight, pos_weight, reduction)
+        return _fake_fwd_grad("binary_cross_entropy_with_logits", input, reduction)
+
     @torch.library.register_fake(f"{ns}::sigmoid_focal_loss_fwd")
     def _(input, target, weight=None, pos_weight=None, *, alpha=0.25, gamma=2.0, reduction=0):
         _check_args("sigmoid_focal_loss", input, target, weight, pos_weight, reduction)
@@ -94,6 +115,11 @@ def _register_fakes(ns):
     def _(grad_loss, input, target, weight, pos_weight, *, alpha=0.25, gamma=2.0, reduction=0):
         _check_args("sigmoid_focal_loss", input, target, weight, pos_weight, reduction)
         return _fake_grad(input)
+
+    @torch.library.register_fake(f"{ns}::sigmoid_focal_loss_fwd_grad")
+    def _(input, target, weight=None, pos_weight=None, *, alpha=0.25, gamma=2.0, reduction=1):
+        _check_args("sigmoid_focal_loss", input, target, weight, pos_weight, reduction)
+        return _fake_fwd_grad("sigmoid_focal_loss", input, reduction)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -260,6 +286,15 @@ def _register_autograd(ns, kind, name, has_pos_weight):
         return (grad_input, grad_target) + (None,) * n_options
 
     torch.library.register_autograd(f"{ns}::{name}_fwd", backward_fwd, setup_context=setup_fwd)
+
+    # The fused forward + gradient (Note [Fused gradient] in xent/_fused.py): taken only when the input alone
+    # is differentiated, so its backward returns the saved grad_input; create_graph and a second backward
+    # take the `*_bwd` op, as backward_fwd does.
+    def separate_backward(grad_loss, inputs, outputs, kw):
+        input, target, *options = inputs
+        return bwd_op(grad_loss, input, target, *options, **kw)
+
+    _fused.register_fused_autograd(ns, f"{name}_fwd_grad", separate_backward)
 
     def setup_bwd(ctx, inputs, keyword_only_inputs, output):
         ctx.save_for_backward(*inputs)

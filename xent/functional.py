@@ -370,7 +370,11 @@ def binary_cross_entropy(
             "deprecated. Please ensure they have the same size."
         )
     _check_not_differentiable("binary_cross_entropy", "weight", weight)
-    return testing._active_ops().binary_cross_entropy_fwd(input, target, weight, reduction=code)
+    ops = testing._active_ops()
+    if _fused.use_fused_grad(ops, code, input, target, weight):
+        loss, _ = ops.binary_cross_entropy_fwd_grad(input, target, weight, reduction=code)
+        return loss
+    return ops.binary_cross_entropy_fwd(input, target, weight, reduction=code)
 
 
 def binary_cross_entropy_with_logits(
@@ -417,9 +421,11 @@ def binary_cross_entropy_with_logits(
     _check_not_differentiable("binary_cross_entropy_with_logits", "weight", weight)
     _check_not_differentiable("binary_cross_entropy_with_logits", "pos_weight", pos_weight)
     input, target = _logits_dtypes("binary_cross_entropy_with_logits", input, target, lambda a, b: b)
-    return testing._active_ops().binary_cross_entropy_with_logits_fwd(
-        input, target, weight, pos_weight, reduction=code
-    )
+    ops = testing._active_ops()
+    if _fused.use_fused_grad(ops, code, input, target, weight, pos_weight):
+        loss, _ = ops.binary_cross_entropy_with_logits_fwd_grad(input, target, weight, pos_weight, reduction=code)
+        return loss
+    return ops.binary_cross_entropy_with_logits_fwd(input, target, weight, pos_weight, reduction=code)
 
 
 def sigmoid_focal_loss(
@@ -471,6 +477,12 @@ def sigmoid_focal_loss(
     _check_not_differentiable("sigmoid_focal_loss", "weight", weight)
     _check_not_differentiable("sigmoid_focal_loss", "pos_weight", pos_weight)
     inputs, targets = _logits_dtypes("sigmoid_focal_loss", inputs, targets, torch.promote_types)
-    return testing._active_ops().sigmoid_focal_loss_fwd(
+    ops = testing._active_ops()
+    if _fused.use_fused_grad(ops, code, inputs, targets, weight, pos_weight):
+        loss, _ = ops.sigmoid_focal_loss_fwd_grad(
+            inputs, targets, weight, pos_weight, alpha=float(alpha), gamma=float(gamma), reduction=code
+        )
+        return loss
+    return ops.sigmoid_focal_loss_fwd(
         inputs, targets, weight, pos_weight, alpha=float(alpha), gamma=float(gamma), reduction=code
     )

@@ -71,8 +71,8 @@ struct BinaryArgs {
   void* loss;
   double* block_sums;
   uint8_t* block_flags;
-  // Backward: the upstream gradient per element (already divided by numel for reduction='mean') and
-  // the gradient w.r.t. the input (numel, `dtype`).
+  // Backward (and forward_grad): the upstream gradient per element (already divided by numel for
+  // reduction='mean') and the gradient w.r.t. the input (numel, `dtype`).
   BinaryOperand grad_scale;
   void* grad;
 };
@@ -82,6 +82,9 @@ struct BinaryKernelTable {
   // Blocks [block_begin, block_end) of the forward / backward (Note [Binary loss blocks]).
   void (*forward)(const BinaryArgs&, int64_t block_begin, int64_t block_end);
   void (*backward)(const BinaryArgs&, int64_t block_begin, int64_t block_end);
+  // The fused forward + gradient (Note [Fused gradient], xent/_fused.py): per block, the reduced forward's
+  // block_sums (and block_flags), and the gradient for the scalar grad_scale, in one pass over the block.
+  void (*forward_grad)(const BinaryArgs&, int64_t block_begin, int64_t block_end);
   int vector_width;  // float lanes
 };
 

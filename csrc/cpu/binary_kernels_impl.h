@@ -35,7 +35,13 @@
 // Integer gamma (0, 1, 2, ... the usual 2 included) uses products, m^k = m * ... * m (as torch's pow does
 // for 2 and 3); other gamma use exp(gamma log m) (simd.h: vpow).
 //
-// float32 math (simd.h): exp about 1 ulp, log 1-2 ulp, log1p(exp(-|x|)) by vlog1p_unit about 3 ulp,
+// The fused forward + gradient (forward_grad_blocks, for the `*_fwd_grad` ops) calls each loss's
+// loss_grad(), which computes both from shared terms with exactly the operations of loss() and grad(), so
+// that loss and gradient are bitwise those of the separate ops (NaN payloads aside). The compiler's fma
+// contraction (-ffp-contract=fast) could break that: tests/test_binary_losses.py checks it per ISA, dtype
+// and operand kind, tests/test_fused_grad.py through the API.
+//
+// float32 math (simd.h): exp about 1 ulp, log 1-2 ulp, log1p(exp(-|x|)) by vlog1p_unit_poly about 1.5 ulp,
 // reciprocals by rcp + one Newton step (vrecip) about 1-2 ulp instead of divisions, whose throughput
 // would otherwise dominate these kernels. float64 uses libm throughout.
 #pragma once
@@ -160,7 +166,7 @@ struct SigmoidParts {
   }
   V p() const { return vselect(nonneg, d, e * d); }  // sigmoid(x)
   V q() const { return vselect(nonneg, e * d, d); }  // sigmoid(-x) = 1 - sigmoid(x), accurately
-  V softplus() const { return vlog1p_unit(e); }  // log1p(exp(-|x|)) = -log_sigmoid(|x|)
+  V softplus() const { return vlog1p_unit_poly(e); }  // log1p(exp(-|x|)) = -log_sigmoid(|x|)
 };
 
 // ce_u, the with-logits loss before the weight (see the top of the file); pwy = pw y and L = 1 + (pw - 1) y
@@ -191,6 +197,9 @@ inline void pos_weight_terms(const LossParams<V>& c, V y, V pw, V& pwy, V& L) {
 
 struct BceOp {
   static constexpr bool kChecksRange = true;
+  // Whether forward_grad_blocks may compile the weightless call with the weights known to be 1 (kPlain):
+  // only where that gives bitwise the separate ops' results (checked by the tests named at the top).
+  static constexpr bool kPlainIsBitwise = true;
 
   // max(log x, -100) and max(log1p(-x), -100) for x in [0, 1], the only values whose loss is kept (the
   // host raises for any other), so none of vlog's special cases but log(0) = -inf -> -100 can occur.
@@ -240,14 +249,23 @@ struct BceOp {
     const V eps = V::set1(static_cast<typename V::scalar>(1e-12f));
     return s * (x - y) * vrecip(V::max(eps, (one - x) * x)) * w;
   }
+
+  // The fused forward + gradient: the logs and the reciprocal share nothing but the loads, so both are
+  // exactly loss() and grad().
+  template <class V>
+  static V loss_grad(const LossParams<V>& c, V x, V y, V w, V pw, V s, MaskOf<V>& bad_x, MaskOf<V>& bad_y, V& g) {
+    g = grad(c, x, y, w, pw, s);
+    return loss(c, x, y, w, pw, bad_x, bad_y);
+  }
 };
 
 struct LogitsOp {
   static constexpr bool kChecksRange = false;
+  static constexpr bool kPlainIsBitwise = true;
 
   template <class V>
   static V loss(const LossParams<V>& c, V x, V y, V w, V pw, MaskOf<V>&, MaskOf<V>&) {
-    const V sp = vlog1p_unit(V::exp(V::set1(0) - vabs(x)));  // the forward needs no sigmoid
+    const V sp = vlog1p_unit_poly(V::exp(V::set1(0) - vabs(x)));  // the forward needs no sigmoid
     V pwy, L;
     pos_weight_terms(c, y, pw, pwy, L);
     return logits_loss_unweighted(x, y, pwy, L, sp) * w;
@@ -259,10 +277,24 @@ struct LogitsOp {
     const V pwy = c.has_pos_weight ? pw * y : y;
     return s * ((V::set1(1) - y) * sg.p() - pwy * sg.q()) * w;
   }
+
+  // loss() and grad() sharing e = exp(-|x|): log1p(e) for the loss, 1 / (1 + e) for the sigmoids. The
+  // same operations on the same e, so both results are bitwise those of the separate functions.
+  template <class V>
+  static V loss_grad(const LossParams<V>& c, V x, V y, V w, V pw, V s, MaskOf<V>&, MaskOf<V>&, V& g) {
+    const SigmoidParts<V> sg(x);
+    V pwy, L;
+    pos_weight_terms(c, y, pw, pwy, L);
+    g = s * ((V::set1(1) - y) * sg.p() - pwy * sg.q()) * w;
+    return logits_loss_unweighted(x, y, pwy, L, sg.softplus()) * w;
+  }
 };
 
 struct FocalOp {
   static constexpr bool kChecksRange = false;
+  // With the weights folded away the compiler contracts the gradient's products into fmas differently
+  // (an ulp here and there, also in float64), and they save 2 of about 100 operations per vector.
+  static constexpr bool kPlainIsBitwise = false;
 
   // f = m^gamma and, when want_h, h = m^(gamma - 1).
   template <class V>
@@ -316,6 +348,38 @@ struct FocalOp {
     }
     g = s * g * w;
     return c.alpha_on ? alpha_t(c, y) * g : g;
+  }
+
+  // loss() and grad() sharing the sigmoid parts, ce_u, m and its powers: the formulas of the two, each
+  // term computed once.
+  template <class V>
+  static V loss_grad(const LossParams<V>& c, V x, V y, V w, V pw, V s, MaskOf<V>&, MaskOf<V>&, V& grad_out) {
+    const V one = V::set1(1);
+    const SigmoidParts<V> sg(x);
+    const V p = sg.p(), q = sg.q();
+    V pwy, L;
+    pos_weight_terms(c, y, pw, pwy, L);
+    const V ce_u = logits_loss_unweighted(x, y, pwy, L, sg.softplus());
+    const V m = (one - y) * p + y * q;
+    V f, h = V::set1(0);
+    powers<V>(c, m, f, &h);
+    // The loss, as loss().
+    const V loss = (ce_u * w) * f;
+    // The gradient, as grad().
+    const V dce = (one - y) * p - pwy * q;
+    V g = dce * f;
+    if (c.gamma_int != 0) {
+      const V dm = p * q * (one - y - y);
+      g = g + ce_u * (V::set1(c.gamma) * h) * dm;
+    }
+    g = s * g * w;
+    if (!c.alpha_on) {
+      grad_out = g;
+      return loss;
+    }
+    const V a = alpha_t(c, y);
+    grad_out = a * g;
+    return a * loss;
   }
 };
 
@@ -402,6 +466,66 @@ void backward_blocks(const BinaryArgs& a, int64_t b0, int64_t b1) {
   }
 }
 
+// The fused forward + gradient (reduction mean or sum): forward_blocks<T, Op, true>'s block sums and
+// flags, accumulated in the same order (so the loss is bitwise the forward op's), and the gradient for
+// the scalar a.grad_scale, written as backward_blocks writes it.
+//
+// kPlain: neither weight nor pos_weight (the common call), compiled with both known to be 1, which drops
+// their loads, pointer tests and multiplications (x * 1 is exact, so the results do not change).
+template <class T, class Op, bool kPlain>
+void forward_grad_blocks(const BinaryArgs& a, int64_t b0, int64_t b1) {
+  using V = typename BinaryVec<T>::type;
+  using acc = typename V::scalar;
+  using M = MaskOf<V>;
+  constexpr int W = V::kWidth;
+  LossParams<V> c(a);
+  if constexpr (kPlain) c.has_pos_weight = false;  // as LossParams found it, now visible to the compiler
+  const acc half = acc(0.5);
+  const V s = V::set1(static_cast<acc>(a.grad_scale.value));  // the host passes a scalar grad_scale
+  acc wbuf[kBinaryBlock], pbuf[kBinaryBlock];
+  for (int64_t b = b0; b < b1; ++b) {
+    const int64_t i0 = b * kBinaryBlock;
+    const int64_t n = a.numel - i0 < kBinaryBlock ? a.numel - i0 : kBinaryBlock;
+    const OperandBlock<V> w = operand_block<T, V>(a.weight, i0, n, wbuf);
+    const OperandBlock<V> pw = operand_block<T, V>(a.pos_weight, i0, n, pbuf);
+    const T* x = static_cast<const T*>(a.input) + i0;
+    const T* y = static_cast<const T*>(a.target) + i0;
+    T* g = static_cast<T*>(a.grad) + i0;
+    M bad_x = vlt(V::set1(0), V::set1(0)), bad_y = bad_x;  // all false
+    V run = V::set1(0);
+    int in_run = 0;
+    double total = 0;
+    int64_t j = 0;
+    for (; j + W <= n; j += W) {
+      V gj;
+      const V wj = kPlain ? V::set1(1) : w.at(j), pwj = kPlain ? V::set1(1) : pw.at(j);
+      const V l = Op::loss_grad(c, V::load(x + j), V::load(y + j), wj, pwj, s, bad_x, bad_y, gj);
+      V::store(g + j, gj);
+      run = run + l;
+      if (++in_run == kFlushVectors) {
+        total += static_cast<double>(run.reduce_add());
+        run = V::set1(0);
+        in_run = 0;
+      }
+    }
+    if (j < n) {
+      // The partial last vector takes the separate loss() and grad(), as the separate ops' tails do: a
+      // second inlined copy of loss_grad() may contract a * b + c into fmas differently from the loop's
+      // (-ffp-contract=fast) and round the gradient an ulp away from the backward op's.
+      const int64_t r = n - j;
+      const V xv = load_partial<V>(x + j, r, half), yv = load_partial<V>(y + j, r, half);
+      const V wv = kPlain ? V::set1(1) : w.tail(j, r), pwv = kPlain ? V::set1(1) : pw.tail(j, r);
+      store_partial(g + j, r, Op::grad(c, xv, yv, wv, pwv, s));
+      const V l = Op::loss(c, xv, yv, wv, pwv, bad_x, bad_y);
+      acc buf[W];
+      V::store(buf, l);
+      for (int64_t i = 0; i < r; ++i) total += static_cast<double>(buf[i]);
+    }
+    a.block_sums[b] = total + static_cast<double>(run.reduce_add());
+    if constexpr (Op::kChecksRange) a.block_flags[b] = (mask_any(bad_x) ? 1 : 0) | (mask_any(bad_y) ? 2 : 0);
+  }
+}
+
 // ---------------------------------------------------------------------------------------------------
 // Dispatch and the table.
 
@@ -441,7 +565,24 @@ void binary_backward(const BinaryArgs& a, int64_t b0, int64_t b1) {
   });
 }
 
-constexpr BinaryKernelTable kBinaryTable = {XENT_CPU_ISA_NAME, binary_forward, binary_backward, VecF::kWidth};
+void binary_forward_grad(const BinaryArgs& a, int64_t b0, int64_t b1) {
+  dispatch_dtype(a.dtype, [&](auto t) {
+    dispatch_loss(a.kind, [&](auto op) {
+      using T = decltype(t);
+      using Op = decltype(op);
+      if constexpr (Op::kPlainIsBitwise) {
+        if (a.weight.kind == BinaryOperand::one && a.pos_weight.kind == BinaryOperand::one) {
+          forward_grad_blocks<T, Op, true>(a, b0, b1);
+          return;
+        }
+      }
+      forward_grad_blocks<T, Op, false>(a, b0, b1);
+    });
+  });
+}
+
+constexpr BinaryKernelTable kBinaryTable = {XENT_CPU_ISA_NAME, binary_forward, binary_backward, binary_forward_grad,
+                                            VecF::kWidth};
 
 } // namespace
 } // namespace xent::cpu

@@ -5,7 +5,8 @@
 // Layout: the kernels read input and target as flat contiguous arrays (an elementwise loss has no
 // better order to exploit), so a non-contiguous input or target is copied to contiguous memory first;
 // a merely misaligned one (storage offset 1) is used as is. The unreduced loss and the gradient are
-// contiguous, as the fake kernels in xent/_binary_ops.py promise.
+// contiguous, as the fake kernels in xent/_binary_ops.py promise. The `*_fwd_grad` ops (Note [Fused
+// gradient], xent/_fused.py) run the reduced forward and the gradient for grad_loss = 1 in one pass.
 #include "binary_losses_host.h"
 #include "cpu/binary_kernels.h"
 #include "cpu/grad_buffer.h"
@@ -21,6 +22,7 @@
 
 #include <cstdint>
 #include <string>
+#include <tuple>
 #include <vector>
 
 namespace xent::cpu {
@@ -156,6 +158,25 @@ BinaryOperand describe_grad(const at::Tensor& grad_loss, const at::Tensor& input
 // ---------------------------------------------------------------------------------------------------
 // Forward and backward.
 
+// bce's range checks, from the kernels' per-block flags. PyTorch's CPU kernel checks every element (input
+// first); report the first block that fails.
+void check_range_flags(const std::vector<uint8_t>& block_flags) {
+  for (uint8_t flags : block_flags) {
+    TORCH_CHECK(!(flags & 1), "all elements of input should be between 0 and 1");
+    TORCH_CHECK(!(flags & 2), "all elements of target should be between 0 and 1");
+  }
+}
+
+// The mean or sum of the loss from its per-block sums (Note [Binary loss blocks]), as a 0-dim tensor of
+// the input's dtype.
+at::Tensor reduced_loss(const std::vector<double>& block_sums, int64_t reduction, int64_t numel,
+                        const at::Tensor& input) {
+  double total = 0;
+  for (double s : block_sums) total += s;  // block order: independent of the thread count
+  if (reduction == at::Reduction::Mean) total /= static_cast<double>(numel);  // 0 / 0 = NaN, as PyTorch
+  return at::scalar_tensor(total, input.options());
+}
+
 struct Prepared {
   at::Tensor input, target;
   std::vector<at::Tensor> keep;  // operand buffers
@@ -206,16 +227,38 @@ at::Tensor forward(const OpSpec& op, const at::Tensor& input, const at::Tensor& 
   const BinaryKernelTable& k = binary_kernels();
   at::parallel_for(0, pr.blocks, kGrainBlocks, [&](int64_t b0, int64_t b1) { k.forward(a, b0, b1); });
 
-  // PyTorch's CPU kernel checks every element (input first); report the first block that fails.
-  for (uint8_t flags : block_flags) {
-    TORCH_CHECK(!(flags & 1), "all elements of input should be between 0 and 1");
-    TORCH_CHECK(!(flags & 2), "all elements of target should be between 0 and 1");
-  }
+  check_range_flags(block_flags);
   if (reduction == at::Reduction::None) return loss;
-  double total = 0;
-  for (double s : block_sums) total += s;  // block order: independent of the thread count
-  if (reduction == at::Reduction::Mean) total /= static_cast<double>(a.numel);  // 0 / 0 = NaN, as PyTorch
-  return at::scalar_tensor(total, input.options());
+  return reduced_loss(block_sums, reduction, a.numel, input);
+}
+
+// The forward (reduction mean or sum) and the gradient for grad_loss = 1, in one pass over the input
+// (Note [Fused gradient], xent/_fused.py). The loss is accumulated in the forward's block sums, so it is
+// bitwise the forward op's; the gradient's scale is exactly the one backward() derives from grad_loss = 1.
+std::tuple<at::Tensor, at::Tensor> forward_grad(const OpSpec& op, const at::Tensor& input, const at::Tensor& target,
+                                                const std::optional<at::Tensor>& weight,
+                                                const std::optional<at::Tensor>& pos_weight, int64_t reduction,
+                                                double alpha = 0, double gamma = 0) {
+  TORCH_CHECK(reduction == at::Reduction::Mean || reduction == at::Reduction::Sum, op.name,
+              "_fwd_grad: reduction must be mean (1) or sum (2), got ", reduction);
+  Prepared pr = prepare(op, input, target, weight, pos_weight, reduction, alpha, gamma);
+  BinaryArgs& a = pr.args;
+  at::Tensor grad = empty_grad_buffer(input.sizes(), contiguous_strides(input.sizes()), input.scalar_type());
+  std::vector<double> block_sums(pr.blocks, 0.0);
+  std::vector<uint8_t> block_flags;
+  a.block_sums = block_sums.data();
+  if (op.kind == BinaryLoss::bce) {
+    block_flags.assign(pr.blocks, 0);
+    a.block_flags = block_flags.data();
+  }
+  if (a.numel > 0) a.grad = grad.data_ptr();
+  a.grad_scale.kind = BinaryOperand::scalar;
+  a.grad_scale.value = reduction == at::Reduction::Mean ? 1.0 / static_cast<double>(a.numel) : 1.0;
+  const BinaryKernelTable& k = binary_kernels();
+  at::parallel_for(0, pr.blocks, kGrainBlocks, [&](int64_t b0, int64_t b1) { k.forward_grad(a, b0, b1); });
+
+  check_range_flags(block_flags);
+  return {reduced_loss(block_sums, reduction, a.numel, input), grad};
 }
 
 at::Tensor backward(const OpSpec& op, const at::Tensor& grad_loss, const at::Tensor& input, const at::Tensor& target,
@@ -252,6 +295,12 @@ at::Tensor binary_cross_entropy_bwd(const at::Tensor& grad_loss, const at::Tenso
   return backward(kBce, grad_loss, input, target, weight, std::nullopt, reduction);
 }
 
+std::tuple<at::Tensor, at::Tensor> binary_cross_entropy_fwd_grad(const at::Tensor& input, const at::Tensor& target,
+                                                                 const std::optional<at::Tensor>& weight,
+                                                                 int64_t reduction) {
+  return forward_grad(kBce, input, target, weight, std::nullopt, reduction);
+}
+
 at::Tensor binary_cross_entropy_with_logits_fwd(const at::Tensor& input, const at::Tensor& target,
                                                 const std::optional<at::Tensor>& weight,
                                                 const std::optional<at::Tensor>& pos_weight, int64_t reduction) {
@@ -262,6 +311,12 @@ at::Tensor binary_cross_entropy_with_logits_bwd(const at::Tensor& grad_loss, con
                                                 const at::Tensor& target, const std::optional<at::Tensor>& weight,
                                                 const std::optional<at::Tensor>& pos_weight, int64_t reduction) {
   return backward(kLogits, grad_loss, input, target, weight, pos_weight, reduction);
+}
+
+std::tuple<at::Tensor, at::Tensor> binary_cross_entropy_with_logits_fwd_grad(
+    const at::Tensor& input, const at::Tensor& target, const std::optional<at::Tensor>& weight,
+    const std::optional<at::Tensor>& pos_weight, int64_t reduction) {
+  return forward_grad(kLogits, input, target, weight, pos_weight, reduction);
 }
 
 at::Tensor sigmoid_focal_loss_fwd(const at::Tensor& input, const at::Tensor& target,
@@ -276,6 +331,13 @@ at::Tensor sigmoid_focal_loss_bwd(const at::Tensor& grad_loss, const at::Tensor&
   return backward(kFocal, grad_loss, input, target, weight, pos_weight, reduction, alpha, gamma);
 }
 
+std::tuple<at::Tensor, at::Tensor> sigmoid_focal_loss_fwd_grad(const at::Tensor& input, const at::Tensor& target,
+                                                               const std::optional<at::Tensor>& weight,
+                                                               const std::optional<at::Tensor>& pos_weight,
+                                                               double alpha, double gamma, int64_t reduction) {
+  return forward_grad(kFocal, input, target, weight, pos_weight, reduction, alpha, gamma);
+}
+
 } // namespace
 
 TORCH_LIBRARY_IMPL(xent, CPU, m) {
@@ -285,6 +347,9 @@ TORCH_LIBRARY_IMPL(xent, CPU, m) {
   m.impl("binary_cross_entropy_with_logits_bwd", &binary_cross_entropy_with_logits_bwd);
   m.impl("sigmoid_focal_loss_fwd", &sigmoid_focal_loss_fwd);
   m.impl("sigmoid_focal_loss_bwd", &sigmoid_focal_loss_bwd);
+  m.impl("binary_cross_entropy_fwd_grad", &binary_cross_entropy_fwd_grad);
+  m.impl("binary_cross_entropy_with_logits_fwd_grad", &binary_cross_entropy_with_logits_fwd_grad);
+  m.impl("sigmoid_focal_loss_fwd_grad", &sigmoid_focal_loss_fwd_grad);
 }
 
 } // namespace xent::cpu
