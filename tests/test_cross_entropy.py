@@ -1591,9 +1591,10 @@ def test_grad_cache(restore_grad_cache, free_memory):
 @pytest.mark.huge
 @pytest.mark.parametrize("shape", [(1, 2**31 + 64), (2**16 + 1, 2**15)], ids=["one_row", "many_rows"])
 def test_huge_input(free_memory, restore_num_threads, shape):
-    """bfloat16 logits with more than 2**31 elements (4.3 GB), forward only: 64-bit indexing of
-    classes (one row of 2**31 + 64) and of rows (offsets past 2**31 elements). Compared with a chunked
-    float64 reference that never holds a float64 copy of more than 2**20 logits (peak ~4.5 GB)."""
+    """bfloat16 logits with more than 2**31 elements (4.3 GB): 64-bit indexing of classes (one row of
+    2**31 + 64) and of rows (offsets past 2**31 elements). The forward is compared with a chunked float64
+    reference that never holds a float64 copy of more than 2**20 logits (peak ~4.5 GB); the fused forward +
+    gradient's gradient (4.3 GB more) on its last 2**20 elements."""
     N, C = shape
     x = torch.empty(shape, dtype=BF16)
     # Filled by repeating a random block whose length (2**24 + 13) divides neither C nor 2**32, so a
@@ -1628,6 +1629,18 @@ def test_huge_input(free_memory, restore_num_threads, shape):
                 f"expected {expected.flatten()[:4].tolist()}"
             )
             del loss
+        # The fused forward + gradient (what a differentiated mean / sum takes): the same loss, and a
+        # gradient whose elements past 2**31 are exp(x - lse) - [c == t] (sum: grad_loss scale 1), checked
+        # on the tensor's last 2**20 elements (they hold the target) against float64.
+        loss, lse, grad = torch.ops.xent.cross_entropy_fwd_grad(x, target, None, reduction=2)
+        assert torch.equal(loss, xent.cross_entropy(x, target, reduction="sum"))
+        tail = min(C, 2**20)
+        x_tail = x[-1, C - tail :].double()
+        expected = torch.exp(x_tail - lse[-1].double())
+        expected[target[-1] - (C - tail)] -= 1.0
+        err = (grad[-1, C - tail :].double() - expected).abs()
+        assert bool((err <= 2.0**-8 * expected.abs() + 1e-30).all()), f"gradient tail: max error {err.max().item():.3e}"
+        del grad, lse, loss
     finally:
         del x
         gc.collect()

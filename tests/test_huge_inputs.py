@@ -1,5 +1,5 @@
-"""More than 2**31 elements through the CPU kernels of the non-softmax losses (the cross-entropy kernels
-have theirs in test_cross_entropy.py::test_huge_input).
+"""More than 2**31 elements through the CPU kernels of the non-softmax losses, the separate and the fused
+forward + gradient ops (the cross-entropy kernels have theirs in test_cross_entropy.py::test_huge_input).
 
 A kernel that computes an element offset in 32 bits reads or writes the wrong element past 2**31, which
 only an input that large shows. Each test fills its tensors by repeating a random block whose length
@@ -117,13 +117,29 @@ def test_binary_loss_huge(huge_pair, kind):
     err = (grad[:BLOCK].double() - grad_block).abs()
     assert bool((err <= ULP * grad_block.abs() + 1e-30).all()), f"first period: max error {err.max().item():.3e}"
     # ... and the elements around and past 2**31 bitwise equal to their counterparts in the first period.
+    assert_periodic(grad)
+    first_period = grad[:BLOCK].clone()
+    sum_loss = fwd(x, y, None, *extra, reduction=2, **kwargs)
+    del grad, loss
+    gc.collect()
+
+    # The fused forward + gradient (what a differentiated mean / sum takes): the forward's loss and the
+    # separate backward's gradient, bitwise, past 2**31 too.
+    fused_loss, fused_grad = getattr(ops, name + "_fwd_grad")(x, y, None, *extra, reduction=2, **kwargs)
+    assert torch.equal(fused_loss, sum_loss)
+    assert torch.equal(fused_grad[:BLOCK], first_period)
+    assert_periodic(fused_grad)
+    del fused_grad
+    gc.collect()
+
+
+def assert_periodic(grad):
+    """The elements around and past 2**31 equal, bitwise, their counterparts in the first period."""
     for start in (2**31 - 1000, NUMEL - BLOCK // 2):
         stop = min(start + BLOCK // 2, NUMEL)
         phase = start % BLOCK
-        twin = torch.cat([grad[phase:BLOCK], grad[: BLOCK]])[: stop - start]
+        twin = torch.cat([grad[phase:BLOCK], grad[:BLOCK]])[: stop - start]
         assert torch.equal(grad[start:stop], twin), f"gradient elements [{start}, {stop}) differ from the first period"
-    del grad, loss
-    gc.collect()
 
 
 @pytest.mark.parametrize("shape", [(1, 2**31 + 64), (2**16 + 1, 2**15)], ids=["one_row", "many_rows"])
