@@ -27,6 +27,7 @@ import torch
 import torch.nn.functional as F
 
 import xent
+from bitwise import assert_bitwise
 from conftest import EMULATED_SCHEDULES, make_backend
 from reference_binary import (
     binary_cross_entropy_reference,
@@ -1220,25 +1221,11 @@ def _determinism_run(backend, kind, shape, dtype, target_grad=True):
     return out
 
 
-def _bits(t):
-    ints = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}[t.element_size()]
-    return t.contiguous().view(ints)
-
-
-def _assert_bitwise(a, b, what):
-    assert len(a) == len(b)
-    for i, (u, v) in enumerate(zip(a, b)):
-        assert u.dtype == v.dtype and u.shape == v.shape
-        assert torch.equal(_bits(u), _bits(v)), (
-            f"{what}: output {i} differs bitwise (max diff {(u.double() - v.double()).abs().max().item():.3e})"
-        )
-
-
 @pytest.mark.parametrize("case", list(DETERMINISM_CASES))
 def test_deterministic_repeated_runs(backend, case):
     kind, shape, dtype = DETERMINISM_CASES[case]
     first = _determinism_run(backend, kind, shape, dtype)
-    _assert_bitwise(first, _determinism_run(backend, kind, shape, dtype), f"{case}: repeated run")
+    assert_bitwise(first, _determinism_run(backend, kind, shape, dtype), f"{case}: repeated run")
 
 
 @pytest.mark.parametrize("case", list(DETERMINISM_CASES))
@@ -1251,7 +1238,7 @@ def test_deterministic_across_thread_counts(cpu_backend, restore_num_threads, ca
     one = _determinism_run(cpu_backend, kind, shape, dtype, target_grad=False)
     for n in sorted({2, 3, restore_num_threads}):
         torch.set_num_threads(n)
-        _assert_bitwise(one, _determinism_run(cpu_backend, kind, shape, dtype, target_grad=False),
+        assert_bitwise(one, _determinism_run(cpu_backend, kind, shape, dtype, target_grad=False),
                         f"{case}: 1 vs {n} threads")
 
 
@@ -1291,7 +1278,7 @@ def test_emulated_schedules_bitwise(case):
     runs = [(f"{s}-{seed}", _determinism_run(make_backend(f"emulated_cuda-{s}-{seed}"), kind, shape, dtype))
             for s, seed in EMULATED_SCHEDULES]
     for name, out in runs[1:]:
-        _assert_bitwise(runs[0][1], out, f"{case}: schedule {runs[0][0]} vs {name}")
+        assert_bitwise(runs[0][1], out, f"{case}: schedule {runs[0][0]} vs {name}")
 
 
 # ================================================================================================

@@ -25,6 +25,7 @@ import torch.nn.functional as F
 from torch.nn import _reduction as _Reduction
 
 import xent
+from bitwise import assert_bitwise
 from inputs import layouts, make_target, make_weight
 from reference import cross_entropy_reference, cross_entropy_reference_chunked
 
@@ -1347,27 +1348,12 @@ def _determinism_run(backend, shape, dtype, kind):
     return out
 
 
-def _bits(t):
-    """The tensor's raw bits as integers (bitwise comparison that also distinguishes NaN payloads, -0.0)."""
-    ints = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}[t.element_size()]
-    return t.contiguous().view(ints)
-
-
-def _assert_bitwise(a, b, what):
-    assert len(a) == len(b)
-    for i, (u, v) in enumerate(zip(a, b)):
-        assert u.dtype == v.dtype and u.shape == v.shape
-        assert torch.equal(_bits(u), _bits(v)), (
-            f"{what}: output {i} differs bitwise (max diff {(u.double() - v.double()).abs().max().item():.3e})"
-        )
-
-
 @pytest.mark.parametrize("case", list(DETERMINISM_CASES))
 def test_deterministic_repeated_runs(backend, case):
     shape, dtype, kind = DETERMINISM_CASES[case]
     first = _determinism_run(backend, shape, dtype, kind)
     for _ in range(2):
-        _assert_bitwise(first, _determinism_run(backend, shape, dtype, kind), f"{case}: repeated run")
+        assert_bitwise(first, _determinism_run(backend, shape, dtype, kind), f"{case}: repeated run")
 
 
 @pytest.mark.parametrize("case", list(DETERMINISM_CASES))
@@ -1377,7 +1363,7 @@ def test_deterministic_across_thread_counts(cpu_backend, restore_num_threads, ca
     one = _determinism_run(cpu_backend, shape, dtype, kind)
     for n in sorted({2, restore_num_threads}):
         torch.set_num_threads(n)
-        _assert_bitwise(one, _determinism_run(cpu_backend, shape, dtype, kind), f"{case}: 1 vs {n} threads")
+        assert_bitwise(one, _determinism_run(cpu_backend, shape, dtype, kind), f"{case}: 1 vs {n} threads")
 
 
 @pytest.mark.parametrize("case", list(DETERMINISM_CASES))
@@ -1391,7 +1377,7 @@ def test_deterministic_across_warp_schedules(case):
         for s, seed in EMULATED_SCHEDULES
     ]
     for name, out in runs[1:]:
-        _assert_bitwise(runs[0][1], out, f"{case}: schedule {runs[0][0]} vs {name}")
+        assert_bitwise(runs[0][1], out, f"{case}: schedule {runs[0][0]} vs {name}")
 
 
 # ================================================================================================

@@ -22,6 +22,7 @@ import torch.nn.functional as F
 
 import xent
 from conftest import EMULATED_SCHEDULES, make_backend
+from bitwise import assert_bitwise
 from inputs import layouts, make_target, make_weight
 
 F32, F64, BF16, F16 = torch.float32, torch.float64, torch.bfloat16, torch.float16
@@ -673,24 +674,12 @@ def _determinism_run(backend, shape, dtype):
     return out
 
 
-def _bits(t):
-    ints = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}[t.element_size()]
-    return t.contiguous().view(ints)
-
-
-def _assert_bitwise(a, b, what):
-    assert len(a) == len(b)
-    for i, (u, v) in enumerate(zip(a, b)):
-        assert u.dtype == v.dtype and u.shape == v.shape
-        assert torch.equal(_bits(u), _bits(v)), f"{what}: output {i} differs bitwise"
-
-
 @pytest.mark.parametrize("case", list(DETERMINISM_CASES))
 def test_deterministic_repeated_runs(backend, case):
     shape, dtype = DETERMINISM_CASES[case]
     first = _determinism_run(backend, shape, dtype)
     for _ in range(2):
-        _assert_bitwise(first, _determinism_run(backend, shape, dtype), f"{case}: repeated run")
+        assert_bitwise(first, _determinism_run(backend, shape, dtype), f"{case}: repeated run")
 
 
 @pytest.mark.parametrize("case", list(DETERMINISM_CASES))
@@ -700,7 +689,7 @@ def test_deterministic_across_warp_schedules(case):
     runs = [(f"{s}-{seed}", _determinism_run(make_backend(f"emulated_cuda-{s}-{seed}"), shape, dtype))
             for s, seed in EMULATED_SCHEDULES]
     for name, out in runs[1:]:
-        _assert_bitwise(runs[0][1], out, f"{case}: schedule {runs[0][0]} vs {name}")
+        assert_bitwise(runs[0][1], out, f"{case}: schedule {runs[0][0]} vs {name}")
 
 
 # ================================================================================================
