@@ -108,6 +108,11 @@ TORCH_LIBRARY(XENT_OPS_NAMESPACE, m) {
   m.def(
       "softmax_focal_loss_bwd(Tensor grad_loss, Tensor logits, Tensor target, Tensor? weight, Tensor lse, *, "
       "float gamma=2.0, int reduction=1, int ignore_index=-100, float label_smoothing=0.0) -> Tensor grad_logits");
+  //   The fused forward + gradient (see scale_grad_ below): softmax_focal_loss_fwd's outputs and grad_logits.
+  m.def(
+      "softmax_focal_loss_fwd_grad(Tensor logits, Tensor target, Tensor? weight=None, *, float gamma=2.0, "
+      "int reduction=1, int ignore_index=-100, float label_smoothing=0.0) -> (Tensor loss, Tensor lse, "
+      "Tensor grad_logits)");
   m.def(
       "softmax_focal_loss_prob_fwd(Tensor logits, Tensor target, Tensor? weight=None, *, float gamma=2.0, "
       "int reduction=1, float label_smoothing=0.0) -> (Tensor loss, Tensor lse)");

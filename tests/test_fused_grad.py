@@ -101,6 +101,18 @@ def _bce_with_logits_plain_call(x, t, w, reduction):
     return xent.binary_cross_entropy_with_logits(x, t, reduction=reduction)
 
 
+def _softmax_focal_call(x, t, w, reduction):
+    # Label smoothing: every class' focal term enters (the kernels' dense path, forward and backward run
+    # back to back per block).
+    return xent.softmax_focal_loss(x, t, w, reduction=reduction, label_smoothing=0.1, gamma=2.0)
+
+
+def _softmax_focal_one_hot_call(x, t, w, reduction):
+    # No smoothing: only the target's focal term enters (the one-pass kernel, the gradient from the
+    # forward's exponentials).
+    return xent.softmax_focal_loss(x, t, w, reduction=reduction, gamma=2.0)
+
+
 FUSED_CASES = {
     "cross_entropy": (_index_case, _cross_entropy_call, "cross_entropy_fwd_grad", True),
     "cross_entropy_kdim": (_kdim_case, _cross_entropy_call, "cross_entropy_fwd_grad", True),
@@ -137,6 +149,9 @@ FUSED_CASES = {
         "sigmoid_focal_loss_fwd_grad",
         True,
     ),
+    "softmax_focal_loss": (_index_case, _softmax_focal_call, "softmax_focal_loss_fwd_grad", True),
+    "softmax_focal_loss_one_hot": (_index_case, _softmax_focal_one_hot_call, "softmax_focal_loss_fwd_grad", True),
+    "softmax_focal_loss_kdim": (_kdim_case, _softmax_focal_one_hot_call, "softmax_focal_loss_fwd_grad", True),
 }
 CASE_IDS = list(FUSED_CASES)
 DTYPES = [torch.float32, torch.float64, torch.bfloat16, torch.float16]

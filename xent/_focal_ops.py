@@ -13,9 +13,10 @@ import math
 
 import torch
 
-from . import _ops
+from . import _fused, _ops
 from ._ops import (
     REDUCTION_MEAN,
+    REDUCTION_SUM,
     _check_common,
     _check_devices,
     _check_index_target,
@@ -51,6 +52,18 @@ def _register_fakes(ns):
         _check_devices(logits, grad_loss, target, weight, lse)
         _check_index_target(logits, target)
         return _fake_grad(logits)
+
+    @torch.library.register_fake(f"{ns}::softmax_focal_loss_fwd_grad")
+    def _(logits, target, weight=None, *, gamma=2.0, reduction=1, ignore_index=-100, label_smoothing=0.0):
+        _check_common(logits, weight, reduction, label_smoothing)
+        _check_gamma(gamma)
+        _check_devices(logits, target, weight)
+        _check_index_target(logits, target)
+        torch._check(
+            reduction in (REDUCTION_MEAN, REDUCTION_SUM),
+            lambda: f"softmax_focal_loss_fwd_grad: reduction must be mean (1) or sum (2), got {reduction}",
+        )
+        return _fake_forward(logits, reduction) + (_fake_grad(logits),)
 
     @torch.library.register_fake(f"{ns}::softmax_focal_loss_prob_fwd")
     def _(logits, target, weight=None, *, gamma=2.0, reduction=1, label_smoothing=0.0):
@@ -182,6 +195,13 @@ def _register_autograd(ns):
         return grad_logits, None, None
 
     torch.library.register_autograd(f"{ns}::softmax_focal_loss_fwd", backward_fwd, setup_context=setup_fwd)
+
+    def separate_backward(grad_loss, inputs, outputs, kw):
+        logits, target, weight = inputs
+        return ops.softmax_focal_loss_bwd(grad_loss, logits, target, weight, outputs[0], **kw)
+
+    # The fused forward + gradient (Note [Fused gradient] in xent/_fused.py); outputs (lse, grad_logits).
+    _fused.register_fused_autograd(ns, "softmax_focal_loss_fwd_grad", separate_backward)
 
     def setup_bwd(ctx, inputs, keyword_only_inputs, output):
         ctx.save_for_backward(*inputs)

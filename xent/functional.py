@@ -224,6 +224,16 @@ def softmax_focal_loss(
         loss, _ = ops.softmax_focal_loss_prob_fwd(
             input, target, weight, gamma=float(gamma), reduction=code, label_smoothing=float(label_smoothing)
         )
+    elif _fused.use_fused_grad(ops, code, input, target, weight):
+        loss, _, _ = ops.softmax_focal_loss_fwd_grad(
+            input,
+            target,
+            weight,
+            gamma=float(gamma),
+            reduction=code,
+            ignore_index=int(ignore_index),
+            label_smoothing=float(label_smoothing),
+        )
     else:
         loss, _ = ops.softmax_focal_loss_fwd(
             input,

@@ -56,6 +56,9 @@ struct FocalKernelTable {
   // Rows layout, rows [row_begin, row_end).
   void (*forward_rows)(const FocalArgs&, int64_t row_begin, int64_t row_end);
   void (*backward_rows)(const FocalArgs&, int64_t row_begin, int64_t row_end);
+  // The fused forward + gradient (grad_scale_value; forward outputs and grad as above) of class-index
+  // targets without label smoothing: both kernels' results, bit for bit, in one pass over each row.
+  void (*forward_grad_rows)(const FocalArgs&, int64_t row_begin, int64_t row_end);
   // Lanes layout, positions [p_begin, p_end).
   void (*forward_lanes)(const FocalArgs&, int64_t p_begin, int64_t p_end);
   void (*backward_lanes)(const FocalArgs&, int64_t p_begin, int64_t p_end);

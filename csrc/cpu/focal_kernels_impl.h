@@ -114,11 +114,10 @@ struct FocalRows {
   }
   static bool ignored(const FocalArgs& a, int64_t row) { return !a.prob_target && a.target[row] == a.ignore_index; }
 
-  // log sum exp of one row: max, then the sum of exp(x - max), four accumulators each. While the
-  // exponentials run from L1, the next row (`next`, or null) is prefetched: its max pass is otherwise a
-  // pure memory stall. Prefetches never fault, so a next row shorter than the prefetch is harmless.
-  static acc row_lse(const T* x, int64_t C, const T* next) {
-    const V neg_inf = V::set1(-static_cast<acc>(kFocalInf)), zero = V::set1(0);
+  // The max of a row as log-sum-exp shifts by it: four accumulators; an all -inf row gives 0 (every
+  // exp(x - 0) is then 0 and lse = -inf); a NaN logit makes its exp (and lse) NaN.
+  static acc row_shift(const T* x, int64_t C) {
+    const V neg_inf = V::set1(-static_cast<acc>(kFocalInf));
     V m0 = neg_inf, m1 = neg_inf, m2 = neg_inf, m3 = neg_inf;
     int64_t i = 0;
     for (; i + 4 * W <= C; i += 4 * W) {
@@ -130,21 +129,37 @@ struct FocalRows {
     for (; i + W <= C; i += W) m0 = V::max(m0, V::load(x + i));
     if (i < C) m0 = V::max(m0, load_partial<V>(x + i, C - i, -static_cast<acc>(kFocalInf)));
     const acc m = V::max(V::max(m0, m1), V::max(m2, m3)).reduce_max();
-    // All -inf: every exp(x - 0) is 0 and lse = -inf; a NaN logit makes its exp (and lse) NaN.
-    const V mv = V::set1(m == -static_cast<acc>(kFocalInf) ? acc(0) : m);
+    return m == -static_cast<acc>(kFocalInf) ? acc(0) : m;
+  }
+
+  // Row stride (elements) of the exponentials kept by row_lse: C rounded up to whole vectors.
+  static int64_t padded(int64_t C) { return (C + W - 1) / W * W; }
+
+  // log sum exp of one row, shifted by m = row_shift(x, C): the sum of exp(x - m), four accumulators.
+  // When `e` is not null the exponentials exp(x - m) are stored there too (padded(C) elements, padding
+  // lanes 0): the fused kernel's gradient reuses them (see sparse_grad_row). While the exponentials run
+  // from L1, the next row (`next`, or null) is prefetched: its max pass is otherwise a pure memory stall.
+  // Prefetches never fault, so a next row shorter than the prefetch is harmless.
+  static acc row_lse(const T* x, int64_t C, const T* next, acc m, acc* e) {
+    const V mv = V::set1(m), zero = V::set1(0);
     V s0 = zero, s1 = zero, s2 = zero, s3 = zero;
-    i = 0;
+    auto term = [&](int64_t i, V v) {
+      const V ev = V::exp(v - mv);
+      if (e) V::store(e + i, ev);
+      return ev;
+    };
+    int64_t i = 0;
     constexpr int64_t kLineElems = 64 / sizeof(T);
     for (; i + 4 * W <= C; i += 4 * W) {
       if (next)
         for (int64_t l = 0; l < 4 * W; l += kLineElems) prefetch(next + i + l);
-      s0 = s0 + V::exp(V::load(x + i) - mv);
-      s1 = s1 + V::exp(V::load(x + i + W) - mv);
-      s2 = s2 + V::exp(V::load(x + i + 2 * W) - mv);
-      s3 = s3 + V::exp(V::load(x + i + 3 * W) - mv);
+      s0 = s0 + term(i, V::load(x + i));
+      s1 = s1 + term(i + W, V::load(x + i + W));
+      s2 = s2 + term(i + 2 * W, V::load(x + i + 2 * W));
+      s3 = s3 + term(i + 3 * W, V::load(x + i + 3 * W));
     }
-    for (; i + W <= C; i += W) s0 = s0 + V::exp(V::load(x + i) - mv);
-    if (i < C) s0 = s0 + V::exp(load_partial<V>(x + i, C - i, -static_cast<acc>(kFocalInf)) - mv);
+    for (; i + W <= C; i += W) s0 = s0 + term(i, V::load(x + i));
+    if (i < C) s0 = s0 + term(i, load_partial<V>(x + i, C - i, -static_cast<acc>(kFocalInf)));
     const double sum = static_cast<double>(((s0 + s1) + (s2 + s3)).reduce_add());
     return static_cast<acc>(static_cast<double>(m) + __builtin_log(sum));
   }
@@ -194,7 +209,7 @@ struct FocalRows {
           continue;
         }
         const T* x = logits_row(a, row);
-        const acc lse = row_lse(x, a.C, row + 1 < row_end ? logits_row(a, row + 1) : nullptr);
+        const acc lse = row_lse(x, a.C, row + 1 < row_end ? logits_row(a, row + 1) : nullptr, row_shift(x, a.C), nullptr);
         lse_out[row] = lse;
         if (!a.prob_target) l_t[i] = to_acc(x[a.target[row]]) - lse;
       }
@@ -232,6 +247,90 @@ struct FocalRows {
     return base + static_cast<double>(sum.reduce_add());
   }
 
+  // The gradient row of a class-index target without smoothing (Note [Focal loss formula]):
+  //   dx_j = -s w_y h_y p_j (j != y), then the target element s w_y h_y (1 - p_y) exactly,
+  // with p_j = exp(x_j - m) exp(m - lse), m = row_shift(x): the fused kernel has exp(x_j - m) from its
+  // log-sum-exp (`e`, padded(C) elements) and saves one exp per logit; the backward op (e null)
+  // recomputes them with the same arithmetic, so both write the same bits. h_y, om_y: the target's focal
+  // terms (GatheredTerms of x_y - lse). `next`: the row to prefetch, or null (see row_lse).
+  static void sparse_grad_row(const FocalArgs& a, int64_t row, const T* x, T* g, acc lse, acc m, acc h_y, acc om_y,
+                              const acc* e, const T* next) {
+    const acc* w = static_cast<const acc*>(a.weight);
+    const double s = focal_grad_scale<acc>(a, row);
+    const int64_t y = a.target[row];
+    const double swh = s * (w ? static_cast<double>(w[y]) : 1.0) * static_cast<double>(h_y);
+    acc shift_to_p[W];  // exp(m - lse) with the vector exp, as both paths need it bit for bit
+    V::store(shift_to_p, V::exp(V::set1(m) - V::set1(lse)));
+    const V k = V::set1(static_cast<acc>(-swh) * shift_to_p[0]);
+    const V mv = V::set1(m);
+    constexpr int64_t kLineElems = 64 / sizeof(T);
+    int64_t c = 0;
+    for (; c + W <= a.C; c += W) {
+      if (next && c % kLineElems == 0) prefetch(next + c);
+      V::store(g + c, k * (e ? V::load(e + c) : V::exp(V::load(x + c) - mv)));
+    }
+    if (c < a.C) {
+      const V ev = e ? V::load(e + c) : V::exp(load_partial<V>(x + c, a.C - c, -static_cast<acc>(kFocalInf)) - mv);
+      store_partial(g + c, a.C - c, k * ev);
+    }
+    from_acc(g + y, static_cast<acc>(swh * static_cast<double>(om_y)));
+  }
+
+  static void zero_row(const FocalArgs& a, T* g) {
+    const V zero = V::set1(0);
+    int64_t c = 0;
+    for (; c + W <= a.C; c += W) V::store(g + c, zero);
+    if (c < a.C) store_partial(g + c, a.C - c, zero);
+  }
+
+  // The fused forward + gradient of class-index rows without smoothing (!dense_path), grad scale
+  // a.grad_scale_value: per block of W rows, forward_rows' lse and loss (same arithmetic, same bits), the
+  // exponentials exp(x - m) kept in an L1/L2 buffer, then backward_rows' gradient from them
+  // (sparse_grad_row). Rows too long for the buffer recompute the exponentials (the same bits).
+  static void forward_grad_rows(const FocalArgs& a, int64_t row_begin, int64_t row_end) {
+    constexpr int64_t kBufferElems = (int64_t(64) << 10) / sizeof(acc);
+    alignas(64) acc e_buf[kBufferElems];
+    const FocalTerms<V> terms(a.gamma);
+    const acc* w = static_cast<const acc*>(a.weight);
+    acc* lse_out = static_cast<acc*>(a.lse);
+    acc* loss_out = static_cast<acc*>(a.loss);
+    const int64_t stride = padded(a.C);
+    const bool keep_exps = stride * W <= kBufferElems;
+    for (int64_t r0 = row_begin; r0 < row_end; r0 += W) {
+      const int64_t rows = row_end - r0 < W ? row_end - r0 : W;
+      acc l_t[W], m[W];
+      for (int i = 0; i < W; ++i) l_t[i] = m[i] = 0;
+      for (int64_t i = 0; i < rows; ++i) {
+        const int64_t row = r0 + i;
+        if (ignored(a, row)) {
+          lse_out[row] = 0;
+          continue;
+        }
+        const T* x = logits_row(a, row);
+        m[i] = row_shift(x, a.C);
+        const acc lse = row_lse(x, a.C, row + 1 < row_end ? logits_row(a, row + 1) : nullptr, m[i],
+                                keep_exps ? e_buf + i * stride : nullptr);
+        lse_out[row] = lse;
+        l_t[i] = to_acc(x[a.target[row]]) - lse;
+      }
+      const GatheredTerms<V> t(terms, l_t);
+      for (int64_t i = 0; i < rows; ++i) {
+        const int64_t row = r0 + i;
+        T* g = grad_row(a, row);
+        if (ignored(a, row)) {
+          loss_out[row] = 0;
+          zero_row(a, g);
+          continue;
+        }
+        const int64_t y = a.target[row];
+        const double w_y = w ? static_cast<double>(w[y]) : 1.0;
+        loss_out[row] = static_cast<acc>((1.0 - a.label_smoothing) * w_y * static_cast<double>(t.f[i]));
+        sparse_grad_row(a, row, logits_row(a, row), g, lse_out[row], m[i], t.h[i], t.om[i],
+                        keep_exps ? e_buf + i * stride : nullptr, nullptr);
+      }
+    }
+  }
+
   static void backward_rows(const FocalArgs& a, int64_t row_begin, int64_t row_end) {
     const FocalTerms<V> terms(a.gamma);
     const acc* w = static_cast<const acc*>(a.weight);
@@ -248,32 +347,18 @@ struct FocalRows {
         const int64_t row = r0 + i;
         T* g = grad_row(a, row);
         if (ignored(a, row)) {
-          const V zero = V::set1(0);
-          int64_t c = 0;
-          for (; c + W <= a.C; c += W) V::store(g + c, zero);
-          if (c < a.C) store_partial(g + c, a.C - c, zero);
+          zero_row(a, g);
           continue;
         }
-        const double s = focal_grad_scale<acc>(a, row);
         const T* x = logits_row(a, row);
-        const V lse_v = V::set1(lse_in[row]);
         if (!dense_path(a)) {
-          // dx_j = -s w_y h_y p_j, then the target element s w_y h_y (1 - p_y) exactly.
-          const int64_t y = a.target[row];
-          const double swh = s * (w ? static_cast<double>(w[y]) : 1.0) * static_cast<double>(t.h[i]);
-          const V k = V::set1(static_cast<acc>(-swh));
-          const T* next = row + 1 < row_end ? logits_row(a, row + 1) : nullptr;  // see row_lse
-          constexpr int64_t kLineElems = 64 / sizeof(T);
-          int64_t c = 0;
-          for (; c + W <= a.C; c += W) {
-            if (next && c % kLineElems == 0) prefetch(next + c);
-            V::store(g + c, k * V::exp(V::load(x + c) - lse_v));
-          }
-          if (c < a.C) store_partial(g + c, a.C - c, k * V::exp(load_partial<V>(x + c, a.C - c, 0) - lse_v));
-          from_acc(g + y, static_cast<acc>(swh * static_cast<double>(t.om[i])));
+          const T* next = row + 1 < row_end ? logits_row(a, row + 1) : nullptr;
+          sparse_grad_row(a, row, x, g, lse_in[row], row_shift(x, a.C), t.h[i], t.om[i], nullptr, next);
           continue;
         }
         // Dense: H = sum_c a_c h_c, then dx_j = s (a_j h_j - p_j H).
+        const double s = focal_grad_scale<acc>(a, row);
+        const V lse_v = V::set1(lse_in[row]);
         const T* tq = a.prob_target ? target_row(a, row) : nullptr;
         V hsum = V::set1(0);
         for_each_vector(a, x, tq, lse_in[row], [&](int64_t, int64_t, V xv, V tv, V wv, V valid) {
@@ -506,6 +591,9 @@ void focal_forward_rows(const FocalArgs& a, int64_t r0, int64_t r1) {
 void focal_backward_rows(const FocalArgs& a, int64_t r0, int64_t r1) {
   focal_dispatch<FocalRows>(a.dtype, [&](auto L) { decltype(L)::backward_rows(a, r0, r1); });
 }
+void focal_forward_grad_rows(const FocalArgs& a, int64_t r0, int64_t r1) {
+  focal_dispatch<FocalRows>(a.dtype, [&](auto L) { decltype(L)::forward_grad_rows(a, r0, r1); });
+}
 void focal_forward_lanes(const FocalArgs& a, int64_t p0, int64_t p1) {
   focal_dispatch<FocalLanes>(a.dtype, [&](auto L) { decltype(L)::forward(a, p0, p1); });
 }
@@ -514,7 +602,8 @@ void focal_backward_lanes(const FocalArgs& a, int64_t p0, int64_t p1) {
 }
 
 constexpr FocalKernelTable kFocalTable = {
-    XENT_CPU_ISA_NAME, focal_forward_rows, focal_backward_rows, focal_forward_lanes, focal_backward_lanes,
+    XENT_CPU_ISA_NAME, focal_forward_rows, focal_backward_rows, focal_forward_grad_rows, focal_forward_lanes,
+    focal_backward_lanes,
 };
 
 } // namespace

@@ -219,6 +219,77 @@ at::Tensor backward_impl(const at::Tensor& grad_loss, const at::Tensor& logits, 
   return grad;
 }
 
+// The fused forward + gradient for grad_loss = 1 (Note [Fused gradient], xent/_fused.py), class-index
+// targets, reduction mean or sum. Class-index rows without label smoothing take the one-pass kernel
+// (forward_grad_rows: the gradient from the forward's exponentials); the other cases run the forward and
+// backward kernels back to back on blocks of about kFusedBlockElements logits, so that the backward reads
+// the logits from cache. Either way lse, loss and gradient are bitwise those of the separate ops.
+constexpr int64_t kFusedBlockElements = int64_t(1) << 15;
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> forward_grad_impl(const at::Tensor& logits, const at::Tensor& target,
+                                                                 const std::optional<at::Tensor>& weight,
+                                                                 double gamma, int64_t reduction,
+                                                                 int64_t ignore_index, double label_smoothing) {
+  TORCH_CHECK(reduction == at::Reduction::Mean || reduction == at::Reduction::Sum,
+              "softmax_focal_loss_fwd_grad: reduction must be mean (1) or sum (2), got ", reduction);
+  Prepared pr = prepare(logits, target, weight, false, gamma, ignore_index, label_smoothing, reduction);
+  FocalArgs& a = pr.args;
+  // The gradient takes the logits' strides when they are dense (as the fake kernel promises); when those
+  // fit no kernel layout, everything runs on contiguous logits and the gradient is copied into place.
+  at::Tensor grad = empty_grad_buffer(logits.sizes(), dense_strides_like(logits), logits.scalar_type());
+  auto gv = view_in(pr.plan, grad);
+  if (!gv) {
+    auto [loss, lse, contiguous_grad] =
+        forward_grad_impl(logits.contiguous(), target, weight, gamma, reduction, ignore_index, label_smoothing);
+    return {loss, lse, grad.copy_(contiguous_grad)};
+  }
+  a.grad = grad.data_ptr();
+  a.grad_stride_n = gv->stride_n;
+  a.grad_stride_c = gv->stride_c;
+  a.grad_stride_s = gv->stride_s;
+  const auto acc = acc_dtype(logits.scalar_type());
+  const auto positions = position_sizes(logits);
+  at::Tensor lse = at::empty(positions, logits.options().dtype(acc));
+  at::Tensor loss = at::empty(positions, logits.options().dtype(acc));
+  a.lse = lse.data_ptr();
+  a.loss = loss.data_ptr();
+  a.lse_in = lse.const_data_ptr();  // each block's backward reads the lse its forward just wrote
+  // Exactly the separate backward's scale for grad_loss = 1 (backward_impl), so the gradients agree bitwise.
+  a.grad_scale_value = reduction == at::Reduction::Mean ? 1.0 / pr.mean_denominator : 1.0;
+  const FocalKernelTable& k = focal_kernels();
+  const bool rows = pr.plan.layout == Layout::rows;
+  if (pr.positions > 0 && a.C > 0) {
+    if (rows && label_smoothing == 0) {
+      at::parallel_for(0, pr.positions, grain_positions(a.C),
+                       [&](int64_t p0, int64_t p1) { k.forward_grad_rows(a, p0, p1); });
+    } else {
+      const int64_t block = std::max<int64_t>(1, kFusedBlockElements / a.C);
+      at::parallel_for(0, pr.positions, grain_positions(a.C), [&](int64_t p0, int64_t p1) {
+        for (int64_t b0 = p0; b0 < p1; b0 += block) {
+          const int64_t b1 = std::min(p1, b0 + block);
+          (rows ? k.forward_rows : k.forward_lanes)(a, b0, b1);
+          (rows ? k.backward_rows : k.backward_lanes)(a, b0, b1);
+        }
+      });
+    }
+  } else if (pr.positions > 0) {
+    auto body = rows ? k.forward_rows : k.forward_lanes;
+    at::parallel_for(0, pr.positions, grain_positions(a.C), [&](int64_t p0, int64_t p1) { body(a, p0, p1); });
+  }
+  double total = deterministic_sum(loss);
+  if (reduction == at::Reduction::Mean) total /= pr.mean_denominator;  // 0 / 0 = NaN, as cross_entropy
+  return {at::scalar_tensor(total, logits.options()), lse, grad};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> softmax_focal_loss_fwd_grad(const at::Tensor& logits,
+                                                                           const at::Tensor& target,
+                                                                           const std::optional<at::Tensor>& weight,
+                                                                           double gamma, int64_t reduction,
+                                                                           int64_t ignore_index,
+                                                                           double label_smoothing) {
+  return forward_grad_impl(logits, target, weight, gamma, reduction, ignore_index, label_smoothing);
+}
+
 std::tuple<at::Tensor, at::Tensor> softmax_focal_loss_fwd(const at::Tensor& logits, const at::Tensor& target,
                                                           const std::optional<at::Tensor>& weight, double gamma,
                                                           int64_t reduction, int64_t ignore_index,
@@ -249,6 +320,7 @@ at::Tensor softmax_focal_loss_prob_bwd(const at::Tensor& grad_loss, const at::Te
 TORCH_LIBRARY_IMPL(xent, CPU, m) {
   m.impl("softmax_focal_loss_fwd", &softmax_focal_loss_fwd);
   m.impl("softmax_focal_loss_bwd", &softmax_focal_loss_bwd);
+  m.impl("softmax_focal_loss_fwd_grad", &softmax_focal_loss_fwd_grad);
   m.impl("softmax_focal_loss_prob_fwd", &softmax_focal_loss_prob_fwd);
   m.impl("softmax_focal_loss_prob_bwd", &softmax_focal_loss_prob_bwd);
 }
