@@ -15,6 +15,33 @@ template <> struct FocalVecFor<double> { using type = VecD1; };
 
 constexpr double kFocalInf = __builtin_inf();
 
+// log v in double for the lse of float rows, v = sum_c exp(x_c - max) being 0 (an all -inf row), NaN,
+// or in [1, C]: v = 2^e m with m in [sqrt(1/2), sqrt(2)), log m = 2 atanh(s), s = (m - 1) / (m + 1),
+// |s| <= 0.172, by its series up to s^13 (relative error below 1e-11, far below the float rounding of
+// lse that follows). Branch-free code on one lane, so that the loop over a block's W rows vectorizes: a
+// libm call per row was a third of the forward's time at C = 80.
+inline double log_of_exp_sum(double v) {
+  uint64_t bits;
+  __builtin_memcpy(&bits, &v, sizeof bits);
+  int64_t e = static_cast<int64_t>(bits >> 52) - 1023;
+  bits = (bits & 0x000fffffffffffffULL) | 0x3ff0000000000000ULL;
+  double m;
+  __builtin_memcpy(&m, &bits, sizeof m);
+  const bool high = m > 1.4142135623730951;
+  m = high ? m * 0.5 : m;
+  e = high ? e + 1 : e;
+  const double s = (m - 1) / (m + 1), s2 = s * s;
+  double series = 1.0 / 13;
+  series = series * s2 + 1.0 / 11;
+  series = series * s2 + 1.0 / 9;
+  series = series * s2 + 1.0 / 7;
+  series = series * s2 + 1.0 / 5;
+  series = series * s2 + 1.0 / 3;
+  series = series * s2 + 1.0;
+  const double r = static_cast<double>(e) * 0.6931471805599453 + 2 * s * series;
+  return v > 0 ? r : v == 0 ? -kFocalInf : v;  // v is NaN otherwise
+}
+
 // 1 - p = -expm1(l) for l = log p <= 0. float: exp(l) - 1 loses relative accuracy only as p nears 1,
 // where |l| is small and the Taylor series of expm1 converges fast: up to l^8 / 8! it is within 7e-10
 // relative for l in [-0.35, 0]. Below -0.35, p < 0.71 and 1 - p rounds well (about 3 ulp).
@@ -132,15 +159,15 @@ struct FocalRows {
     return m == -static_cast<acc>(kFocalInf) ? acc(0) : m;
   }
 
-  // Row stride (elements) of the exponentials kept by row_lse: C rounded up to whole vectors.
+  // Row stride (elements) of the exponentials kept by row_exp_sum: C rounded up to whole vectors.
   static int64_t padded(int64_t C) { return (C + W - 1) / W * W; }
 
-  // log sum exp of one row, shifted by m = row_shift(x, C): the sum of exp(x - m), four accumulators.
+  // The sum of exp(x - m) over one row, m = row_shift(x, C), four accumulators (block_lse takes its log).
   // When `e` is not null the exponentials exp(x - m) are stored there too (padded(C) elements, padding
   // lanes 0): the fused kernel's gradient reuses them (see sparse_grad_row). While the exponentials run
   // from L1, the next row (`next`, or null) is prefetched: its max pass is otherwise a pure memory stall.
   // Prefetches never fault, so a next row shorter than the prefetch is harmless.
-  static acc row_lse(const T* x, int64_t C, const T* next, acc m, acc* e) {
+  static acc row_exp_sum(const T* x, int64_t C, const T* next, acc m, acc* e) {
     const V mv = V::set1(m), zero = V::set1(0);
     V s0 = zero, s1 = zero, s2 = zero, s3 = zero;
     auto term = [&](int64_t i, V v) {
@@ -160,8 +187,21 @@ struct FocalRows {
     }
     for (; i + W <= C; i += W) s0 = s0 + term(i, V::load(x + i));
     if (i < C) s0 = s0 + term(i, load_partial<V>(x + i, C - i, -static_cast<acc>(kFocalInf)));
-    const double sum = static_cast<double>(((s0 + s1) + (s2 + s3)).reduce_add());
-    return static_cast<acc>(static_cast<double>(m) + __builtin_log(sum));
+    return ((s0 + s1) + (s2 + s3)).reduce_add();
+  }
+
+  // lse = m + log(sum) of the W rows of a block (per lane: the same bits in whichever lane a row is),
+  // in double and rounded once.
+  static void block_lse(const acc* m, const acc* sum, acc* lse) {
+    for (int i = 0; i < W; ++i) {
+      if constexpr (sizeof(acc) == sizeof(double)) lse[i] = m[i] + __builtin_log(sum[i]);
+      else lse[i] = static_cast<acc>(static_cast<double>(m[i]) + log_of_exp_sum(static_cast<double>(sum[i])));
+    }
+  }
+
+  // exp(m - lse) per lane: the factor from the exponentials exp(x - m) to p = exp(x - lse).
+  static void block_shift_to_p(const acc* m, const acc* lse, acc* out) {
+    V::store(out, V::exp(V::load(m) - V::load(lse)));
   }
 
   // Calls body(c, n, lanes_valid, xv, tv, wv) over classes [0, C) of a row in vectors of W; the tail
@@ -200,18 +240,21 @@ struct FocalRows {
     // Blocks of W rows: their lse first, then the target terms of the block in one vector.
     for (int64_t r0 = row_begin; r0 < row_end; r0 += W) {
       const int64_t rows = row_end - r0 < W ? row_end - r0 : W;
-      acc l_t[W];
-      for (int i = 0; i < W; ++i) l_t[i] = 0;
+      acc l_t[W], m[W], sum[W], lse[W];
+      for (int i = 0; i < W; ++i) l_t[i] = m[i] = 0, sum[i] = 1;
       for (int64_t i = 0; i < rows; ++i) {
         const int64_t row = r0 + i;
-        if (ignored(a, row)) {
-          lse_out[row] = 0;
-          continue;
-        }
+        if (ignored(a, row)) continue;
         const T* x = logits_row(a, row);
-        const acc lse = row_lse(x, a.C, row + 1 < row_end ? logits_row(a, row + 1) : nullptr, row_shift(x, a.C), nullptr);
-        lse_out[row] = lse;
-        if (!a.prob_target) l_t[i] = to_acc(x[a.target[row]]) - lse;
+        m[i] = row_shift(x, a.C);
+        sum[i] = row_exp_sum(x, a.C, row + 1 < row_end ? logits_row(a, row + 1) : nullptr, m[i], nullptr);
+      }
+      block_lse(m, sum, lse);
+      for (int64_t i = 0; i < rows; ++i) {
+        const int64_t row = r0 + i;
+        const bool skip = ignored(a, row);
+        lse_out[row] = skip ? 0 : lse[i];
+        if (!a.prob_target && !skip) l_t[i] = to_acc(logits_row(a, row)[a.target[row]]) - lse[i];
       }
       if (a.prob_target) {
         for (int64_t i = 0; i < rows; ++i) loss_out[r0 + i] = dense_loss(a, terms, r0 + i, lse_out[r0 + i], 0);
@@ -249,19 +292,18 @@ struct FocalRows {
 
   // The gradient row of a class-index target without smoothing (Note [Focal loss formula]):
   //   dx_j = -s w_y h_y p_j (j != y), then the target element s w_y h_y (1 - p_y) exactly,
-  // with p_j = exp(x_j - m) exp(m - lse), m = row_shift(x): the fused kernel has exp(x_j - m) from its
-  // log-sum-exp (`e`, padded(C) elements) and saves one exp per logit; the backward op (e null)
-  // recomputes them with the same arithmetic, so both write the same bits. h_y, om_y: the target's focal
-  // terms (GatheredTerms of x_y - lse). `next`: the row to prefetch, or null (see row_lse).
-  static void sparse_grad_row(const FocalArgs& a, int64_t row, const T* x, T* g, acc lse, acc m, acc h_y, acc om_y,
-                              const acc* e, const T* next) {
+  // with p_j = exp(x_j - m) shift_to_p, m = row_shift(x), shift_to_p = exp(m - lse) (block_shift_to_p):
+  // the fused kernel has exp(x_j - m) from its exp sum (`e`, padded(C) elements) and saves one exp per
+  // logit; the backward op (e null) recomputes them with the same arithmetic, so both write the same bits.
+  // h_y, om_y: the target's focal terms (GatheredTerms of x_y - lse). `next`: the row to prefetch, or null
+  // (see row_exp_sum).
+  static void sparse_grad_row(const FocalArgs& a, int64_t row, const T* x, T* g, acc m, acc shift_to_p, acc h_y,
+                              acc om_y, const acc* e, const T* next) {
     const acc* w = static_cast<const acc*>(a.weight);
     const double s = focal_grad_scale<acc>(a, row);
     const int64_t y = a.target[row];
     const double swh = s * (w ? static_cast<double>(w[y]) : 1.0) * static_cast<double>(h_y);
-    acc shift_to_p[W];  // exp(m - lse) with the vector exp, as both paths need it bit for bit
-    V::store(shift_to_p, V::exp(V::set1(m) - V::set1(lse)));
-    const V k = V::set1(static_cast<acc>(-swh) * shift_to_p[0]);
+    const V k = V::set1(static_cast<acc>(-swh) * shift_to_p);
     const V mv = V::set1(m);
     constexpr int64_t kLineElems = 64 / sizeof(T);
     int64_t c = 0;
@@ -298,21 +340,28 @@ struct FocalRows {
     const bool keep_exps = stride * W <= kBufferElems;
     for (int64_t r0 = row_begin; r0 < row_end; r0 += W) {
       const int64_t rows = row_end - r0 < W ? row_end - r0 : W;
-      acc l_t[W], m[W];
-      for (int i = 0; i < W; ++i) l_t[i] = m[i] = 0;
+      acc l_t[W], m[W], sum[W], lse[W], shift_to_p[W];
+      for (int i = 0; i < W; ++i) l_t[i] = m[i] = 0, sum[i] = 1;
+      for (int64_t i = 0; i < rows; ++i) {
+        const int64_t row = r0 + i;
+        if (ignored(a, row)) continue;
+        const T* x = logits_row(a, row);
+        m[i] = row_shift(x, a.C);
+        sum[i] = row_exp_sum(x, a.C, row + 1 < row_end ? logits_row(a, row + 1) : nullptr, m[i],
+                             keep_exps ? e_buf + i * stride : nullptr);
+      }
+      block_lse(m, sum, lse);
       for (int64_t i = 0; i < rows; ++i) {
         const int64_t row = r0 + i;
         if (ignored(a, row)) {
-          lse_out[row] = 0;
+          lse[i] = lse_out[row] = 0;  // as the backward op's lane (its lse_in is 0 there)
           continue;
         }
-        const T* x = logits_row(a, row);
-        m[i] = row_shift(x, a.C);
-        const acc lse = row_lse(x, a.C, row + 1 < row_end ? logits_row(a, row + 1) : nullptr, m[i],
-                                keep_exps ? e_buf + i * stride : nullptr);
-        lse_out[row] = lse;
-        l_t[i] = to_acc(x[a.target[row]]) - lse;
+        lse_out[row] = lse[i];
+        l_t[i] = to_acc(logits_row(a, row)[a.target[row]]) - lse[i];
       }
+      for (int64_t i = rows; i < W; ++i) lse[i] = 0;
+      block_shift_to_p(m, lse, shift_to_p);
       const GatheredTerms<V> t(terms, l_t);
       for (int64_t i = 0; i < rows; ++i) {
         const int64_t row = r0 + i;
@@ -325,7 +374,7 @@ struct FocalRows {
         const int64_t y = a.target[row];
         const double w_y = w ? static_cast<double>(w[y]) : 1.0;
         loss_out[row] = static_cast<acc>((1.0 - a.label_smoothing) * w_y * static_cast<double>(t.f[i]));
-        sparse_grad_row(a, row, logits_row(a, row), g, lse_out[row], m[i], t.h[i], t.om[i],
+        sparse_grad_row(a, row, logits_row(a, row), g, m[i], shift_to_p[i], t.h[i], t.om[i],
                         keep_exps ? e_buf + i * stride : nullptr, nullptr);
       }
     }
@@ -337,11 +386,19 @@ struct FocalRows {
     const acc* lse_in = static_cast<const acc*>(a.lse_in);
     for (int64_t r0 = row_begin; r0 < row_end; r0 += W) {
       const int64_t rows = row_end - r0 < W ? row_end - r0 : W;
-      acc l_t[W];
-      for (int i = 0; i < W; ++i) l_t[i] = 0;
+      acc l_t[W], m[W], lse[W], shift_to_p[W];
+      for (int i = 0; i < W; ++i) l_t[i] = m[i] = lse[i] = 0;
       if (!a.prob_target)
         for (int64_t i = 0; i < rows; ++i)
           if (!ignored(a, r0 + i)) l_t[i] = to_acc(logits_row(a, r0 + i)[a.target[r0 + i]]) - lse_in[r0 + i];
+      if (!dense_path(a)) {
+        for (int64_t i = 0; i < rows; ++i) {
+          if (ignored(a, r0 + i)) continue;
+          m[i] = row_shift(logits_row(a, r0 + i), a.C);
+          lse[i] = lse_in[r0 + i];
+        }
+        block_shift_to_p(m, lse, shift_to_p);
+      }
       const GatheredTerms<V> t(terms, l_t);
       for (int64_t i = 0; i < rows; ++i) {
         const int64_t row = r0 + i;
@@ -353,7 +410,7 @@ struct FocalRows {
         const T* x = logits_row(a, row);
         if (!dense_path(a)) {
           const T* next = row + 1 < row_end ? logits_row(a, row + 1) : nullptr;
-          sparse_grad_row(a, row, x, g, lse_in[row], row_shift(x, a.C), t.h[i], t.om[i], nullptr, next);
+          sparse_grad_row(a, row, x, g, m[i], shift_to_p[i], t.h[i], t.om[i], nullptr, next);
           continue;
         }
         // Dense: H = sum_c a_c h_c, then dx_j = s (a_j h_j - p_j H).
@@ -422,7 +479,7 @@ struct FocalLanes {
     acc mb[W];
     V::store(mb, m);
     for (int i = 0; i < W; ++i)
-      if (mb[i] == -static_cast<acc>(kFocalInf)) mb[i] = 0;  // as FocalRows::row_lse
+      if (mb[i] == -static_cast<acc>(kFocalInf)) mb[i] = 0;  // as FocalRows::row_shift
     const V mv = V::load(mb);
     V sum = V::set1(0);
     for (int64_t c = 0; c < a.C; ++c) sum = sum + V::exp(load_lanes(x + c * a.stride_c, lanes) - mv);
