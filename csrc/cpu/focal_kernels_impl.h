@@ -15,21 +15,21 @@ template <> struct FocalVecFor<double> { using type = VecD1; };
 
 constexpr double kFocalInf = __builtin_inf();
 
-// log v in double for the lse of float rows, v = sum_c exp(x_c - max) being 0 (an all -inf row), NaN,
-// or in [1, C]: v = 2^e m with m in [sqrt(1/2), sqrt(2)), log m = 2 atanh(s), s = (m - 1) / (m + 1),
+// log v in double for the lse of float rows, v = sum_c exp(x_c - max) in [1, C] (the caller handles the
+// other values it can take, 0 for an all -inf row and NaN): v = 2^e m with m in [sqrt(1/2), sqrt(2)), log m = 2 atanh(s), s = (m - 1) / (m + 1),
 // |s| <= 0.172, by its series up to s^13 (relative error below 1e-11, far below the float rounding of
 // lse that follows). Branch-free code on one lane, so that the loop over a block's W rows vectorizes: a
 // libm call per row was a third of the forward's time at C = 80.
 inline double log_of_exp_sum(double v) {
   uint64_t bits;
   __builtin_memcpy(&bits, &v, sizeof bits);
-  int64_t e = static_cast<int64_t>(bits >> 52) - 1023;
-  bits = (bits & 0x000fffffffffffffULL) | 0x3ff0000000000000ULL;
+  // m = v / 2^e in [sqrt(1/2), sqrt(2)): the exponent field, moved down by one when the mantissa is above
+  // sqrt(2) (its top 20 bits above 0x6a09e), as selects and integer arithmetic only.
+  const uint64_t high = ((bits & 0x000fffffffffffffULL) > 0x6a09e667f3bccULL) ? 1 : 0;
+  const int64_t e = static_cast<int64_t>(bits >> 52) - 1023 + static_cast<int64_t>(high);
+  bits = (bits & 0x000fffffffffffffULL) | ((0x3ffULL - high) << 52);
   double m;
   __builtin_memcpy(&m, &bits, sizeof m);
-  const bool high = m > 1.4142135623730951;
-  m = high ? m * 0.5 : m;
-  e = high ? e + 1 : e;
   const double s = (m - 1) / (m + 1), s2 = s * s;
   double series = 1.0 / 13;
   series = series * s2 + 1.0 / 11;
@@ -39,7 +39,7 @@ inline double log_of_exp_sum(double v) {
   series = series * s2 + 1.0 / 3;
   series = series * s2 + 1.0;
   const double r = static_cast<double>(e) * 0.6931471805599453 + 2 * s * series;
-  return v > 0 ? r : v == 0 ? -kFocalInf : v;  // v is NaN otherwise
+  return r;  // garbage for v 0 or NaN: block_lse replaces those
 }
 
 // 1 - p = -expm1(l) for l = log p <= 0. float: exp(l) - 1 loses relative accuracy only as p nears 1,
@@ -193,9 +193,13 @@ struct FocalRows {
   // lse = m + log(sum) of the W rows of a block (per lane: the same bits in whichever lane a row is),
   // in double and rounded once.
   static void block_lse(const acc* m, const acc* sum, acc* lse) {
-    for (int i = 0; i < W; ++i) {
-      if constexpr (sizeof(acc) == sizeof(double)) lse[i] = m[i] + __builtin_log(sum[i]);
-      else lse[i] = static_cast<acc>(static_cast<double>(m[i]) + log_of_exp_sum(static_cast<double>(sum[i])));
+    if constexpr (sizeof(acc) == sizeof(double)) {
+      for (int i = 0; i < W; ++i) lse[i] = m[i] + __builtin_log(sum[i]);
+    } else {
+      for (int i = 0; i < W; ++i)
+        lse[i] = static_cast<acc>(static_cast<double>(m[i]) + log_of_exp_sum(static_cast<double>(sum[i])));
+      for (int i = 0; i < W; ++i)  // an all -inf row (sum 0): lse -inf; NaN logits: NaN
+        if (!(sum[i] > 0)) lse[i] = sum[i] == 0 ? -static_cast<acc>(kFocalInf) : sum[i];
     }
   }
 
