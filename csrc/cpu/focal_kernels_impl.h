@@ -15,16 +15,16 @@ template <> struct FocalVecFor<double> { using type = VecD1; };
 
 constexpr double kFocalInf = __builtin_inf();
 
-// log v in double for the lse of float rows, v = sum_c exp(x_c - max) in [1, C] (the caller handles the
-// other values it can take, 0 for an all -inf row and NaN): v = 2^e m with m in [sqrt(1/2), sqrt(2)), log m = 2 atanh(s), s = (m - 1) / (m + 1),
-// |s| <= 0.172, by its series up to s^13 (relative error below 1e-11, far below the float rounding of
-// lse that follows). Branch-free code on one lane, so that the loop over a block's W rows vectorizes: a
-// libm call per row was a third of the forward's time at C = 80.
+// log v in double for the lse of float rows, v = sum_c exp(x_c - max) in [1, C] (block_lse handles the
+// other values v takes: 0 for an all -inf row, NaN). v = 2^e m with m in [sqrt(1/2), sqrt(2)],
+// log m = 2 atanh(s), s = (m - 1) / (m + 1), |s| <= 0.172, by its series up to s^13 (relative error
+// about 1e-12, far below the float rounding of lse that follows). Branch-free code on one lane, so that
+// block_lse's loop over W rows vectorizes: a libm call per row was a third of the forward's time at C = 80.
 inline double log_of_exp_sum(double v) {
   uint64_t bits;
   __builtin_memcpy(&bits, &v, sizeof bits);
-  // m = v / 2^e in [sqrt(1/2), sqrt(2)): the exponent field, moved down by one when the mantissa is above
-  // sqrt(2) (its top 20 bits above 0x6a09e), as selects and integer arithmetic only.
+  // m = v / 2^e: v's mantissa bits under exponent 0, or under exponent -1 (e one more) when they are
+  // those of sqrt(2) (0x6a09e667f3bcd) or more; integer arithmetic and selects only.
   const uint64_t high = ((bits & 0x000fffffffffffffULL) > 0x6a09e667f3bccULL) ? 1 : 0;
   const int64_t e = static_cast<int64_t>(bits >> 52) - 1023 + static_cast<int64_t>(high);
   bits = (bits & 0x000fffffffffffffULL) | ((0x3ffULL - high) << 52);
