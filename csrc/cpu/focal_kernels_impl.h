@@ -142,19 +142,29 @@ struct FocalRows {
   static bool ignored(const FocalArgs& a, int64_t row) { return !a.prob_target && a.target[row] == a.ignore_index; }
 
   // The max of a row as log-sum-exp shifts by it: four accumulators; an all -inf row gives 0 (every
-  // exp(x - 0) is then 0 and lse = -inf); a NaN logit makes its exp (and lse) NaN.
-  static acc row_shift(const T* x, int64_t C) {
+  // exp(x - 0) is then 0 and lse = -inf); a NaN logit makes its exp (and lse) NaN. `next` (or null): a
+  // row to prefetch meanwhile, for callers that take the max of consecutive rows back to back.
+  static acc row_shift(const T* x, int64_t C, const T* next = nullptr) {
     const V neg_inf = V::set1(-static_cast<acc>(kFocalInf));
     V m0 = neg_inf, m1 = neg_inf, m2 = neg_inf, m3 = neg_inf;
+    constexpr int64_t kLineElems = 64 / sizeof(T);
     int64_t i = 0;
     for (; i + 4 * W <= C; i += 4 * W) {
+      if (next)
+        for (int64_t l = 0; l < 4 * W; l += kLineElems) prefetch(next + i + l);
       m0 = V::max(m0, V::load(x + i));
       m1 = V::max(m1, V::load(x + i + W));
       m2 = V::max(m2, V::load(x + i + 2 * W));
       m3 = V::max(m3, V::load(x + i + 3 * W));
     }
-    for (; i + W <= C; i += W) m0 = V::max(m0, V::load(x + i));
-    if (i < C) m0 = V::max(m0, load_partial<V>(x + i, C - i, -static_cast<acc>(kFocalInf)));
+    for (; i + W <= C; i += W) {
+      if (next && i % kLineElems == 0) prefetch(next + i);
+      m0 = V::max(m0, V::load(x + i));
+    }
+    if (i < C) {
+      if (next) prefetch(next + i);
+      m0 = V::max(m0, load_partial<V>(x + i, C - i, -static_cast<acc>(kFocalInf)));
+    }
     const acc m = V::max(V::max(m0, m1), V::max(m2, m3)).reduce_max();
     return m == -static_cast<acc>(kFocalInf) ? acc(0) : m;
   }
@@ -398,7 +408,9 @@ struct FocalRows {
       if (!dense_path(a)) {
         for (int64_t i = 0; i < rows; ++i) {
           if (ignored(a, r0 + i)) continue;
-          m[i] = row_shift(logits_row(a, r0 + i), a.C);
+          // The maxes of the block's rows back to back: each prefetches the next row (the gradient
+          // loop below then reads the block from cache).
+          m[i] = row_shift(logits_row(a, r0 + i), a.C, r0 + i + 1 < row_end ? logits_row(a, r0 + i + 1) : nullptr);
           lse[i] = lse_in[r0 + i];
         }
         block_shift_to_p(m, lse, shift_to_p);
