@@ -131,10 +131,6 @@ void set_strides(const NCSView& v, int64_t& n, int64_t& c, int64_t& s) {
   s = v.stride_s;
 }
 
-// ---------------------------------------------------------------------------------------------------
-// Gradients at least this large are written with non-temporal stores: they cannot stay in cache anyway.
-constexpr int64_t kStreamGradBytes = int64_t(32) << 20;
-
 double weight_total(const at::Tensor& weight) {
   if (!weight.defined()) return 0;
   return deterministic_sum(weight);

@@ -49,6 +49,9 @@ struct FocalArgs {
   const void* lse_in;  // (N * S) acc_t
   void* grad;          // (N, C, S) strided, `dtype`
   int64_t grad_stride_n, grad_stride_c, grad_stride_s;
+  // forward_grad_rows: the gradient rows are contiguous (S == 1, grad_stride_c == 1, grad_stride_n == C)
+  // and too large to stay in cache: write them with non-temporal stores.
+  bool stream_grad;
 };
 
 struct FocalKernelTable {

@@ -352,6 +352,9 @@ struct FocalRows {
     acc* loss_out = static_cast<acc*>(a.loss);
     const int64_t stride = padded(a.C);
     const bool keep_exps = stride * W <= kBufferElems;
+    // a.stream_grad: the block's gradient rows are staged here and copied out with non-temporal stores.
+    alignas(64) T stage[kBufferElems];
+    const bool staged = a.stream_grad && keep_exps;
     for (int64_t r0 = row_begin; r0 < row_end; r0 += W) {
       const int64_t rows = row_end - r0 < W ? row_end - r0 : W;
       acc l_t[W], m[W], sum[W], lse[W], shift_to_p[W];
@@ -379,7 +382,7 @@ struct FocalRows {
       const GatheredTerms<V> t(terms, l_t);
       for (int64_t i = 0; i < rows; ++i) {
         const int64_t row = r0 + i;
-        T* g = grad_row(a, row);
+        T* g = staged ? stage + i * a.C : grad_row(a, row);
         if (ignored(a, row)) {
           loss_out[row] = 0;
           zero_row(a, g);
@@ -391,7 +394,9 @@ struct FocalRows {
         sparse_grad_row(a, row, logits_row(a, row), g, m[i], shift_to_p[i], t.h[i], t.om[i],
                         keep_exps ? e_buf + i * stride : nullptr, nullptr);
       }
+      if (staged) stream_copy(grad_row(a, r0), stage, rows * a.C * static_cast<int64_t>(sizeof(T)));
     }
+    if (staged) stream_fence();
   }
 
   static void backward_rows(const FocalArgs& a, int64_t row_begin, int64_t row_end) {

@@ -331,6 +331,33 @@ inline void stream_fence() {
 
 inline void prefetch(const void* p) { __builtin_prefetch(p); }
 
+// Copies n bytes from src to dst, the whole cache lines of dst with non-temporal stores (no read for
+// ownership of lines that are overwritten whole); the partial lines at either end with ordinary stores,
+// so no line is streamed that another thread's copy also writes. Callers end with stream_fence().
+inline void stream_copy(void* dst, const void* src, int64_t n) {
+  char* d = static_cast<char*>(dst);
+  const char* s = static_cast<const char*>(src);
+#if defined(XENT_CPU_ISA_AVX512) || defined(XENT_CPU_ISA_AVX2)
+  const int64_t head = static_cast<int64_t>((64 - reinterpret_cast<uintptr_t>(d) % 64) % 64);
+  if (n >= head + 64) {
+    std::memcpy(d, s, static_cast<size_t>(head));
+    int64_t i = head;
+    for (; i + 64 <= n; i += 64) {
+#if defined(XENT_CPU_ISA_AVX512)
+      _mm512_stream_si512(reinterpret_cast<__m512i*>(d + i), _mm512_loadu_si512(s + i));
+#else
+      _mm256_stream_si256(reinterpret_cast<__m256i*>(d + i), _mm256_loadu_si256(reinterpret_cast<const __m256i*>(s + i)));
+      _mm256_stream_si256(reinterpret_cast<__m256i*>(d + i + 32),
+                          _mm256_loadu_si256(reinterpret_cast<const __m256i*>(s + i + 32)));
+#endif
+    }
+    std::memcpy(d + i, s + i, static_cast<size_t>(n - i));
+    return;
+  }
+#endif
+  std::memcpy(d, s, static_cast<size_t>(n));
+}
+
 // Loads/stores of n < kWidth elements (row tails), through a small buffer padded with `fill`.
 template <class V, class T>
 inline V load_partial(const T* p, int64_t n, typename V::scalar fill) {
