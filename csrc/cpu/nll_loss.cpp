@@ -66,36 +66,38 @@ std::tuple<at::Tensor, at::Tensor> nll_loss_fwd(const at::Tensor& input, const a
   const NCSView& v = plan.view;
   const int64_t P = v.N * v.S;
   const auto acc = acc_dtype(input.scalar_type());
-  at::Tensor loss = at::empty({P}, input.options().dtype(acc));
   const int64_t* t = plan.target64.const_data_ptr<int64_t>();
+  at::Tensor total_weight = at::scalar_tensor(plan.total_weight, input.options());
+  at::Tensor result;
   dispatch_float(input.scalar_type(), [&](auto tag) {
     using scalar_t = decltype(tag);
     using acc_t = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
     const scalar_t* x = plan.input.const_data_ptr<scalar_t>();
     const acc_t* w = plan.weight.defined() ? plan.weight.const_data_ptr<acc_t>() : nullptr;
-    acc_t* out = loss.data_ptr<acc_t>();
     const int64_t S = v.S, sn = v.stride_n, sc = v.stride_c, ss = v.stride_s;
-    at::parallel_for(0, P, kReduceBlock, [&](int64_t p0, int64_t p1) {
-      for (int64_t p = p0; p < p1; ++p) {
-        const int64_t tp = t[p];
-        if (tp == ignore_index) {
-          out[p] = 0;
-          continue;
-        }
-        const int64_t n = S == 1 ? p : p / S, s = S == 1 ? 0 : p % S;
-        // The product of two acc_t values rounded once to acc_t, as -weight * input in acc_t.
-        const acc_t xv = static_cast<acc_t>(x[n * sn + tp * sc + s * ss]);
-        out[p] = w ? -(w[tp] * xv) : -xv;
-      }
-    });
+    auto loss_at = [=](int64_t p) -> acc_t {
+      const int64_t tp = t[p];
+      if (tp == ignore_index) return 0;
+      const int64_t n = S == 1 ? p : p / S, s = S == 1 ? 0 : p % S;
+      // The product of two acc_t values rounded once to acc_t, as -weight * input in acc_t.
+      const acc_t xv = static_cast<acc_t>(x[n * sn + tp * sc + s * ss]);
+      return w ? -(w[tp] * xv) : -xv;
+    };
+    if (reduction == at::Reduction::None) {
+      at::Tensor loss = at::empty({P}, input.options().dtype(acc));
+      acc_t* out = loss.data_ptr<acc_t>();
+      at::parallel_for(0, P, kReduceBlock, [&](int64_t p0, int64_t p1) {
+        for (int64_t p = p0; p < p1; ++p) out[p] = loss_at(p);
+      });
+      result = loss.to(input.scalar_type()).view(position_sizes(input));
+      return;
+    }
+    // The reduction reads each position's loss as it is gathered: no (P) loss vector to write and re-read.
+    double sum = blocked_sum(P, [loss_at](int64_t p) { return static_cast<double>(loss_at(p)); });
+    if (reduction == at::Reduction::Mean) sum /= plan.total_weight;  // 0 / 0 = NaN when all ignored, as PyTorch
+    result = at::scalar_tensor(sum, input.options());
   });
-  at::Tensor total_weight = at::scalar_tensor(plan.total_weight, input.options());
-  if (reduction == at::Reduction::None) {
-    return {loss.to(input.scalar_type()).view(position_sizes(input)), total_weight};
-  }
-  double sum = deterministic_sum(loss);
-  if (reduction == at::Reduction::Mean) sum /= plan.total_weight;  // 0 / 0 = NaN when all ignored, as PyTorch
-  return {at::scalar_tensor(sum, input.options()), total_weight};
+  return {result, total_weight};
 }
 
 at::Tensor nll_loss_bwd(const at::Tensor& grad_loss, const at::Tensor& input, const at::Tensor& target,

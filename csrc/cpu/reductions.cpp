@@ -1,9 +1,9 @@
 #include "cpu/reductions.h"
 
-#include <ATen/Parallel.h>
 #include <c10/util/Exception.h>
 
 #include <algorithm>
+#include <cstdint>
 #include <vector>
 
 namespace xent::cpu {
@@ -14,58 +14,52 @@ double validate_targets(const at::Tensor& target64, int64_t C, int64_t ignore_in
   const int64_t P = target64.numel();
   const int64_t* t = target64.const_data_ptr<int64_t>();
   const int64_t n_blocks = (P + kReduceBlock - 1) / kReduceBlock;
-  std::vector<double> block_sum(n_blocks, 0.0);
   std::vector<int64_t> block_bad(n_blocks, -1);
   const bool f64 = weight.defined() && weight.scalar_type() == at::kDouble;
   const double* w64 = f64 ? weight.const_data_ptr<double>() : nullptr;
   const float* w32 = weight.defined() && !f64 ? weight.const_data_ptr<float>() : nullptr;
-  at::parallel_for(0, n_blocks, 1, [&](int64_t b0, int64_t b1) {
-    for (int64_t b = b0; b < b1; ++b) {
-      double sum = 0;
-      const int64_t end = std::min(P, (b + 1) * kReduceBlock);
-      for (int64_t p = b * kReduceBlock; p < end; ++p) {
-        const int64_t tp = t[p];
-        if (tp == ignore_index) continue;  // before the range check: ignore_index may be any integer
-        if (tp < 0 || tp >= C) {
+  const std::vector<double> block_total = over_blocks(P, [&](int64_t b, int64_t begin, int64_t end) -> double {
+    // Branch-free pass: the count of non-ignored targets and whether any is out of range. ignore_index
+    // is tested first: it may be any integer, even a valid class.
+    int64_t count = 0;
+    bool bad = false;
+    for (int64_t p = begin; p < end; ++p) {
+      const int64_t tp = t[p];
+      const bool kept = tp != ignore_index;
+      count += kept;
+      bad |= kept & (static_cast<uint64_t>(tp) >= static_cast<uint64_t>(C));
+    }
+    if (bad) {
+      for (int64_t p = begin; p < end; ++p) {
+        if (t[p] != ignore_index && (t[p] < 0 || t[p] >= C)) {
           block_bad[b] = p;
           break;
         }
-        sum += w64 ? w64[tp] : w32 ? static_cast<double>(w32[tp]) : 1.0;
       }
-      block_sum[b] = sum;
+      return 0;
     }
+    if (!w64 && !w32) return static_cast<double>(count);
+    return block_sum(begin, end, [t, ignore_index, w64, w32](int64_t p) {
+      const int64_t tp = t[p];
+      return tp == ignore_index ? 0.0 : w64 ? w64[tp] : static_cast<double>(w32[tp]);
+    });
   });
   double total = 0;
   for (int64_t b = 0; b < n_blocks; ++b) {
     TORCH_CHECK_INDEX(block_bad[b] < 0, "Target ", t[block_bad[b]], " is out of bounds.");
-    total += block_sum[b];
+    total += block_total[b];
   }
   return total;
 }
 
 double deterministic_sum(const at::Tensor& values) {
   TORCH_INTERNAL_ASSERT(values.is_contiguous());
-  const int64_t P = values.numel();
-  const int64_t n_blocks = (P + kReduceBlock - 1) / kReduceBlock;
-  std::vector<double> block_sum(n_blocks, 0.0);
-  const bool f64 = values.scalar_type() == at::kDouble;
-  at::parallel_for(0, n_blocks, 1, [&](int64_t b0, int64_t b1) {
-    for (int64_t b = b0; b < b1; ++b) {
-      double sum = 0;
-      const int64_t end = std::min(P, (b + 1) * kReduceBlock);
-      if (f64) {
-        const double* v = values.const_data_ptr<double>();
-        for (int64_t p = b * kReduceBlock; p < end; ++p) sum += v[p];
-      } else {
-        const float* v = values.const_data_ptr<float>();
-        for (int64_t p = b * kReduceBlock; p < end; ++p) sum += v[p];
-      }
-      block_sum[b] = sum;
-    }
-  });
-  double total = 0;
-  for (double s : block_sum) total += s;
-  return total;
+  if (values.scalar_type() == at::kDouble) {
+    const double* v = values.const_data_ptr<double>();
+    return blocked_sum(values.numel(), [v](int64_t p) { return v[p]; });
+  }
+  const float* v = values.const_data_ptr<float>();
+  return blocked_sum(values.numel(), [v](int64_t p) { return static_cast<double>(v[p]); });
 }
 
 } // namespace xent::cpu
