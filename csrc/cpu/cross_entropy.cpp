@@ -311,7 +311,7 @@ at::Tensor grad_buffer_for(const Prepared& pr, const at::Tensor& logits, CrossEn
   if (!gv) return at::Tensor();
   a.grad = grad.data_ptr();
   set_strides(*gv, a.grad_stride_n, a.grad_stride_c, a.grad_stride_s);
-  a.stream_grad = grad.nbytes() >= kStreamGradBytes;
+  a.stream_grad = grad.nbytes() >= kCrossEntropyStreamGradBytes;
   return grad;
 }
 

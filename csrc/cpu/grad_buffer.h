@@ -20,11 +20,15 @@ namespace xent::cpu {
 constexpr int64_t kMinCachedBytes = int64_t(4) << 20;
 
 // Gradients at least this large are written with non-temporal stores (no read for ownership of the
-// destination lines, no eviction of the logits being read). Measured with bench_losses.py on a 2-core
-// Xeon: softmax focal fwd+bwd at 65536 x 80 and 4096 x 1000 fp32 (16-21 MB gradients) is 15-25% faster
-// streamed. A consumer that reads the gradient straight back (the lm-head matmul's backward) then finds
-// it in DRAM rather than in L3; below this size that cost is not worth the saved traffic.
-constexpr int64_t kStreamGradBytes = int64_t(8) << 20;
+// destination lines, no eviction of the logits being read). A consumer that reads the gradient straight
+// back (the lm-head matmul's backward) then finds it in DRAM rather than in L3, so the thresholds are
+// per kernel, measured with the benchmarks (2 threads, alternating builds):
+// - softmax focal fwd+grad at 65536 x 80 and 4096 x 1000 fp32 (16-21 MB gradients) is 15-25% faster
+//   streamed; bf16 is neutral.
+// - cross-entropy fwd+grad at 16384 x 1000 bf16 (31 MiB gradient) is 40% slower streamed (7.4 ms
+//   against 5.3 ms); at 62.5 MiB and above (fp32, the language-model shapes) streaming pays.
+constexpr int64_t kFocalStreamGradBytes = int64_t(8) << 20;
+constexpr int64_t kCrossEntropyStreamGradBytes = int64_t(32) << 20;
 
 // An uninitialized CPU tensor with the given sizes, strides and dtype.
 at::Tensor empty_grad_buffer(c10::IntArrayRef sizes, c10::IntArrayRef strides, at::ScalarType dtype);
