@@ -1,12 +1,35 @@
-"""Input builders and memory layouts shared by the parity suites (test_cross_entropy.py, test_nll_loss.py).
+"""Input builders and memory layouts shared by the parity suites (test_cross_entropy.py, test_nll_loss.py;
+fixed_rng and keep_first_target also the focal and binary suites).
 
 A layout is a function of a contiguous tensor that returns a tensor with the same values and shape in
 another memory layout, built on the tensor's own device (so call it after ``backend.put``).
 """
 
+import contextlib
+
 import torch
 
 F64 = torch.float64
+
+
+@contextlib.contextmanager
+def fixed_rng(seed=0):
+    """Random draws inside come from torch's global generator seeded with `seed`; its state is restored
+    after. For inputs built at import time (parametrize lists, opcheck samples): they are drawn before the
+    per-test seed of conftest.py and would otherwise differ from run to run."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        yield
+
+
+def keep_first_target(t, ignore_index):
+    """Sets the first position of class-index targets `t` to a class other than ignore_index, so that a
+    mean reduction is never over all-ignored targets. opcheck needs it: it compares eager and traced
+    outputs with assert_close, for which NaN (the mean over all-ignored targets, tested elsewhere) is not
+    equal to NaN."""
+    if t.numel() > 0:
+        t[(0,) * t.dim()] = 1 if ignore_index == 0 else 0
+    return t
 
 
 def make_target(positions, C, *, dtype=torch.long, ignore_index=-100, ignored=0.0):
