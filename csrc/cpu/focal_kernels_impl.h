@@ -15,33 +15,6 @@ template <> struct FocalVecFor<double> { using type = VecD1; };
 
 constexpr double kFocalInf = __builtin_inf();
 
-// log v in double for the lse of float rows, v = sum_c exp(x_c - max) in [1, C] (block_lse handles the
-// other values v takes: 0 for an all -inf row, NaN). v = 2^e m with m in [sqrt(1/2), sqrt(2)],
-// log m = 2 atanh(s), s = (m - 1) / (m + 1), |s| <= 0.172, by its series up to s^13 (relative error
-// about 1e-12, far below the float rounding of lse that follows). Branch-free code on one lane, so that
-// block_lse's loop over W rows vectorizes: a libm call per row was a third of the forward's time at C = 80.
-inline double log_of_exp_sum(double v) {
-  uint64_t bits;
-  __builtin_memcpy(&bits, &v, sizeof bits);
-  // m = v / 2^e: v's mantissa bits under exponent 0, or under exponent -1 (e one more) when they are
-  // those of sqrt(2) (0x6a09e667f3bcd) or more; integer arithmetic and selects only.
-  const uint64_t high = ((bits & 0x000fffffffffffffULL) > 0x6a09e667f3bccULL) ? 1 : 0;
-  const int64_t e = static_cast<int64_t>(bits >> 52) - 1023 + static_cast<int64_t>(high);
-  bits = (bits & 0x000fffffffffffffULL) | ((0x3ffULL - high) << 52);
-  double m;
-  __builtin_memcpy(&m, &bits, sizeof m);
-  const double s = (m - 1) / (m + 1), s2 = s * s;
-  double series = 1.0 / 13;
-  series = series * s2 + 1.0 / 11;
-  series = series * s2 + 1.0 / 9;
-  series = series * s2 + 1.0 / 7;
-  series = series * s2 + 1.0 / 5;
-  series = series * s2 + 1.0 / 3;
-  series = series * s2 + 1.0;
-  const double r = static_cast<double>(e) * 0.6931471805599453 + 2 * s * series;
-  return r;  // garbage for v 0 or NaN: block_lse replaces those
-}
-
 // 1 - p = -expm1(l) for l = log p <= 0. float: exp(l) - 1 loses relative accuracy only as p nears 1,
 // where |l| is small and the Taylor series of expm1 converges fast: up to l^8 / 8! it is within 7e-10
 // relative for l in [-0.35, 0]. Below -0.35, p < 0.71 and 1 - p rounds well (about 3 ulp).

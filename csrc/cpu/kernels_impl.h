@@ -195,17 +195,18 @@ struct RowsLayout {
     return !a.prob_target && a.target[row] == a.ignore_index;
   }
 
-  static void finish(const CrossEntropyArgs& a, int64_t row, const RowPartial& p) {
+  // The loss of a non-ignored row from its merged partial and its lse.
+  static void finish(const CrossEntropyArgs& a, const Coefficients<acc>& coef, int64_t row, const RowPartial& p,
+                     double lse) {
     acc* lse_out = static_cast<acc*>(a.lse);
     acc* loss_out = static_cast<acc*>(a.loss);
-    const double lse = p.max + __builtin_log(p.sum_exp);
     lse_out[row] = static_cast<acc>(lse);
     if (a.prob_target) {
       loss_out[row] = static_cast<acc>(lse * p.weight_dot - p.dot);
     } else {
       const int64_t t = a.target[row];
       const double x_t = to_acc(logits_row(a, row)[t]);
-      loss_out[row] = static_cast<acc>(Coefficients<acc>(a).index_loss(lse, x_t, t, p.dot));
+      loss_out[row] = static_cast<acc>(coef.index_loss(lse, x_t, t, p.dot));
     }
   }
 
@@ -215,18 +216,50 @@ struct RowsLayout {
     static_cast<acc*>(a.loss)[row] = 0;
   }
 
+  // Rows are finished in blocks of kLseRows so that the logs of their sums vectorize.
+  static constexpr int kLseRows = 16;
+
+  // Finishes rows [r0, r0 + rows), rows <= kLseRows, from their merged partials (those of ignored rows are
+  // not read). lse = max + log(sum_exp): every path computes a row's lse here, with the row in some lane
+  // of the same loop, so it does not depend on how rows are grouped or split over threads.
+  static void finish_block(const CrossEntropyArgs& a, const Coefficients<acc>& coef, int64_t r0, int64_t rows,
+                           const RowPartial* part) {
+    bool skip[kLseRows];
+    double max[kLseRows], sum[kLseRows], lse[kLseRows];
+    for (int i = 0; i < kLseRows; ++i) {
+      skip[i] = i >= rows || ignored(a, r0 + i);
+      max[i] = skip[i] ? 0.0 : part[i].max;
+      sum[i] = skip[i] ? 1.0 : part[i].sum_exp;
+    }
+    if constexpr (sizeof(acc) == sizeof(double)) {
+      for (int i = 0; i < kLseRows; ++i) lse[i] = max[i] + __builtin_log(sum[i]);
+    } else {
+      double log_sum[kLseRows];
+      for (int i = 0; i < kLseRows; ++i) log_sum[i] = log_of_exp_sum(sum[i]);
+      // sum_exp is in [1, C] unless the row is all -inf (0: lse -inf) or holds a NaN (NaN).
+      for (int i = 0; i < kLseRows; ++i)
+        lse[i] = max[i] + (sum[i] > 0 ? log_sum[i] : (sum[i] == 0 ? -kInf : sum[i]));
+    }
+    for (int64_t i = 0; i < rows; ++i) {
+      if (skip[i]) finish_ignored(a, r0 + i);
+      else finish(a, coef, r0 + i, part[i], lse[i]);
+    }
+  }
+
   static int64_t num_chunks(const CrossEntropyArgs& a) { return (a.C + kChunk - 1) / kChunk; }
 
   static void forward_rows(const CrossEntropyArgs& a, int64_t row_begin, int64_t row_end) {
     const int64_t chunks = num_chunks(a);
-    for (int64_t row = row_begin; row < row_end; ++row) {
-      if (ignored(a, row)) {
-        finish_ignored(a, row);
-        continue;
+    const Coefficients<acc> coef(a);
+    RowPartial part[kLseRows];
+    for (int64_t r0 = row_begin; r0 < row_end; r0 += kLseRows) {
+      const int64_t rows = row_end - r0 < kLseRows ? row_end - r0 : kLseRows;
+      for (int64_t i = 0; i < rows; ++i) {
+        if (ignored(a, r0 + i)) continue;
+        part[i] = row_chunk(a, r0 + i, 0);
+        for (int64_t k = 1; k < chunks; ++k) merge_partial(part[i], row_chunk(a, r0 + i, k));
       }
-      RowPartial acc_p = row_chunk(a, row, 0);
-      for (int64_t k = 1; k < chunks; ++k) merge_partial(acc_p, row_chunk(a, row, k));
-      finish(a, row, acc_p);
+      finish_block(a, coef, r0, rows, part);
     }
   }
 
@@ -235,13 +268,10 @@ struct RowsLayout {
   }
 
   static void forward_row_finish(const CrossEntropyArgs& a, int64_t row, const RowPartial* partials, int64_t n) {
-    if (ignored(a, row)) {
-      finish_ignored(a, row);
-      return;
-    }
-    RowPartial acc_p = partials[0];
-    for (int64_t k = 1; k < n; ++k) merge_partial(acc_p, partials[k]);
-    finish(a, row, acc_p);
+    RowPartial merged = partials[0];
+    if (!ignored(a, row))
+      for (int64_t k = 1; k < n; ++k) merge_partial(merged, partials[k]);
+    finish_block(a, Coefficients<acc>(a), row, 1, &merged);
   }
 
   // sum_c w_c q_c of a probability-target row, in chunks merged in order like the forward's.
