@@ -225,7 +225,7 @@ struct BceOp {
 
   template <class V>
   static V loss(const LossParams<V>&, V x, V y, V w, V, MaskOf<V>& bad_x, MaskOf<V>& bad_y) {
-    const V zero = V::set1(0), one = V::set1(1), floor = V::set1(-100);
+    const V zero = V::set1(0), one = V::set1(1);
     // ATen's checks; NaN fails both comparisons.
     bad_x = mask_or(bad_x, mask_not(mask_and(vge(x, zero), vle(x, one))));
     bad_y = mask_or(bad_y, mask_not(mask_and(vge(y, zero), vle(y, one))));
