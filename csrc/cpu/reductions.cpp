@@ -19,23 +19,20 @@ double validate_targets(const at::Tensor& target64, int64_t C, int64_t ignore_in
   const double* w64 = f64 ? weight.const_data_ptr<double>() : nullptr;
   const float* w32 = weight.defined() && !f64 ? weight.const_data_ptr<float>() : nullptr;
   const std::vector<double> block_total = over_blocks(P, [&](int64_t b, int64_t begin, int64_t end) -> double {
-    // Branch-free pass: the count of non-ignored targets and whether any is out of range. ignore_index
-    // is tested first: it may be any integer, even a valid class.
+    // ignore_index is tested first: it may be any integer, even a valid class. Branch-free (& rather
+    // than &&), one unsigned compare for both ends of [0, C).
+    auto out_of_range = [C, ignore_index](int64_t tp) {
+      return (tp != ignore_index) & (static_cast<uint64_t>(tp) >= static_cast<uint64_t>(C));
+    };
+    // Branch-free pass: the count of non-ignored targets and whether any is out of range.
     int64_t count = 0;
     bool bad = false;
     for (int64_t p = begin; p < end; ++p) {
-      const int64_t tp = t[p];
-      const bool kept = tp != ignore_index;
-      count += kept;
-      bad |= kept & (static_cast<uint64_t>(tp) >= static_cast<uint64_t>(C));
+      count += t[p] != ignore_index;
+      bad |= out_of_range(t[p]);
     }
-    if (bad) {
-      for (int64_t p = begin; p < end; ++p) {
-        if (t[p] != ignore_index && (t[p] < 0 || t[p] >= C)) {
-          block_bad[b] = p;
-          break;
-        }
-      }
+    if (bad) {  // the first offender, for the error message
+      block_bad[b] = std::find_if(t + begin, t + end, out_of_range) - t;
       return 0;
     }
     if (!w64 && !w32) return static_cast<double>(count);
