@@ -39,6 +39,8 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple
 import torch
 import torch.nn.functional as F
 
+import malloc_state
+
 HERE = os.path.dirname(os.path.abspath(__file__))
 REPO_ROOT = os.path.dirname(HERE)
 
@@ -813,6 +815,9 @@ def parse_args(argv=None):
     p.add_argument("--seed", type=int, default=0, help="input seed (default: %(default)s)")
     p.add_argument("--memory", action=argparse.BooleanOptionalAction, default=True,
                    help="measure peak extra memory (CPU: one fresh subprocess per measurement; default: on)")
+    p.add_argument("--malloc", choices=malloc_state.MODES, default="warm",
+                   help="C allocator state while timing on CPU (see benchmarks/malloc_state.py; peak memory is "
+                   "measured in fresh processes with the defaults)")
     p.add_argument("--out", default=os.path.join("benchmarks", "results"),
                    help="output directory (default: %(default)s)")
     # Internal: measure the memory of one (impl, shape, dtype) in this fresh process and print it as JSON.
@@ -873,6 +878,8 @@ def main(argv=None) -> int:
         gc.collect()
 
     # 2. Speed and memory.
+    env["malloc"] = malloc_state.apply(args.malloc) if args.device == "cpu" else "default (timing on cuda)"
+    log(f"\nmalloc while timing: {env['malloc']}")
     log(f"\n== fwd+bwd ({len(configs)} configs x {len(args.impls)} implementations"
         + (", with peak memory" if args.memory else "") + ") ==")
     results = [benchmark_config(shape, dtype, args.impls, args, log) for shape, dtype in configs]

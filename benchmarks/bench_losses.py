@@ -16,7 +16,9 @@ dtype one run does:
 2. Speed: forward+backward time of xent, PyTorch eager and ``torch.compile`` of the PyTorch / torchvision
    function (dynamic=False, one compilation per configuration), in the same process. The implementations
    are timed round-robin (one iteration of each in turn, repeated), so that a change in machine load
-   during the run hits all of them alike; the table reports medians and the ratios of medians.
+   during the run hits all of them alike; the table reports medians and the ratios of medians. glibc is
+   told to keep freed memory while timing (``--malloc warm``, benchmarks/malloc_state.py), so that the
+   baselines' temporaries are not page-faulted back in on every call.
 
 Results go to ``--out`` (default benchmarks/results/losses): ``results.json`` (everything, including the
 environment and every repeat) and ``results.md`` (the tables).
@@ -40,6 +42,8 @@ from typing import Callable, Dict, List, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
+
+import malloc_state
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 REPO_ROOT = os.path.dirname(HERE)
@@ -297,7 +301,7 @@ def write_markdown(path: str, data: dict) -> None:
         f"Forward + backward, reduction='mean', {env['threads']} threads, {env['cpu_model']}, xent ISA "
         f"{env['xent_cpu_isa']}, torch {env['torch']}, {env['date']}. Median of "
         f"{data['settings']['repeats']} round-robin repeats (load average at start {env['loadavg_start']}, "
-        f"at end {env.get('loadavg_end')}). Targets: xent >= {TARGETS['compile']:.0f}x torch.compile and "
+        f"at end {env.get('loadavg_end')}); malloc {env.get('malloc')}. Targets: xent >= {TARGETS['compile']:.0f}x torch.compile and "
         f">= {TARGETS['eager']:.0f}x eager.",
         "",
         results_table(data["results"], data["settings"]["impls"]),
@@ -328,6 +332,8 @@ def parse_args(argv=None):
     p.add_argument("--warmup", type=int, default=None, help="untimed rounds (default 2, quick 1)")
     p.add_argument("--budget", type=float, default=6.0, help="seconds of timed rounds per config (0: always --repeats)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--malloc", choices=malloc_state.MODES, default="warm",
+                   help="C allocator state while timing (see benchmarks/malloc_state.py)")
     p.add_argument("--out", default=os.path.join(HERE, "results", "losses"))
     args = p.parse_args(argv)
     args.shapes = args.shapes or list(QUICK_SHAPES if args.quick else FULL_SHAPES)
@@ -365,6 +371,8 @@ def main(argv=None) -> int:
                     f"{entry['eager']['loss_rel_err']:.1e} grad {entry['eager']['grad_rel_err']:.1e}"
                     + ("" if not entry["problems"] else "  PROBLEM: " + "; ".join(entry["problems"])))
 
+    env["malloc"] = malloc_state.apply(args.malloc)
+    log(f"malloc while timing: {env['malloc']}")
     results = []
     for loss in args.losses:
         for shape in args.shapes:
