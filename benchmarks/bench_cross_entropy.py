@@ -39,7 +39,8 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple
 import torch
 import torch.nn.functional as F
 
-import malloc_state
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # also when loaded by path (the tests)
+import malloc_state  # noqa: E402
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 REPO_ROOT = os.path.dirname(HERE)

@@ -1521,7 +1521,8 @@ def test_benchmark_script_quick(tmp_path, restore_num_threads):
     spec.loader.exec_module(bench)
     out = tmp_path / "losses"
     rc = bench.main(["--shapes", "64x80,3x1000", "--dtypes", "float32,bfloat16", "--impls", "xent,eager",
-                     "--repeats", "2", "--warmup", "0", "--budget", "0", "--out", str(out)])
+                     "--repeats", "2", "--warmup", "0", "--budget", "0", "--malloc", "default",
+                     "--out", str(out)])  # --malloc default: leave this (pytest's) process's allocator alone
     assert rc == 0, "xent failed the benchmark's accuracy rules"
     data = json.loads((out / "results.json").read_text())
     assert len(data["correctness"]) == len(data["results"]) == len(bench.LOSSES) * 2 * 2

@@ -409,6 +409,8 @@ void forward_blocks(const BinaryArgs& a, int64_t b0, int64_t b1) {
     double total = 0;
     int64_t j = 0;
     for (; j + W <= n; j += W) {
+      prefetch_ahead(x + j);
+      prefetch_ahead(y + j);
       const V l = Op::loss(c, V::load(x + j), V::load(y + j), w.at(j), pw.at(j), bad_x, bad_y);
       if constexpr (kReduce) {
         run = run + l;
@@ -456,7 +458,11 @@ void backward_blocks(const BinaryArgs& a, int64_t b0, int64_t b1) {
     const T* y = static_cast<const T*>(a.target) + i0;
     T* g = static_cast<T*>(a.grad) + i0;
     int64_t j = 0;
-    for (; j + W <= n; j += W) V::store(g + j, Op::grad(c, V::load(x + j), V::load(y + j), w.at(j), pw.at(j), s.at(j)));
+    for (; j + W <= n; j += W) {
+      prefetch_ahead(x + j);
+      prefetch_ahead(y + j);
+      V::store(g + j, Op::grad(c, V::load(x + j), V::load(y + j), w.at(j), pw.at(j), s.at(j)));
+    }
     if (j < n) {
       const int64_t r = n - j;
       store_partial(g + j, r,
@@ -497,6 +503,8 @@ void forward_grad_blocks(const BinaryArgs& a, int64_t b0, int64_t b1) {
     double total = 0;
     int64_t j = 0;
     for (; j + W <= n; j += W) {
+      prefetch_ahead(x + j);
+      prefetch_ahead(y + j);
       V gj;
       const V wj = kPlain ? V::set1(1) : w.at(j), pwj = kPlain ? V::set1(1) : pw.at(j);
       const V l = Op::loss_grad(c, V::load(x + j), V::load(y + j), wj, pwj, s, bad_x, bad_y, gj);

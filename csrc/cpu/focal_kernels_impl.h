@@ -114,9 +114,19 @@ struct FocalRows {
   }
   static bool ignored(const FocalArgs& a, int64_t row) { return !a.prob_target && a.target[row] == a.ignore_index; }
 
+  // The row whose logits to prefetch while working on `row` (or null past row_end): kStreamPrefetchBytes
+  // of logits ahead, at least the next row. One row ahead is too close for short rows (320 bytes at
+  // C = 80 fp32): the data arrives after it is needed.
+  static const T* prefetch_row(const FocalArgs& a, int64_t row, int64_t row_end) {
+    const int64_t row_bytes = a.C * static_cast<int64_t>(sizeof(T));
+    const int64_t ahead = row_bytes >= kStreamPrefetchBytes ? 1 : kStreamPrefetchBytes / (row_bytes > 0 ? row_bytes : 1);
+    return row + ahead < row_end ? logits_row(a, row + ahead) : nullptr;
+  }
+
   // The max of a row as log-sum-exp shifts by it: four accumulators; an all -inf row gives 0 (every
   // exp(x - 0) is then 0 and lse = -inf); a NaN logit makes its exp (and lse) NaN. `next` (or null): a
-  // row to prefetch meanwhile, for callers that take the max of consecutive rows back to back.
+  // row ahead to prefetch meanwhile (prefetch_row), for callers that take the max of consecutive rows back
+  // to back.
   static acc row_shift(const T* x, int64_t C, const T* next = nullptr) {
     const V neg_inf = V::set1(-static_cast<acc>(kFocalInf));
     V m0 = neg_inf, m1 = neg_inf, m2 = neg_inf, m3 = neg_inf;
@@ -148,7 +158,8 @@ struct FocalRows {
   // The sum of exp(x - m) over one row, m = row_shift(x, C), four accumulators (block_lse takes its log).
   // When `e` is not null the exponentials exp(x - m) are stored there too (padded(C) elements, padding
   // lanes 0): the fused kernel's gradient reuses them (see sparse_grad_row). While the exponentials run
-  // from L1, the next row (`next`, or null) is prefetched: its max pass is otherwise a pure memory stall.
+  // from L1, a row ahead (`next`, prefetch_row; or null) is prefetched: its max pass would otherwise wait
+  // on memory.
   // Prefetches never fault, so a next row shorter than the prefetch is harmless.
   static acc row_exp_sum(const T* x, int64_t C, const T* next, acc m, acc* e) {
     const V mv = V::set1(m), zero = V::set1(0);
@@ -168,8 +179,14 @@ struct FocalRows {
       s2 = s2 + term(i + 2 * W, V::load(x + i + 2 * W));
       s3 = s3 + term(i + 3 * W, V::load(x + i + 3 * W));
     }
-    for (; i + W <= C; i += W) s0 = s0 + term(i, V::load(x + i));
-    if (i < C) s0 = s0 + term(i, load_partial<V>(x + i, C - i, -static_cast<acc>(kFocalInf)));
+    for (; i + W <= C; i += W) {
+      if (next && i % kLineElems == 0) prefetch(next + i);
+      s0 = s0 + term(i, V::load(x + i));
+    }
+    if (i < C) {
+      if (next) prefetch(next + i);
+      s0 = s0 + term(i, load_partial<V>(x + i, C - i, -static_cast<acc>(kFocalInf)));
+    }
     return ((s0 + s1) + (s2 + s3)).reduce_add();
   }
 
@@ -234,7 +251,7 @@ struct FocalRows {
         if (ignored(a, row)) continue;
         const T* x = logits_row(a, row);
         m[i] = row_shift(x, a.C);
-        sum[i] = row_exp_sum(x, a.C, row + 1 < row_end ? logits_row(a, row + 1) : nullptr, m[i], nullptr);
+        sum[i] = row_exp_sum(x, a.C, prefetch_row(a, row, row_end), m[i], nullptr);
       }
       block_lse(m, sum, lse);
       for (int64_t i = 0; i < rows; ++i) {
@@ -282,7 +299,7 @@ struct FocalRows {
   // with p_j = exp(x_j - m) shift_to_p, m = row_shift(x), shift_to_p = exp(m - lse) (block_shift_to_p):
   // the fused kernel has exp(x_j - m) from its exp sum (`e`, padded(C) elements) and saves one exp per
   // logit; the backward op (e null) recomputes them with the same arithmetic, so both write the same bits.
-  // h_y, om_y: the target's focal terms (GatheredTerms of x_y - lse). `next`: the row to prefetch, or null
+  // h_y, om_y: the target's focal terms (GatheredTerms of x_y - lse). `next`: a row ahead to prefetch, or null
   // (see row_exp_sum).
   static void sparse_grad_row(const FocalArgs& a, int64_t row, const T* x, T* g, acc m, acc shift_to_p, acc h_y,
                               acc om_y, const acc* e, const T* next) {
@@ -337,7 +354,7 @@ struct FocalRows {
         if (ignored(a, row)) continue;
         const T* x = logits_row(a, row);
         m[i] = row_shift(x, a.C);
-        sum[i] = row_exp_sum(x, a.C, row + 1 < row_end ? logits_row(a, row + 1) : nullptr, m[i],
+        sum[i] = row_exp_sum(x, a.C, prefetch_row(a, row, row_end), m[i],
                              keep_exps ? e_buf + i * stride : nullptr);
       }
       block_lse(m, sum, lse);
@@ -386,9 +403,9 @@ struct FocalRows {
       if (!dense_path(a)) {
         for (int64_t i = 0; i < rows; ++i) {
           if (ignored(a, r0 + i)) continue;
-          // The maxes of the block's rows back to back: each prefetches the next row (the gradient
+          // The maxes of the block's rows back to back, each prefetching a row ahead (the gradient
           // loop below then reads the block from cache).
-          m[i] = row_shift(logits_row(a, r0 + i), a.C, r0 + i + 1 < row_end ? logits_row(a, r0 + i + 1) : nullptr);
+          m[i] = row_shift(logits_row(a, r0 + i), a.C, prefetch_row(a, r0 + i, row_end));
           lse[i] = lse_in[r0 + i];
         }
         block_shift_to_p(m, lse, shift_to_p);
@@ -403,7 +420,7 @@ struct FocalRows {
         }
         const T* x = logits_row(a, row);
         if (!dense_path(a)) {
-          const T* next = row + 1 < row_end ? logits_row(a, row + 1) : nullptr;
+          const T* next = prefetch_row(a, row, row_end);
           sparse_grad_row(a, row, x, g, m[i], shift_to_p[i], t.h[i], t.om[i], nullptr, next);
           continue;
         }
