@@ -152,6 +152,15 @@ def restore_isa():
         torch.ops.xent._cpu_isa(original)
 
 
+def cpu_has_flag(flag):
+    """Whether /proc/cpuinfo lists the CPU feature `flag` (e.g. "avx512_bf16"); False where unreadable."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            return any(line.startswith("flags") and flag in line.split() for line in f)
+    except OSError:
+        return False
+
+
 def available_isas():
     """The instruction sets the CPU supports: selecting one it lacks raises ValueError."""
     original = torch.ops.xent._cpu_isa()

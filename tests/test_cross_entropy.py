@@ -26,6 +26,7 @@ from torch.nn import _reduction as _Reduction
 
 import xent
 from bitwise import assert_bitwise
+from conftest import cpu_has_flag
 from inputs import fixed_rng, keep_first_target, layouts, make_target, make_weight
 from reference import cross_entropy_reference, cross_entropy_reference_chunked
 
@@ -1484,21 +1485,13 @@ def test_cpu_exp_lengths_and_layout(isa):
     torch.testing.assert_close(torch.ops.xent._cpu_exp(x).double(), torch.exp(x.double()), rtol=4 * 2.0**-23, atol=0)
 
 
-def _cpu_flag(flag):
-    try:
-        with open("/proc/cpuinfo") as f:
-            return any(line.startswith("flags") and flag in line.split() for line in f)
-    except OSError:
-        return False
-
-
 @pytest.mark.parametrize("shape", [(6, 1000), (2, 3, 40, 7)], ids=["rows", "lanes"])
 def test_avx512_bf16_gradient_bits(monkeypatch, restore_isa, shape):
     """With AVX512_BF16 the AVX-512 kernels round bf16 gradients with vcvtne2ps2bf16, which flushes
     subnormals to zero and keeps NaN signs and payloads; vectors holding those must take the integer
     rounding, so the bits equal those of the plain AVX-512 table (XENT_CPU_AVX512_BF16=0): subnormal
     gradient elements (logits 90 below the max, small upstream gradients), NaN rows, -inf logits."""
-    if not _cpu_flag("avx512_bf16"):
+    if not cpu_has_flag("avx512_bf16"):
         pytest.skip("the CPU lacks AVX512_BF16")
     torch.ops.xent._cpu_isa("avx512")
     C = shape[1]

@@ -90,6 +90,7 @@ struct BinaryKernelTable {
 
 // One table per instruction set; null when this build has no such table (non-x86 targets).
 const BinaryKernelTable* binary_kernels_avx512();
+const BinaryKernelTable* binary_kernels_avx512_bf16();  // the AVX-512 kernels with AVX512_BF16 (isa.h)
 const BinaryKernelTable* binary_kernels_avx2();
 const BinaryKernelTable* binary_kernels_generic();
 

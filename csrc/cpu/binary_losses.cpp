@@ -34,7 +34,9 @@ constexpr int64_t kGrainBlocks = 16;
 const BinaryKernelTable& binary_kernels() {
   const std::string& isa = active_cpu_isa();
   const BinaryKernelTable* t =
-      isa == "avx512" ? binary_kernels_avx512() : isa == "avx2" ? binary_kernels_avx2() : nullptr;
+      isa == "avx512" ? (use_avx512_bf16() ? binary_kernels_avx512_bf16() : binary_kernels_avx512())
+      : isa == "avx2" ? binary_kernels_avx2()
+                      : nullptr;
   return t ? *t : *binary_kernels_generic();
 }
 

@@ -26,22 +26,6 @@ namespace {
 // ---------------------------------------------------------------------------------------------------
 // The kernel table of the active instruction set (csrc/cpu/isa.h).
 
-// Whether the AVX-512 kernels may use AVX512_BF16: when the CPU has it, unless the environment variable
-// XENT_CPU_AVX512_BF16 is "0" (read at every call, so tests can compare both tables in one process).
-bool use_avx512_bf16() {
-#if defined(__x86_64__) || defined(_M_X64)
-  static const bool cpu_has = [] {
-    __builtin_cpu_init();
-    return __builtin_cpu_supports("avx512bf16") != 0;
-  }();
-  if (!cpu_has) return false;
-  const char* env = std::getenv("XENT_CPU_AVX512_BF16");
-  return !(env && std::string(env) == "0");
-#else
-  return false;
-#endif
-}
-
 const KernelTable& kernels() {
   const std::string& isa = active_cpu_isa();
   const KernelTable* t = isa == "avx512" ? (use_avx512_bf16() ? kernels_avx512_bf16() : kernels_avx512())

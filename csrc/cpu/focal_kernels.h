@@ -68,6 +68,7 @@ struct FocalKernelTable {
 };
 
 const FocalKernelTable* focal_kernels_avx512();
+const FocalKernelTable* focal_kernels_avx512_bf16();  // the AVX-512 kernels with AVX512_BF16 (isa.h)
 const FocalKernelTable* focal_kernels_avx2();
 const FocalKernelTable* focal_kernels_generic();
 

@@ -4,6 +4,7 @@
 
 #include <atomic>
 #include <cstdlib>
+#include <string>
 
 namespace xent::cpu {
 namespace {
@@ -55,6 +56,20 @@ void set_cpu_isa(const std::string& isa) {
     }
   }
   TORCH_CHECK_VALUE(false, "xent: unknown CPU instruction set '", isa, "' (choose avx512, avx2 or generic)");
+}
+
+bool use_avx512_bf16() {
+#if defined(__x86_64__) || defined(_M_X64)
+  static const bool cpu_has_bf16 = [] {
+    __builtin_cpu_init();
+    return __builtin_cpu_supports("avx512bf16") != 0;
+  }();
+  if (!cpu_has_bf16) return false;
+  const char* env = std::getenv("XENT_CPU_AVX512_BF16");
+  return !(env && std::string(env) == "0");
+#else
+  return false;
+#endif
 }
 
 } // namespace xent::cpu

@@ -13,4 +13,10 @@ const std::string& active_cpu_isa();
 // Selects an instruction set; raises ValueError if it is unknown or the CPU lacks it.
 void set_cpu_isa(const std::string& isa);
 
+// Whether the AVX-512 kernels may use AVX512_BF16 (their *_avx512_bf16 tables, which round bf16 outputs
+// with the CPU's conversion instructions and give the same bits): when the CPU has it, unless the
+// environment variable XENT_CPU_AVX512_BF16 is "0" (read at every call, so tests can compare both tables
+// in one process).
+bool use_avx512_bf16();
+
 } // namespace xent::cpu

@@ -123,6 +123,16 @@ struct VecF {
   }
   static void store(float* p, VecF x) { _mm512_storeu_ps(p, x.v); }
   static void store(bf16_t* p, VecF x) {
+#if defined(XENT_CPU_AVX512_BF16)
+    // vcvtneps2bf16 rounds to nearest even in one instruction, but treats subnormal inputs as zero and
+    // keeps a NaN's sign and payload; vectors holding either take the integer rounding below, which gives
+    // float_to_bf16's bits (as bf16_pack_pair_fast).
+    constexpr int kNanOrSubnormal = 0x01 | 0x20 | 0x80;  // vfpclassps: QNaN, denormal, SNaN
+    if (!_mm512_fpclass_ps_mask(x.v, kNanOrSubnormal)) {
+      _mm256_storeu_si256(reinterpret_cast<__m256i*>(p), (__m256i)_mm512_cvtneps_pbh(x.v));
+      return;
+    }
+#endif
     __m512i u = _mm512_castps_si512(x.v);
     __m512i lsb = _mm512_and_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(1));
     __m512i r = _mm512_srli_epi32(_mm512_add_epi32(u, _mm512_add_epi32(_mm512_set1_epi32(0x7fff), lsb)), 16);

@@ -29,7 +29,9 @@ namespace {
 
 const FocalKernelTable& focal_kernels() {
   const std::string& isa = active_cpu_isa();
-  const FocalKernelTable* t = isa == "avx512" ? focal_kernels_avx512() : isa == "avx2" ? focal_kernels_avx2() : nullptr;
+  const FocalKernelTable* t = isa == "avx512" ? (use_avx512_bf16() ? focal_kernels_avx512_bf16() : focal_kernels_avx512())
+                              : isa == "avx2"  ? focal_kernels_avx2()
+                                               : nullptr;
   return t ? *t : *focal_kernels_generic();
 }
 
