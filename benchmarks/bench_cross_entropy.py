@@ -816,9 +816,9 @@ def parse_args(argv=None):
     p.add_argument("--seed", type=int, default=0, help="input seed (default: %(default)s)")
     p.add_argument("--memory", action=argparse.BooleanOptionalAction, default=True,
                    help="measure peak extra memory (CPU: one fresh subprocess per measurement; default: on)")
-    p.add_argument("--malloc", choices=malloc_state.MODES, default="warm",
-                   help="C allocator state while timing on CPU (see benchmarks/malloc_state.py; peak memory is "
-                   "measured in fresh processes with the defaults)")
+    p.add_argument("--malloc", choices=malloc_state.MODES, default="default",
+                   help="C allocator state while timing on CPU (see benchmarks/malloc_state.py: warm misbehaves "
+                   "at these sizes); peak memory is measured in fresh processes with the defaults either way")
     p.add_argument("--out", default=os.path.join("benchmarks", "results"),
                    help="output directory (default: %(default)s)")
     # Internal: measure the memory of one (impl, shape, dtype) in this fresh process and print it as JSON.

@@ -13,8 +13,14 @@ never take that cost (they are cached, csrc/cpu/grad_buffer.h), so the noise fav
 ``keep_freed_memory()`` tells glibc to serve every allocation from its heap (M_MMAP_MAX = 0) and never
 trim it (M_TRIM_THRESHOLD at its maximum): memory freed by one iteration is reused, resident, by the
 next, as a caching allocator (tcmalloc, jemalloc, PyTorch's CUDA allocator) would. That is the baselines'
-best and steadiest case. The scripts apply it after their correctness phase, to the timing only (peak
-memory is measured in fresh processes with the allocator's defaults); ``--malloc default`` opts out.
+best and steadiest case for tensors of tens of MiB. The scripts apply it after their correctness phase,
+to the timing only (peak memory is measured in fresh processes with the allocator's defaults).
+
+bench_losses.py (tensors up to 21 MiB) times with it by default. bench_cross_entropy.py does not
+(``--malloc default``): with its 250 MiB to 1 GiB tensors, after its correctness phase, the warm setting
+made eager slower, not faster (4096 x 32000 fp32: 1200 ms against 445 ms with the defaults, with much
+system time), while with the defaults every tensor above 32 MiB is mmapped and faulted in on each call,
+a cost that does not depend on the heap's history. ``--malloc warm`` there remains for experiments.
 """
 
 from __future__ import annotations
