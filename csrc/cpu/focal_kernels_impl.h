@@ -190,6 +190,27 @@ struct FocalRows {
     return ((s0 + s1) + (s2 + s3)).reduce_add();
   }
 
+  // m (row_shift) and sum (row_exp_sum, exponentials kept in e + i * e_stride when e is not null) of the
+  // block's rows r0 + i, i < rows; ignored rows are skipped (their m, sum stay as the caller set them).
+  // When the block's logits fit in L1 the maxes of all its rows are taken first: their horizontal
+  // reductions then overlap one another, where each row's exp pass would otherwise wait for its own
+  // (short rows, C = 80: the reductions are a large part of a row's work). Same arithmetic per row.
+  static void block_exp_sums(const FocalArgs& a, int64_t r0, int64_t rows, int64_t row_end, acc* m, acc* sum,
+                             acc* e, int64_t e_stride) {
+    constexpr int64_t kMaxesFirstBytes = int64_t(32) << 10;
+    const bool maxes_first = a.C * static_cast<int64_t>(sizeof(T)) * W <= kMaxesFirstBytes;
+    if (maxes_first)
+      for (int64_t i = 0; i < rows; ++i)
+        if (!ignored(a, r0 + i)) m[i] = row_shift(logits_row(a, r0 + i), a.C);
+    for (int64_t i = 0; i < rows; ++i) {
+      const int64_t row = r0 + i;
+      if (ignored(a, row)) continue;
+      const T* x = logits_row(a, row);
+      if (!maxes_first) m[i] = row_shift(x, a.C);
+      sum[i] = row_exp_sum(x, a.C, prefetch_row(a, row, row_end), m[i], e ? e + i * e_stride : nullptr);
+    }
+  }
+
   // lse = m + log(sum) of the W rows of a block (per lane: the same bits in whichever lane a row is),
   // in double and rounded once.
   static void block_lse(const acc* m, const acc* sum, acc* lse) {
@@ -246,13 +267,7 @@ struct FocalRows {
       const int64_t rows = row_end - r0 < W ? row_end - r0 : W;
       acc l_t[W], m[W], sum[W], lse[W];
       for (int i = 0; i < W; ++i) l_t[i] = m[i] = 0, sum[i] = 1;
-      for (int64_t i = 0; i < rows; ++i) {
-        const int64_t row = r0 + i;
-        if (ignored(a, row)) continue;
-        const T* x = logits_row(a, row);
-        m[i] = row_shift(x, a.C);
-        sum[i] = row_exp_sum(x, a.C, prefetch_row(a, row, row_end), m[i], nullptr);
-      }
+      block_exp_sums(a, r0, rows, row_end, m, sum, nullptr, 0);
       block_lse(m, sum, lse);
       for (int64_t i = 0; i < rows; ++i) {
         const int64_t row = r0 + i;
@@ -349,14 +364,7 @@ struct FocalRows {
       const int64_t rows = row_end - r0 < W ? row_end - r0 : W;
       acc l_t[W], m[W], sum[W], lse[W], shift_to_p[W];
       for (int i = 0; i < W; ++i) l_t[i] = m[i] = 0, sum[i] = 1;
-      for (int64_t i = 0; i < rows; ++i) {
-        const int64_t row = r0 + i;
-        if (ignored(a, row)) continue;
-        const T* x = logits_row(a, row);
-        m[i] = row_shift(x, a.C);
-        sum[i] = row_exp_sum(x, a.C, prefetch_row(a, row, row_end), m[i],
-                             keep_exps ? e_buf + i * stride : nullptr);
-      }
+      block_exp_sums(a, r0, rows, row_end, m, sum, keep_exps ? e_buf : nullptr, stride);
       block_lse(m, sum, lse);
       for (int64_t i = 0; i < rows; ++i) {
         const int64_t row = r0 + i;
