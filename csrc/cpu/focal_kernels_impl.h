@@ -192,13 +192,16 @@ struct FocalRows {
 
   // m (row_shift) and sum (row_exp_sum, exponentials kept in e + i * e_stride when e is not null) of the
   // block's rows r0 + i, i < rows; ignored rows are skipped (their m, sum stay as the caller set them).
-  // When the block's logits fit in L1 the maxes of all its rows are taken first: their horizontal
-  // reductions then overlap one another, where each row's exp pass would otherwise wait for its own
-  // (short rows, C = 80: the reductions are a large part of a row's work). Same arithmetic per row.
+  // When the block's logits and exponentials fit in L1 together, the maxes of all its rows are taken
+  // first: their horizontal reductions then overlap one another, where each row's exp pass would
+  // otherwise wait for its own (short rows, C = 80: the reductions are a large part of a row's work).
+  // Longer rows would be read a second time from L2, for reductions that are a small part of their work.
+  // Same arithmetic per row either way.
   static void block_exp_sums(const FocalArgs& a, int64_t r0, int64_t rows, int64_t row_end, acc* m, acc* sum,
                              acc* e, int64_t e_stride) {
     constexpr int64_t kMaxesFirstBytes = int64_t(32) << 10;
-    const bool maxes_first = a.C * static_cast<int64_t>(sizeof(T)) * W <= kMaxesFirstBytes;
+    const bool maxes_first =
+        padded(a.C) * static_cast<int64_t>(sizeof(T) + sizeof(acc)) * W <= kMaxesFirstBytes;
     if (maxes_first)
       for (int64_t i = 0; i < rows; ++i)
         if (!ignored(a, r0 + i)) m[i] = row_shift(logits_row(a, r0 + i), a.C);
