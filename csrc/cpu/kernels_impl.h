@@ -161,11 +161,16 @@ struct RowsLayout {
     const V mv = V::set1(m == -static_cast<acc>(kInf) ? acc(0) : m);
     V s0 = zero, s1 = zero, s2 = zero, s3 = zero;
     i = 0;
-    // While the exponentials run from L1, pull the next chunk in (pass 1 of the next chunk is otherwise a
-    // pure memory stall). Prefetches past the end of the row or the tensor are harmless: they never fault.
+    // While the exponentials run from L1, pull in what pass 1 reads next (otherwise a pure memory stall):
+    // the next chunk of a long row, or, for rows shorter than kStreamPrefetchBytes, the logits that far
+    // ahead (the next row, 320 bytes away at C = 80, would arrive too late). Prefetches past the end of
+    // the row or the tensor are harmless: they never fault.
     constexpr int64_t kLineElems = 64 / sizeof(T);
+    const T* ahead = n * static_cast<int64_t>(sizeof(T)) >= kStreamPrefetchBytes
+                         ? x + n
+                         : x + kStreamPrefetchBytes / static_cast<int64_t>(sizeof(T));
     for (; i + 4 * W <= n; i += 4 * W) {
-      for (int64_t l = 0; l < 4 * W; l += kLineElems) prefetch(x + n + i + l);
+      for (int64_t l = 0; l < 4 * W; l += kLineElems) prefetch(ahead + i + l);
       V a0, b0, a1, b1;
       load_pair(x + i, a0, b0);
       load_pair(x + i + 2 * W, a1, b1);
@@ -174,8 +179,14 @@ struct RowsLayout {
       s2 = s2 + V::exp(a1 - mv);
       s3 = s3 + V::exp(b1 - mv);
     }
-    for (; i + W <= n; i += W) s0 = s0 + V::exp(V::load(x + i) - mv);
-    if (i < n) s0 = s0 + V::exp(load_partial<V>(x + i, n - i, -static_cast<acc>(kInf)) - mv);
+    for (; i + W <= n; i += W) {
+      if (i % kLineElems == 0) prefetch(ahead + i);
+      s0 = s0 + V::exp(V::load(x + i) - mv);
+    }
+    if (i < n) {
+      prefetch(ahead + i);
+      s0 = s0 + V::exp(load_partial<V>(x + i, n - i, -static_cast<acc>(kInf)) - mv);
+    }
 
     RowPartial p;
     p.max = m;
