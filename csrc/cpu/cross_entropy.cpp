@@ -16,7 +16,6 @@
 #include <torch/library.h>
 
 #include <atomic>
-#include <cstdlib>
 #include <limits>
 #include <string>
 

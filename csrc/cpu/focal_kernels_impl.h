@@ -114,12 +114,16 @@ struct FocalRows {
   }
   static bool ignored(const FocalArgs& a, int64_t row) { return !a.prob_target && a.target[row] == a.ignore_index; }
 
-  // The row whose logits to prefetch while working on `row` (or null past row_end): kStreamPrefetchBytes
-  // of logits ahead, at least the next row. One row ahead is too close for short rows (320 bytes at
-  // C = 80 fp32): the data arrives after it is needed.
-  static const T* prefetch_row(const FocalArgs& a, int64_t row, int64_t row_end) {
+  // How many rows ahead to prefetch logits: kStreamPrefetchBytes of them, at least the next row. One row
+  // ahead is too close for short rows (320 bytes at C = 80 fp32): the data arrives after it is needed.
+  // Computed once per kernel call (prefetch_row is called for every row).
+  static int64_t rows_ahead(const FocalArgs& a) {
     const int64_t row_bytes = a.C * static_cast<int64_t>(sizeof(T));
-    const int64_t ahead = row_bytes >= kStreamPrefetchBytes ? 1 : kStreamPrefetchBytes / (row_bytes > 0 ? row_bytes : 1);
+    return row_bytes >= kStreamPrefetchBytes ? 1 : kStreamPrefetchBytes / (row_bytes > 0 ? row_bytes : 1);
+  }
+
+  // The row whose logits to prefetch while working on `row`, `ahead` (rows_ahead) rows on; null past row_end.
+  static const T* prefetch_row(const FocalArgs& a, int64_t row, int64_t ahead, int64_t row_end) {
     return row + ahead < row_end ? logits_row(a, row + ahead) : nullptr;
   }
 
@@ -197,8 +201,9 @@ struct FocalRows {
   // otherwise wait for its own (short rows, C = 80: the reductions are a large part of a row's work).
   // Longer rows would be read a second time from L2, for reductions that are a small part of their work.
   // Same arithmetic per row either way.
-  static void block_exp_sums(const FocalArgs& a, int64_t r0, int64_t rows, int64_t row_end, acc* m, acc* sum,
-                             acc* e, int64_t e_stride) {
+  // `ahead`: rows_ahead(a), for the prefetches.
+  static void block_exp_sums(const FocalArgs& a, int64_t r0, int64_t rows, int64_t row_end, int64_t ahead, acc* m,
+                             acc* sum, acc* e, int64_t e_stride) {
     constexpr int64_t kMaxesFirstBytes = int64_t(32) << 10;
     const bool maxes_first =
         padded(a.C) * static_cast<int64_t>(sizeof(T) + sizeof(acc)) * W <= kMaxesFirstBytes;
@@ -210,7 +215,7 @@ struct FocalRows {
       if (ignored(a, row)) continue;
       const T* x = logits_row(a, row);
       if (!maxes_first) m[i] = row_shift(x, a.C);
-      sum[i] = row_exp_sum(x, a.C, prefetch_row(a, row, row_end), m[i], e ? e + i * e_stride : nullptr);
+      sum[i] = row_exp_sum(x, a.C, prefetch_row(a, row, ahead, row_end), m[i], e ? e + i * e_stride : nullptr);
     }
   }
 
@@ -262,6 +267,7 @@ struct FocalRows {
 
   static void forward_rows(const FocalArgs& a, int64_t row_begin, int64_t row_end) {
     const FocalTerms<V> terms(a.gamma);
+    const int64_t ahead = rows_ahead(a);
     const acc* w = static_cast<const acc*>(a.weight);
     acc* lse_out = static_cast<acc*>(a.lse);
     acc* loss_out = static_cast<acc*>(a.loss);
@@ -270,7 +276,7 @@ struct FocalRows {
       const int64_t rows = row_end - r0 < W ? row_end - r0 : W;
       acc l_t[W], m[W], sum[W], lse[W];
       for (int i = 0; i < W; ++i) l_t[i] = m[i] = 0, sum[i] = 1;
-      block_exp_sums(a, r0, rows, row_end, m, sum, nullptr, 0);
+      block_exp_sums(a, r0, rows, row_end, ahead, m, sum, nullptr, 0);
       block_lse(m, sum, lse);
       for (int64_t i = 0; i < rows; ++i) {
         const int64_t row = r0 + i;
@@ -355,6 +361,7 @@ struct FocalRows {
     constexpr int64_t kBufferElems = (int64_t(64) << 10) / sizeof(acc);
     alignas(64) acc e_buf[kBufferElems];
     const FocalTerms<V> terms(a.gamma);
+    const int64_t ahead = rows_ahead(a);
     const acc* w = static_cast<const acc*>(a.weight);
     acc* lse_out = static_cast<acc*>(a.lse);
     acc* loss_out = static_cast<acc*>(a.loss);
@@ -367,7 +374,7 @@ struct FocalRows {
       const int64_t rows = row_end - r0 < W ? row_end - r0 : W;
       acc l_t[W], m[W], sum[W], lse[W], shift_to_p[W];
       for (int i = 0; i < W; ++i) l_t[i] = m[i] = 0, sum[i] = 1;
-      block_exp_sums(a, r0, rows, row_end, m, sum, keep_exps ? e_buf : nullptr, stride);
+      block_exp_sums(a, r0, rows, row_end, ahead, m, sum, keep_exps ? e_buf : nullptr, stride);
       block_lse(m, sum, lse);
       for (int64_t i = 0; i < rows; ++i) {
         const int64_t row = r0 + i;
@@ -402,6 +409,7 @@ struct FocalRows {
 
   static void backward_rows(const FocalArgs& a, int64_t row_begin, int64_t row_end) {
     const FocalTerms<V> terms(a.gamma);
+    const int64_t ahead = rows_ahead(a);
     const acc* w = static_cast<const acc*>(a.weight);
     const acc* lse_in = static_cast<const acc*>(a.lse_in);
     for (int64_t r0 = row_begin; r0 < row_end; r0 += W) {
@@ -416,7 +424,7 @@ struct FocalRows {
           if (ignored(a, r0 + i)) continue;
           // The maxes of the block's rows back to back, each prefetching a row ahead (the gradient
           // loop below then reads the block from cache).
-          m[i] = row_shift(logits_row(a, r0 + i), a.C, prefetch_row(a, r0 + i, row_end));
+          m[i] = row_shift(logits_row(a, r0 + i), a.C, prefetch_row(a, r0 + i, ahead, row_end));
           lse[i] = lse_in[r0 + i];
         }
         block_shift_to_p(m, lse, shift_to_p);
@@ -431,7 +439,7 @@ struct FocalRows {
         }
         const T* x = logits_row(a, row);
         if (!dense_path(a)) {
-          const T* next = prefetch_row(a, row, row_end);
+          const T* next = prefetch_row(a, row, ahead, row_end);
           sparse_grad_row(a, row, x, g, m[i], shift_to_p[i], t.h[i], t.om[i], nullptr, next);
           continue;
         }

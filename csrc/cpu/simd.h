@@ -108,6 +108,17 @@ constexpr float kExpP5 = 5.0000001201e-1f;
 
 #if defined(XENT_CPU_ISA_AVX512)
 
+#if defined(XENT_CPU_AVX512_BF16)
+// Whether v holds a NaN or a subnormal. vcvtneps2bf16 / vcvtne2ps2bf16 round to nearest even in one
+// instruction, but treat subnormal inputs as zero and keep a NaN's sign and payload, where float_to_bf16
+// (and PyTorch) keep bf16 subnormals and give 0x7fc0: such vectors (rare: an output below 1.2e-38, or
+// NaN) take the integer rounding, so the bits are the same on every path.
+inline bool bf16_convert_unsafe(__m512 v) {
+  constexpr int kNanOrSubnormal = 0x01 | 0x20 | 0x80;  // vfpclassps: QNaN, denormal, SNaN
+  return _mm512_fpclass_ps_mask(v, kNanOrSubnormal) != 0;
+}
+#endif
+
 struct VecF {
   using scalar = float;
   static constexpr int kWidth = 16;
@@ -124,11 +135,7 @@ struct VecF {
   static void store(float* p, VecF x) { _mm512_storeu_ps(p, x.v); }
   static void store(bf16_t* p, VecF x) {
 #if defined(XENT_CPU_AVX512_BF16)
-    // vcvtneps2bf16 rounds to nearest even in one instruction, but treats subnormal inputs as zero and
-    // keeps a NaN's sign and payload; vectors holding either take the integer rounding below, which gives
-    // float_to_bf16's bits (as bf16_pack_pair_fast).
-    constexpr int kNanOrSubnormal = 0x01 | 0x20 | 0x80;  // vfpclassps: QNaN, denormal, SNaN
-    if (!_mm512_fpclass_ps_mask(x.v, kNanOrSubnormal)) {
+    if (!bf16_convert_unsafe(x.v)) {  // else the integer rounding below
       _mm256_storeu_si256(reinterpret_cast<__m256i*>(p), (__m256i)_mm512_cvtneps_pbh(x.v));
       return;
     }
@@ -765,13 +772,10 @@ inline __m512i bf16_pack_pair(VecF even, VecF odd) {
 }
 #if defined(XENT_CPU_AVX512_BF16)
 // With AVX512_BF16, vcvtne2ps2bf16 rounds 32 floats to nearest even in two uops, and vpermw interleaves
-// them back into element order. It treats subnormal inputs as zero and keeps a NaN's sign and payload, where
-// float_to_bf16 (and PyTorch) keep bf16 subnormals and give 0x7fc0; such vectors (rare: a gradient element
-// below 1.2e-38, or NaN) take the integer path, so the bits are the same on every path.
+// them back into element order; pairs holding a NaN or a subnormal take the integer path
+// (bf16_convert_unsafe).
 inline __m512i bf16_pack_pair_fast(VecF even, VecF odd) {
-  constexpr int kNanOrSubnormal = 0x01 | 0x20 | 0x80;  // vfpclassps: QNaN, denormal, SNaN
-  if (_mm512_fpclass_ps_mask(even.v, kNanOrSubnormal) | _mm512_fpclass_ps_mask(odd.v, kNanOrSubnormal))
-    return bf16_pack_pair(even, odd);
+  if (bf16_convert_unsafe(even.v) | bf16_convert_unsafe(odd.v)) return bf16_pack_pair(even, odd);
   // words 0..15 are the even elements, 16..31 the odd ones: element 2i comes from word i, 2i + 1 from 16 + i.
   const __m512i packed = (__m512i)_mm512_cvtne2ps_pbh(odd.v, even.v);  // a vector cast: same 512 bits
   const __m512i interleave = _mm512_set_epi16(31, 15, 30, 14, 29, 13, 28, 12, 27, 11, 26, 10, 25, 9, 24, 8, 23, 7, 22, 6,
