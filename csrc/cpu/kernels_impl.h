@@ -140,35 +140,66 @@ struct RowsLayout {
         m0 = V::max(m0, load_partial<V>(x + i, n - i, -static_cast<acc>(kInf)));
         dot = w ? V::fma(load_partial<V>(w + i, n - i, 0), xv, dot) : dot + xv;
       }
-    } else {  // the hot path: max only, four independent accumulators, in pairs (simd.h)
-      for (; i + 4 * W <= n; i += 4 * W) {
-        V a0, b0, a1, b1;
-        load_pair(x + i, a0, b0);
-        load_pair(x + i + 2 * W, a1, b1);
-        m0 = V::max(m0, a0);
-        m1 = V::max(m1, b0);
-        m2 = V::max(m2, a1);
-        m3 = V::max(m3, b1);
-      }
-      for (; i + W <= n; i += W) m0 = V::max(m0, V::load(x + i));
-      if (i < n) m0 = V::max(m0, load_partial<V>(x + i, n - i, -static_cast<acc>(kInf)));
+    } else {  // the hot path: max only
+      RowPartial p;
+      p.max = chunk_max(x, n);
+      p.sum_exp = chunk_exp_sum(x, n, static_cast<acc>(p.max), prefetch_ahead_of(x, n));
+      p.dot = p.weight_dot = 0;
+      return p;
     }
     acc m = V::max(V::max(m0, m1), V::max(m2, m3)).reduce_max();
     if (tail_max > m || tail_max != tail_max) m = tail_max;
 
-    // Pass 2. With max == -inf every term is exp(-inf) = 0 (or NaN, from NaN logits, which must
-    // survive), so subtract 0 instead of -inf.
+    RowPartial p;
+    p.max = m;
+    p.sum_exp = chunk_exp_sum(x, n, m, prefetch_ahead_of(x, n));
+    p.dot = static_cast<double>(dot.reduce_add()) + tail_dot;
+    p.weight_dot = static_cast<double>(weight_dot.reduce_add()) + tail_weight_dot;
+    return p;
+  }
+
+  // Pass 1 of the hot path (index targets, no smoothing): the max of x[0, n), four independent
+  // accumulators, in pairs (simd.h).
+  static acc chunk_max(const T* x, int64_t n) {
+    constexpr int W = V::kWidth;
+    const V neg_inf = V::set1(-static_cast<acc>(kInf));
+    V m0 = neg_inf, m1 = neg_inf, m2 = neg_inf, m3 = neg_inf;
+    int64_t i = 0;
+    for (; i + 4 * W <= n; i += 4 * W) {
+      V a0, b0, a1, b1;
+      load_pair(x + i, a0, b0);
+      load_pair(x + i + 2 * W, a1, b1);
+      m0 = V::max(m0, a0);
+      m1 = V::max(m1, b0);
+      m2 = V::max(m2, a1);
+      m3 = V::max(m3, b1);
+    }
+    for (; i + W <= n; i += W) m0 = V::max(m0, V::load(x + i));
+    if (i < n) m0 = V::max(m0, load_partial<V>(x + i, n - i, -static_cast<acc>(kInf)));
+    return V::max(V::max(m0, m1), V::max(m2, m3)).reduce_max();
+  }
+
+  // What pass 2 of the chunk x[0, n) prefetches (see chunk_exp_sum): the next chunk of a long row, or,
+  // for rows shorter than kStreamPrefetchBytes, the logits that far ahead (the next row, 320 bytes away
+  // at C = 80, would arrive too late).
+  static const T* prefetch_ahead_of(const T* x, int64_t n) {
+    return n * static_cast<int64_t>(sizeof(T)) >= kStreamPrefetchBytes
+               ? x + n
+               : x + kStreamPrefetchBytes / static_cast<int64_t>(sizeof(T));
+  }
+
+  // Pass 2: sum exp(x - m) over x[0, n), m the chunk's max, re-reading the chunk from L1. With m == -inf
+  // every term is exp(-inf) = 0 (or NaN, from NaN logits, which must survive), so subtract 0 instead.
+  // While the exponentials run from L1, n elements from `ahead` on are prefetched for the max pass that
+  // reads them next (otherwise a pure memory stall). Prefetches past the end of the row or the tensor are
+  // harmless: they never fault.
+  static acc chunk_exp_sum(const T* x, int64_t n, acc m, const T* ahead) {
+    constexpr int W = V::kWidth;
     const V mv = V::set1(m == -static_cast<acc>(kInf) ? acc(0) : m);
+    const V zero = V::set1(0);
     V s0 = zero, s1 = zero, s2 = zero, s3 = zero;
-    i = 0;
-    // While the exponentials run from L1, pull in what pass 1 reads next (otherwise a pure memory stall):
-    // the next chunk of a long row, or, for rows shorter than kStreamPrefetchBytes, the logits that far
-    // ahead (the next row, 320 bytes away at C = 80, would arrive too late). Prefetches past the end of
-    // the row or the tensor are harmless: they never fault.
+    int64_t i = 0;
     constexpr int64_t kLineElems = 64 / sizeof(T);
-    const T* ahead = n * static_cast<int64_t>(sizeof(T)) >= kStreamPrefetchBytes
-                         ? x + n
-                         : x + kStreamPrefetchBytes / static_cast<int64_t>(sizeof(T));
     for (; i + 4 * W <= n; i += 4 * W) {
       for (int64_t l = 0; l < 4 * W; l += kLineElems) prefetch(ahead + i + l);
       V a0, b0, a1, b1;
@@ -187,13 +218,7 @@ struct RowsLayout {
       prefetch(ahead + i);
       s0 = s0 + V::exp(load_partial<V>(x + i, n - i, -static_cast<acc>(kInf)) - mv);
     }
-
-    RowPartial p;
-    p.max = m;
-    p.sum_exp = ((s0 + s1) + (s2 + s3)).reduce_add();
-    p.dot = static_cast<double>(dot.reduce_add()) + tail_dot;
-    p.weight_dot = static_cast<double>(weight_dot.reduce_add()) + tail_weight_dot;
-    return p;
+    return ((s0 + s1) + (s2 + s3)).reduce_add();
   }
 
   static RowPartial row_chunk(const CrossEntropyArgs& a, int64_t row, int64_t chunk) {
@@ -259,10 +284,40 @@ struct RowsLayout {
 
   static int64_t num_chunks(const CrossEntropyArgs& a) { return (a.C + kChunk - 1) / kChunk; }
 
+  // Whether forward_rows takes the maxes of a block's rows first: the hot path (index targets, no
+  // smoothing) with the block's logits small enough to be read again from L1 (C up to 512 fp32). The
+  // horizontal reductions of the rows' maxes then overlap one another, where each row's exp pass would
+  // otherwise wait for its own: at C = 80 they are a large part of a row's work. Same arithmetic per row.
+  static bool maxes_first(const CrossEntropyArgs& a) {
+    constexpr int64_t kMaxesFirstBytes = int64_t(32) << 10;
+    return !a.prob_target && a.label_smoothing == 0 &&
+           a.C * static_cast<int64_t>(sizeof(T)) * kLseRows <= kMaxesFirstBytes;
+  }
+
   static void forward_rows(const CrossEntropyArgs& a, int64_t row_begin, int64_t row_end) {
     const int64_t chunks = num_chunks(a);
     const Coefficients<acc> coef(a);
     RowPartial part[kLseRows];
+    if (maxes_first(a)) {
+      // The exp passes prefetch for the next block's max passes: the whole block, at least
+      // kStreamPrefetchBytes ahead.
+      const int64_t block_elems = kLseRows * a.C;
+      const int64_t far = kStreamPrefetchBytes / static_cast<int64_t>(sizeof(T));
+      const int64_t ahead = block_elems > far ? block_elems : far;
+      for (int64_t r0 = row_begin; r0 < row_end; r0 += kLseRows) {
+        const int64_t rows = row_end - r0 < kLseRows ? row_end - r0 : kLseRows;
+        for (int64_t i = 0; i < rows; ++i)
+          if (!ignored(a, r0 + i)) part[i].max = chunk_max(logits_row(a, r0 + i), a.C);
+        for (int64_t i = 0; i < rows; ++i) {
+          if (ignored(a, r0 + i)) continue;
+          const T* x = logits_row(a, r0 + i);
+          part[i].sum_exp = chunk_exp_sum(x, a.C, static_cast<acc>(part[i].max), x + ahead);
+          part[i].dot = part[i].weight_dot = 0;
+        }
+        finish_block(a, coef, r0, rows, part);
+      }
+      return;
+    }
     for (int64_t r0 = row_begin; r0 < row_end; r0 += kLseRows) {
       const int64_t rows = row_end - r0 < kLseRows ? row_end - r0 : kLseRows;
       for (int64_t i = 0; i < rows; ++i) {
