@@ -632,6 +632,24 @@ def test_options_large_vocab(backend, shape, dtype, reduction):
                         label_smoothing=0.1)
 
 
+@pytest.mark.parametrize("reduction", REDUCTIONS)
+@pytest.mark.parametrize(
+    "shape,dtype",
+    [((32768, 80), F32), ((8192, 513), BF16), ((2100, 4096), F32), ((2050, 4100), F32)],
+    ids=["short-rows-f32", "short-rows-bf16", "stage-sized-rows-f32", "long-rows-f32"],
+)
+def test_streamed_gradients(backend, shape, dtype, reduction):
+    """Gradients large enough for the CPU kernels' non-temporal stores (csrc/cpu/grad_buffer.h): short rows
+    through a staging buffer from 8 MiB on, longer rows from the exp loop from 32 MiB on; with weight,
+    ignore_index and label smoothing, and without (the index hot path)."""
+    N, C = shape
+    x = make_logits(shape, dtype)
+    target = make_target((N,), C, ignore_index=3, ignored=0.3)
+    check_cross_entropy(backend, x, target, make_weight(C, dtype), ignore_index=3, reduction=reduction,
+                        label_smoothing=0.1)
+    check_cross_entropy(backend, x, make_target((N,), C), reduction=reduction)
+
+
 @pytest.mark.parametrize("target_dtype", [torch.int64, torch.int32, torch.uint8], ids=dtype_id)
 @pytest.mark.parametrize("dtype", [F32, BF16], ids=dtype_id)
 @pytest.mark.parametrize("shape", [(7, 5), (3, 5, 4), (5, 200)], ids=lambda s: "x".join(map(str, s)))

@@ -235,6 +235,44 @@ def test_fused_gradient_equals_separate_backward(case, dtype, reduction, grad_lo
     assert diff <= 2 * info.eps * g_s.double().abs().max() + grad_loss * info.smallest_normal * info.eps, diff
 
 
+# Gradients large enough to be written with non-temporal stores (csrc/cpu/grad_buffer.h): short rows through
+# a staging buffer from 8 MiB on (Note [Short rows' gradient] in csrc/cpu/kernels_impl.h, also softmax
+# focal's), rows longer than the stage straight from the exp loop from 32 MiB on. The small cases above
+# never stream.
+STREAMED_SHAPES = {
+    "short_rows_f32": ((32768, 80), torch.float32),  # 10 MiB, blocks of 16 rows
+    "short_rows_bf16": ((8192, 513), torch.bfloat16),  # 8.02 MiB, a partial last vector per row
+    "stage_sized_rows_f32": ((2100, 4096), torch.float32),  # 33 MiB, one 16 KiB row per block
+    "long_rows_f32": ((2050, 4100), torch.float32),  # 32.06 MiB, streamed from the exp loop
+}
+
+
+@pytest.mark.parametrize("shape_dtype", list(STREAMED_SHAPES), ids=list(STREAMED_SHAPES))
+@pytest.mark.parametrize("call", ["cross_entropy", "cross_entropy_plain", "softmax_focal_loss_one_hot"])
+def test_streamed_gradient_equals_separate_backward(shape_dtype, call):
+    (n, c), dtype = STREAMED_SHAPES[shape_dtype]
+    if call.startswith("softmax_focal") and c > 1024:
+        pytest.skip("softmax focal keeps its exponentials for rows up to 1024 classes; longer rows: no new path")
+    x, t, w = _index_case(dtype, n=n, c=c, seed=3)
+    calls = {
+        "cross_entropy": _cross_entropy_call,  # weight, ignore_index and smoothing
+        "cross_entropy_plain": lambda x, t, w, r: xent.cross_entropy(x, t, reduction=r),
+        "softmax_focal_loss_one_hot": _softmax_focal_one_hot_call,
+    }
+    results = []
+    for fused in (True, False):
+        leaf = x.clone().requires_grad_(True)
+        with _fused_enabled(fused):
+            loss = calls[call](leaf, t, w, "mean")
+            (g,) = torch.autograd.grad(loss, leaf)
+        results.append((loss.detach(), g))
+    (loss_f, g_f), (loss_s, g_s) = results
+    assert torch.equal(loss_f, loss_s)
+    assert torch.equal(g_f, g_s)
+    assert not g_f.isnan().any()
+    assert torch.equal(g_f[::5], torch.zeros_like(g_f[::5]))  # the ignored rows
+
+
 @pytest.mark.parametrize("case", CASE_IDS)
 def test_second_backward_through_retained_graph(case):
     build, call, _, _ = FUSED_CASES[case]

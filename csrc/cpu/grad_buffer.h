@@ -24,14 +24,18 @@ constexpr int64_t kMinCachedBytes = int64_t(4) << 20;
 // back (the lm-head matmul's backward) then finds it in DRAM rather than in L3, so the thresholds are
 // per kernel, measured fwd+bwd through the API with 2 threads, alternating builds, eager PyTorch's
 // fwd+bwd run between xent's as in a training step (bench_losses.py's round robin):
-// - softmax focal at 65536 x 80 and 4096 x 1000 fp32 (16-21 MB gradients): 2.8 / 2.1 ms streamed against
-//   3.2 / 2.4 ms not; bf16 neutral. (Calling the fused op alone in a loop, with its gradient buffer warm
-//   in cache every time, favours ordinary stores instead: 1.3 against 1.05 ms at 4096 x 1000 fp32.)
-// - cross-entropy at 16384 x 1000 bf16 (31 MiB gradient): 8.3 ms streamed against 6.9 ms not, in the
-//   round robin as in a loop; at 62.5 MiB and above (fp32, the language-model shapes) streaming pays
-//   (in a loop, bench_cross_entropy.py): 16384 x 1000 fp32 6.4 ms against 8.0 ms, 4096 x 32000 fp32
-//   40.5 ms against 56 ms.
-constexpr int64_t kFocalStreamGradBytes = int64_t(8) << 20;
+// - Staged: the fused kernels of short rows (softmax focal, cross-entropy rows up to kFusedStageBytes)
+//   write a block of gradient rows into a buffer in L1 and copy it out with whole-line non-temporal
+//   stores. Softmax focal at 65536 x 80 and 4096 x 1000 fp32 (16-21 MB gradients): 2.8 / 2.1 ms streamed
+//   against 3.2 / 2.4 ms not; bf16 neutral. (Calling the fused op alone in a loop, with its gradient
+//   buffer warm in cache every time, favours ordinary stores instead: 1.3 against 1.05 ms at 4096 x 1000
+//   fp32.)
+// - From the exp loop (cross-entropy's other kernels): at 16384 x 1000 bf16 (31 MiB gradient) 8.3 ms
+//   streamed against 6.9 ms not, in the round robin as in a loop; at 62.5 MiB and above (fp32, the
+//   language-model shapes) streaming pays (in a loop, bench_cross_entropy.py): 16384 x 1000 fp32 6.4 ms
+//   against 8.0 ms, 4096 x 32000 fp32 40.5 ms against 56 ms. Rows of 80 classes streamed this way took
+//   five times as long: their partial lines mix ordinary and non-temporal stores.
+constexpr int64_t kStagedStreamGradBytes = int64_t(8) << 20;
 constexpr int64_t kCrossEntropyStreamGradBytes = int64_t(32) << 20;
 
 // An uninitialized CPU tensor with the given sizes, strides and dtype.

@@ -73,6 +73,12 @@ struct RowPartial {
   double weight_dot;  // prob targets: sum of w_c q_c; unused for index targets
 };
 
+// The fused rows kernel (KernelTable::forward_grad_rows) keeps a block of rows' logits and its gradient
+// rows in L1, each within this many bytes; longer rows take forward_rows and backward_rows on blocks of
+// logits that stay in L2.
+constexpr int64_t kFusedStageBytes = int64_t(16) << 10;
+inline bool fused_rows_fit(int64_t C, int64_t element_bytes) { return C * element_bytes <= kFusedStageBytes; }
+
 struct KernelTable {
   const char* name;
   // Forward over rows [row_begin, row_end) of the rows layout: writes lse and loss.
@@ -86,6 +92,10 @@ struct KernelTable {
   // targets need whole rows (c_begin = 0, c_end = C): each row first sums w_c q_c over its target row.
   void (*backward_rows)(const CrossEntropyArgs&, int64_t row_begin, int64_t row_end, int64_t c_begin,
                         int64_t c_end);
+  // The fused forward + gradient (grad scale a.grad_scale_value) of rows [row_begin, row_end) of the rows
+  // layout, rows of at most kFusedStageBytes (fused_rows_fit); the same bits as forward_rows followed by
+  // backward_rows. With a.stream_grad the gradient rows must be contiguous (grad_stride_n == C, S == 1).
+  void (*forward_grad_rows)(const CrossEntropyArgs&, int64_t row_begin, int64_t row_end);
   // Forward / backward for the lanes layout over positions [p_begin, p_end) (p = n * S + s).
   void (*forward_lanes)(const CrossEntropyArgs&, int64_t p_begin, int64_t p_end);
   void (*backward_lanes)(const CrossEntropyArgs&, int64_t p_begin, int64_t p_end);

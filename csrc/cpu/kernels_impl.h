@@ -363,10 +363,10 @@ struct RowsLayout {
     return total;
   }
 
-  // Writes g[c] = grad_of(x[c], w[c]) for c in [c0, c1) (w[c] = 1 without weight). With a.stream_grad
-  // the aligned body uses non-temporal stores (the caller fences).
+  // Writes g[c] = grad_of(x[c], w[c]) for c in [c0, c1) (w[c] = 1 without weight). With `stream` the
+  // aligned body uses non-temporal stores (the caller fences).
   template <class F>
-  static void write_row(const CrossEntropyArgs& a, T* g, const T* x, const acc* w, int64_t c0, int64_t c1, F&& grad_of) {
+  static void write_row(T* g, const T* x, const acc* w, int64_t c0, int64_t c1, bool stream, F&& grad_of) {
     constexpr int W = V::kWidth;
     const V one = V::set1(1);
     int64_t c = c0;
@@ -383,7 +383,7 @@ struct RowsLayout {
       ga = grad_of(xa, wa);
       gb = grad_of(xb, wb);
     };
-    if (a.stream_grad) {
+    if (stream) {
       // Head up to the pair alignment with ordinary stores, then non-temporal pairs.
       constexpr int64_t kAlignElems = kPairAlign / sizeof(T) > 0 ? kPairAlign / sizeof(T) : 1;
       const int64_t misaligned = static_cast<int64_t>((reinterpret_cast<uintptr_t>(g + c) / sizeof(T)) % kAlignElems);
@@ -410,53 +410,105 @@ struct RowsLayout {
     if (c < c1) partial(c1 - c);
   }
 
+  // Note [Short rows' gradient]: rows of at most kFusedStageBytes (fused_rows_fit) are written in blocks
+  // of fused_block_rows rows (grad_block), by the backward op as by the fused kernel. With a.stream_grad
+  // (set by the host only when the gradient rows are contiguous) a block goes through a staging buffer in
+  // L1 and is copied out with whole-line non-temporal stores; streaming from the exp loop instead leaves
+  // a short row's partial lines to ordinary stores, and the mix took five times as long at C = 80. Both
+  // ops thus write every gradient element through the same (out-of-line) backward_row with ordinary
+  // stores, so the compiler's fma contraction cannot differ between them. Longer rows stream from the
+  // exp loop when a.stream_grad.
   static void backward_rows(const CrossEntropyArgs& a, int64_t row_begin, int64_t row_end, int64_t c0, int64_t c1) {
-    constexpr int W = V::kWidth;
     const Coefficients<acc> coef(a);
+    if (fused_rows_fit(a.C, sizeof(T)) && c0 == 0 && c1 == a.C) {
+      alignas(64) T stage[kFusedStageBytes / sizeof(T)];
+      const int64_t block = fused_block_rows(a.C);
+      for (int64_t r0 = row_begin; r0 < row_end; r0 += block)
+        grad_block(a, coef, r0, row_end - r0 < block ? row_end - r0 : block, stage);
+    } else {
+      for (int64_t row = row_begin; row < row_end; ++row)
+        backward_row(a, coef, row, grad_row(a, row), c0, c1, a.stream_grad);
+    }
+    if (a.stream_grad) stream_fence();
+  }
+
+  // The gradient rows [r0, r0 + rows) of short rows (Note [Short rows' gradient]); `stage` holds
+  // kFusedStageBytes. The caller fences.
+  static void grad_block(const CrossEntropyArgs& a, const Coefficients<acc>& coef, int64_t r0, int64_t rows, T* stage) {
+    for (int64_t i = 0; i < rows; ++i)
+      backward_row(a, coef, r0 + i, a.stream_grad ? stage + i * a.C : grad_row(a, r0 + i), 0, a.C, false);
+    if (a.stream_grad) stream_copy(grad_row(a, r0), stage, rows * a.C * static_cast<int64_t>(sizeof(T)));
+  }
+
+  // The gradient of classes [c0, c1) of one row into g (that row's gradient, or a staging buffer), with
+  // non-temporal stores in the body when `stream`. Out of line: one compiled copy serves the backward op
+  // and the fused kernel (Note [Short rows' gradient]).
+  __attribute__((noinline)) static void backward_row(const CrossEntropyArgs& a, const Coefficients<acc>& coef,
+                                                     int64_t row, T* g, int64_t c0, int64_t c1, bool stream) {
+    constexpr int W = V::kWidth;
     const acc* lse_in = static_cast<const acc*>(a.lse_in);
     const acc* w = coef.weight;
-    for (int64_t row = row_begin; row < row_end; ++row) {
-      const T* x = logits_row(a, row);
-      T* g = grad_row(a, row);
-      const double s = grad_scale<acc>(a, row);
-      const V lse = V::set1(lse_in[row]);
-      int64_t c = c0;
-      if (a.prob_target) {
-        // grad_j = s * (softmax_j * sum(w q) - w_j q_j)
-        const T* tq = target_row(a, row);
-        const V soft_coef = V::set1(static_cast<acc>(s * prob_weight_dot(a, row)));
-        const V s_ome = V::set1(static_cast<acc>(s * (1.0 - coef.eps)));
-        const V s_eoc = V::set1(static_cast<acc>(s * coef.eps_over_c));
-        auto grad_of = [&](V xv, V tv, V wv) { return soft_coef * V::exp(xv - lse) - V::fma(tv, s_ome, s_eoc) * wv; };
-        for (; c + W <= c1; c += W)
-          V::store(g + c, grad_of(V::load(x + c), V::load(tq + c), w ? V::load(w + c) : V::set1(1)));
-        if (c < c1)
-          store_partial(g + c, c1 - c,
-                        grad_of(load_partial<V>(x + c, c1 - c, 0), load_partial<V>(tq + c, c1 - c, 0),
-                                w ? load_partial<V>(w + c, c1 - c, 0) : V::set1(1)));
-        continue;
-      }
-      const int64_t t = a.target[row];
-      if (t == a.ignore_index) {
-        const V zero = V::set1(0);
-        for (; c + W <= c1; c += W) V::store(g + c, zero);
-        if (c < c1) store_partial(g + c, c1 - c, zero);
-        continue;
-      }
-      // grad_j = soft_coef * softmax_j - smooth_j, then the target element is recomputed exactly.
-      const V soft_coef = V::set1(static_cast<acc>(s * coef.index_softmax_coef(t)));
-      const acc smooth = static_cast<acc>(s * coef.eps_over_c);
-      if (smooth == 0) {
-        write_row(a, g, x, nullptr, c0, c1, [&](V xv, V) { return soft_coef * V::exp(xv - lse); });
-      } else {
-        const V sv = V::set1(smooth);
-        write_row(a, g, x, w, c0, c1, [&](V xv, V wv) { return soft_coef * V::exp(xv - lse) - sv * wv; });
-      }
-      if (t >= c0 && t < c1) {
-        const acc p_t = scalar_exp(static_cast<acc>(to_acc(x[t]) - lse_in[row]));
-        const double g_t = s * (coef.index_softmax_coef(t) * p_t - coef.target_term(t));
-        from_acc(g + t, static_cast<acc>(g_t));
-      }
+    const T* x = logits_row(a, row);
+    const double s = grad_scale<acc>(a, row);
+    const V lse = V::set1(lse_in[row]);
+    int64_t c = c0;
+    if (a.prob_target) {
+      // grad_j = s * (softmax_j * sum(w q) - w_j q_j)
+      const T* tq = target_row(a, row);
+      const V soft_coef = V::set1(static_cast<acc>(s * prob_weight_dot(a, row)));
+      const V s_ome = V::set1(static_cast<acc>(s * (1.0 - coef.eps)));
+      const V s_eoc = V::set1(static_cast<acc>(s * coef.eps_over_c));
+      auto grad_of = [&](V xv, V tv, V wv) { return soft_coef * V::exp(xv - lse) - V::fma(tv, s_ome, s_eoc) * wv; };
+      for (; c + W <= c1; c += W)
+        V::store(g + c, grad_of(V::load(x + c), V::load(tq + c), w ? V::load(w + c) : V::set1(1)));
+      if (c < c1)
+        store_partial(g + c, c1 - c,
+                      grad_of(load_partial<V>(x + c, c1 - c, 0), load_partial<V>(tq + c, c1 - c, 0),
+                              w ? load_partial<V>(w + c, c1 - c, 0) : V::set1(1)));
+      return;
+    }
+    const int64_t t = a.target[row];
+    if (t == a.ignore_index) {
+      const V zero = V::set1(0);
+      for (; c + W <= c1; c += W) V::store(g + c, zero);
+      if (c < c1) store_partial(g + c, c1 - c, zero);
+      return;
+    }
+    // grad_j = soft_coef * softmax_j - smooth_j, then the target element is recomputed exactly.
+    const V soft_coef = V::set1(static_cast<acc>(s * coef.index_softmax_coef(t)));
+    const acc smooth = static_cast<acc>(s * coef.eps_over_c);
+    if (smooth == 0) {
+      write_row(g, x, nullptr, c0, c1, stream, [&](V xv, V) { return soft_coef * V::exp(xv - lse); });
+    } else {
+      const V sv = V::set1(smooth);
+      write_row(g, x, w, c0, c1, stream, [&](V xv, V wv) { return soft_coef * V::exp(xv - lse) - sv * wv; });
+    }
+    if (t >= c0 && t < c1) {
+      const acc p_t = scalar_exp(static_cast<acc>(to_acc(x[t]) - lse_in[row]));
+      const double g_t = s * (coef.index_softmax_coef(t) * p_t - coef.target_term(t));
+      from_acc(g + t, static_cast<acc>(g_t));
+    }
+  }
+
+  // Rows of the fused kernel's blocks: as many as keep their logits and their gradient in L1 together
+  // (each within kFusedStageBytes), at most kLseRows (forward_rows' block), at least one.
+  static int64_t fused_block_rows(int64_t C) {
+    const int64_t row_bytes = C * static_cast<int64_t>(sizeof(T));
+    const int64_t rows = kFusedStageBytes / (row_bytes > 0 ? row_bytes : 1);
+    return rows < 1 ? 1 : (rows > kLseRows ? kLseRows : rows);
+  }
+
+  // The fused forward + gradient (Note [Fused gradient], xent/_fused.py) of short rows (fused_rows_fit):
+  // per block of fused_block_rows rows, forward_rows and then grad_block on the same rows while their
+  // logits are in L1. The same kernels as the separate ops, so the same bits.
+  static void forward_grad_rows(const CrossEntropyArgs& a, int64_t row_begin, int64_t row_end) {
+    alignas(64) T stage[kFusedStageBytes / sizeof(T)];
+    const Coefficients<acc> coef(a);
+    const int64_t block = fused_block_rows(a.C);
+    for (int64_t r0 = row_begin; r0 < row_end; r0 += block) {
+      const int64_t rows = row_end - r0 < block ? row_end - r0 : block;
+      forward_rows(a, r0, r0 + rows);
+      grad_block(a, coef, r0, rows, stage);
     }
     if (a.stream_grad) stream_fence();
   }
@@ -849,6 +901,9 @@ void forward_row_finish(const CrossEntropyArgs& a, int64_t row, const RowPartial
 void backward_rows(const CrossEntropyArgs& a, int64_t r0, int64_t r1, int64_t c0, int64_t c1) {
   dispatch<RowsLayout>(a.dtype, [&](auto L) { decltype(L)::backward_rows(a, r0, r1, c0, c1); });
 }
+void forward_grad_rows(const CrossEntropyArgs& a, int64_t r0, int64_t r1) {
+  dispatch<RowsLayout>(a.dtype, [&](auto L) { decltype(L)::forward_grad_rows(a, r0, r1); });
+}
 void forward_lanes(const CrossEntropyArgs& a, int64_t p0, int64_t p1) {
   dispatch<LanesLayout>(a.dtype, [&](auto L) { decltype(L)::forward(a, p0, p1); });
 }
@@ -862,8 +917,8 @@ void exp_f32(const float* x, float* y, int64_t n) {
 }
 
 constexpr KernelTable kTable = {
-    XENT_CPU_ISA_NAME, forward_rows, forward_row_partials, forward_row_finish, backward_rows,
-    forward_lanes,     backward_lanes, exp_f32,            VecF::kWidth,
+    XENT_CPU_ISA_NAME, forward_rows,   forward_row_partials, forward_row_finish, backward_rows, forward_grad_rows,
+    forward_lanes,     backward_lanes, exp_f32,              VecF::kWidth,
 };
 
 } // namespace
