@@ -180,16 +180,17 @@ void run_backward(const Plan& plan, const CrossEntropyArgs& args, int64_t P) {
 // gradient are bitwise those of the separate ops.
 constexpr int64_t kFusedBlockElements = int64_t(1) << 15;
 
-// Whether run_fused takes the fused rows kernel (KernelTable::forward_grad_rows): rows short enough for
-// a block of them and its gradient to stay in L1.
-bool use_fused_rows_kernel(const Plan& plan, const CrossEntropyArgs& args, int64_t P, int64_t element_bytes) {
-  return plan.layout == Layout::rows && !split_rows(P, args.C) && fused_rows_fit(args.C, element_bytes);
+// Whether rows are short (Note [Short rows' gradient] in kernels_impl.h): run_fused then takes the fused
+// rows kernel (KernelTable::forward_grad_rows), whose blocks of rows and their gradient stay in L1, and
+// both ops write the gradient through a staging buffer.
+bool short_rows(const Plan& plan, const CrossEntropyArgs& args, int64_t P) {
+  return plan.layout == Layout::rows && !split_rows(P, args.C) && fused_rows_fit(args.C, dtype_bytes(args.dtype));
 }
 
-void run_fused(const Plan& plan, const CrossEntropyArgs& args, int64_t P, int64_t element_bytes) {
+void run_fused(const Plan& plan, const CrossEntropyArgs& args, int64_t P) {
   const KernelTable& k = kernels();
   const bool lanes = plan.layout == Layout::lanes;
-  if (use_fused_rows_kernel(plan, args, P, element_bytes)) {
+  if (short_rows(plan, args, P)) {
     at::parallel_for(0, P, grain_positions(args.C),
                      [&](int64_t r0, int64_t r1) { k.forward_grad_rows(args, r0, r1); });
     return;
@@ -306,7 +307,7 @@ at::Tensor grad_buffer_for(const Prepared& pr, const at::Tensor& logits, CrossEn
   a.grad = grad.data_ptr();
   set_strides(*gv, a.grad_stride_n, a.grad_stride_c, a.grad_stride_s);
   const auto bytes = static_cast<int64_t>(grad.nbytes());
-  if (pr.plan.layout == Layout::rows && fused_rows_fit(a.C, grad.element_size())) {
+  if (short_rows(pr.plan, a, pr.positions)) {
     // Short rows stream through a staging buffer, which needs the gradient rows contiguous; it pays from
     // smaller gradients on than streaming from the exp loop (grad_buffer.h, Note [Short rows' gradient]).
     a.stream_grad = a.S == 1 && a.grad_stride_n == a.C && bytes >= kStagedStreamGradBytes;
@@ -342,7 +343,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> forward_grad_impl(const at::Tenso
   a.lse_in = lse.const_data_ptr();  // each block's backward reads the lse its forward just wrote
   // Exactly the separate backward's scale for grad_loss = 1 (backward_impl), so the gradients agree bitwise.
   a.grad_scale_value = reduction == at::Reduction::Mean ? 1.0 / pr.mean_denominator : 1.0;
-  if (pr.positions > 0 && a.C > 0) run_fused(pr.plan, a, pr.positions, logits.element_size());
+  if (pr.positions > 0 && a.C > 0) run_fused(pr.plan, a, pr.positions);
   else if (pr.positions > 0) run_forward(pr.plan, a, pr.positions);
 
   double total = deterministic_sum(loss);

@@ -78,6 +78,7 @@ struct RowPartial {
 // logits that stay in L2.
 constexpr int64_t kFusedStageBytes = int64_t(16) << 10;
 inline bool fused_rows_fit(int64_t C, int64_t element_bytes) { return C * element_bytes <= kFusedStageBytes; }
+inline int64_t dtype_bytes(DType d) { return d == DType::f64 ? 8 : (d == DType::f32 ? 4 : 2); }
 
 struct KernelTable {
   const char* name;

@@ -101,6 +101,10 @@ struct RowsLayout {
   // (max, sum exp(x - max), dots) of x[0, n): the classes [c0, c0 + n) of one row.
   // Pass 1 reads the chunk from memory for its max; pass 2 re-reads it from L1 for the exponentials.
   static RowPartial chunk_partial(const CrossEntropyArgs& a, const T* x, const T* tq, int64_t c0, int64_t n) {
+    if (!tq && !(a.label_smoothing > 0)) {  // the hot path: max only
+      const acc m = chunk_max(x, n);
+      return max_only_partial(m, chunk_exp_sum(x, n, m, prefetch_ahead_of(x, n)));
+    }
     constexpr int W = V::kWidth;
     const acc* w = a.weight ? static_cast<const acc*>(a.weight) + c0 : nullptr;
     const V neg_inf = V::set1(-static_cast<acc>(kInf)), zero = V::set1(0);
@@ -129,7 +133,7 @@ struct RowsLayout {
         tail_dot += wq * xi;
         tail_weight_dot += wq;
       }
-    } else if (a.label_smoothing > 0) {  // index targets with smoothing: dot = sum w x
+    } else {  // index targets with smoothing: dot = sum w x
       for (; i + W <= n; i += W) {
         const V xv = V::load(x + i);
         m0 = V::max(m0, xv);
@@ -140,12 +144,6 @@ struct RowsLayout {
         m0 = V::max(m0, load_partial<V>(x + i, n - i, -static_cast<acc>(kInf)));
         dot = w ? V::fma(load_partial<V>(w + i, n - i, 0), xv, dot) : dot + xv;
       }
-    } else {  // the hot path: max only
-      RowPartial p;
-      p.max = chunk_max(x, n);
-      p.sum_exp = chunk_exp_sum(x, n, static_cast<acc>(p.max), prefetch_ahead_of(x, n));
-      p.dot = p.weight_dot = 0;
-      return p;
     }
     acc m = V::max(V::max(m0, m1), V::max(m2, m3)).reduce_max();
     if (tail_max > m || tail_max != tail_max) m = tail_max;
@@ -155,6 +153,15 @@ struct RowsLayout {
     p.sum_exp = chunk_exp_sum(x, n, m, prefetch_ahead_of(x, n));
     p.dot = static_cast<double>(dot.reduce_add()) + tail_dot;
     p.weight_dot = static_cast<double>(weight_dot.reduce_add()) + tail_weight_dot;
+    return p;
+  }
+
+  // The partial of a chunk on the hot path (no dots).
+  static RowPartial max_only_partial(acc m, acc sum_exp) {
+    RowPartial p;
+    p.max = m;
+    p.sum_exp = sum_exp;
+    p.dot = p.weight_dot = 0;
     return p;
   }
 
@@ -306,13 +313,13 @@ struct RowsLayout {
       const int64_t ahead = block_elems > far ? block_elems : far;
       for (int64_t r0 = row_begin; r0 < row_end; r0 += kLseRows) {
         const int64_t rows = row_end - r0 < kLseRows ? row_end - r0 : kLseRows;
+        acc m[kLseRows];
         for (int64_t i = 0; i < rows; ++i)
-          if (!ignored(a, r0 + i)) part[i].max = chunk_max(logits_row(a, r0 + i), a.C);
+          if (!ignored(a, r0 + i)) m[i] = chunk_max(logits_row(a, r0 + i), a.C);
         for (int64_t i = 0; i < rows; ++i) {
           if (ignored(a, r0 + i)) continue;
           const T* x = logits_row(a, r0 + i);
-          part[i].sum_exp = chunk_exp_sum(x, a.C, static_cast<acc>(part[i].max), x + ahead);
-          part[i].dot = part[i].weight_dot = 0;
+          part[i] = max_only_partial(m[i], chunk_exp_sum(x, a.C, m[i], x + ahead));
         }
         finish_block(a, coef, r0, rows, part);
       }
