@@ -93,18 +93,26 @@ inline void from_acc(float* p, float v) { *p = v; }
 inline void from_acc(bf16_t* p, float v) { p->bits = float_to_bf16(v); }
 inline void from_acc(f16_t* p, float v) { p->bits = float_to_f16(v); }
 
-// exp on [-inf, 88]: Cody-Waite reduction x = n ln2 + r, |r| <= ln2/2, and Cephes' degree-6 polynomial
-// (about 1 ulp). exp(0) is exactly 1 (r = 0, n = 0), which the online log-sum-exp relies on: the running
-// sum is rescaled by exp(m_old - m_new), and that factor must be exactly 1 when the max did not change.
+// exp on [-inf, 88]: Cody-Waite reduction x = n ln2 + r, |r| <= ln2/2, and a degree-6 polynomial
+// 1 + r (1 + r (c2 + r (c3 + r (c4 + r (c5 + r c6))))), fitted here for minimax relative error on
+// [-ln2/2, ln2/2] with its first two coefficients fixed to 1 (3e-9, far below float's rounding; the
+// rounded result is within 0.65 ulp of exp over every float in [-87.3, 88]). exp(0) is exactly 1 (r = 0,
+// n = 0), which the online log-sum-exp relies on: the running sum is rescaled by exp(m_old - m_new), and
+// that factor must be exactly 1 when the max did not change.
+//
+// Results below the smallest normal float (x < -87.33654, exp(x) < 1.18e-38) are 0, on every ISA. Producing
+// a subnormal (or underflowing to 0 from one) costs x86 cores a microcode assist, about 150 cycles for
+// each vector that holds one: exp(-inf) computed that way made rows with -inf-masked logits, and the masked
+// tail of every row whose length is not a multiple of the vector width, 10 to 30 times slower per vector.
 constexpr float kLog2e = 1.44269504088896341f;
 constexpr float kLn2Hi = 0.693359375f;
 constexpr float kLn2Lo = -2.12194440e-4f;
-constexpr float kExpP0 = 1.9875691500e-4f;
-constexpr float kExpP1 = 1.3981999507e-3f;
-constexpr float kExpP2 = 8.3333452e-3f;
-constexpr float kExpP3 = 4.1665795894e-2f;
-constexpr float kExpP4 = 1.6666665459e-1f;
-constexpr float kExpP5 = 5.0000001201e-1f;
+constexpr float kExpC2 = 4.9999993431e-01f;
+constexpr float kExpC3 = 1.6666520386e-01f;
+constexpr float kExpC4 = 4.1668391047e-02f;
+constexpr float kExpC5 = 8.3687462968e-03f;
+constexpr float kExpC6 = 1.3814527541e-03f;
+constexpr float kExpMin = -87.33654f;  // exp(kExpMin) and its computed value are normal floats (r > 0)
 
 #if defined(XENT_CPU_ISA_AVX512)
 
@@ -164,9 +172,11 @@ struct VecF {
   float reduce_add() const { return _mm512_reduce_add_ps(v); }
   float reduce_max() const { return _mm512_reduce_max_ps(v); }
   static VecF exp(VecF x) {
-    // Clamp below at -104 (exp underflows to 0 there; scalef makes the subnormals in between). A NaN
-    // input stays NaN because it is the second operand of max.
-    __m512 xc = _mm512_max_ps(_mm512_set1_ps(-104.0f), x.v);
+    // Lanes below kExpMin are computed at kExpMin (a normal result, no assist) and zeroed by the masked
+    // scalef; a NaN input stays NaN (second operand of max, kept by the unordered compare).
+    const __m512 lo = _mm512_set1_ps(kExpMin);
+    const __mmask16 normal = _mm512_cmp_ps_mask(x.v, lo, _CMP_NLT_UQ);
+    __m512 xc = _mm512_max_ps(lo, x.v);
     xc = _mm512_min_ps(_mm512_set1_ps(88.7f), xc);
     // n = round(x log2e) by adding and removing 1.5 * 2^23 (the fma rounds to an integer): two uops where
     // roundscale after a mul takes three.
@@ -174,16 +184,14 @@ struct VecF {
     __m512 n = _mm512_sub_ps(_mm512_fmadd_ps(xc, _mm512_set1_ps(kLog2e), shifter), shifter);
     __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(kLn2Hi), xc);
     r = _mm512_fnmadd_ps(n, _mm512_set1_ps(kLn2Lo), r);
-    __m512 p = _mm512_set1_ps(kExpP0);
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(kExpP1));
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(kExpP2));
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(kExpP3));
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(kExpP4));
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(kExpP5));
-    // 1 + r + r^2 p as 1 + r (1 + r p): two fmas.
+    __m512 p = _mm512_set1_ps(kExpC6);
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(kExpC5));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(kExpC4));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(kExpC3));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(kExpC2));
     const __m512 one = _mm512_set1_ps(1.0f);
     __m512 y = _mm512_fmadd_ps(_mm512_fmadd_ps(p, r, one), r, one);
-    return {_mm512_scalef_ps(y, n)};
+    return {_mm512_maskz_scalef_ps(normal, y, n)};
   }
 };
 inline VecF operator+(VecF a, VecF b) { return {_mm512_add_ps(a.v, b.v)}; }
@@ -244,19 +252,19 @@ struct VecF {
   static VecF exp(VecF x) {
     // No scalef on AVX2: build 2^n in the exponent bits, so clamp to the normal range and flush results
     // below exp(-87.33) (the smallest normal float) to 0. NaN stays NaN (second operand of max/min).
-    const __m256 lo = _mm256_set1_ps(-87.33654f);
+    const __m256 lo = _mm256_set1_ps(kExpMin);
     __m256 xc = _mm256_max_ps(lo, x.v);
     xc = _mm256_min_ps(_mm256_set1_ps(88.72283f), xc);  // exp(88.72283) is FLT_MAX
     __m256 n = _mm256_round_ps(_mm256_mul_ps(xc, _mm256_set1_ps(kLog2e)), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
     __m256 r = _mm256_fnmadd_ps(n, _mm256_set1_ps(kLn2Hi), xc);
     r = _mm256_fnmadd_ps(n, _mm256_set1_ps(kLn2Lo), r);
-    __m256 p = _mm256_set1_ps(kExpP0);
-    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(kExpP1));
-    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(kExpP2));
-    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(kExpP3));
-    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(kExpP4));
-    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(kExpP5));
-    __m256 y = _mm256_fmadd_ps(p, _mm256_mul_ps(r, r), _mm256_add_ps(r, _mm256_set1_ps(1.0f)));
+    __m256 p = _mm256_set1_ps(kExpC6);
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(kExpC5));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(kExpC4));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(kExpC3));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(kExpC2));
+    const __m256 one = _mm256_set1_ps(1.0f);
+    __m256 y = _mm256_fmadd_ps(_mm256_fmadd_ps(p, r, one), r, one);
     // 2^n as 2^(n - k) * 2^k with k = 1 for n > 0 and k = -1 otherwise, so both factors stay normal for
     // n in [-126, 128] (n = -126 must not become the exponent field 0, n = 128 not inf).
     const __m256i ni = _mm256_cvtps_epi32(n);
@@ -293,18 +301,17 @@ struct VecF {
   static VecF exp(VecF x) {
     float xc = x.v;
     if (xc != xc) return x;
-    if (xc < -87.33654f) return {0.0f};
+    if (xc < kExpMin) return {0.0f};
     if (xc > 88.72283f) return {__builtin_inff()};
     const float n = __builtin_nearbyintf(xc * kLog2e);
     float r = xc - n * kLn2Hi;
     r = r - n * kLn2Lo;
-    float p = kExpP0;
-    p = p * r + kExpP1;
-    p = p * r + kExpP2;
-    p = p * r + kExpP3;
-    p = p * r + kExpP4;
-    p = p * r + kExpP5;
-    const float y = p * (r * r) + (r + 1.0f);
+    float p = kExpC6;
+    p = p * r + kExpC5;
+    p = p * r + kExpC4;
+    p = p * r + kExpC3;
+    p = p * r + kExpC2;
+    const float y = (p * r + 1.0f) * r + 1.0f;
     // 2^n in two halves so that n = 128 (results just below FLT_MAX) does not overflow the exponent.
     const int ni = static_cast<int>(n);
     const int half = ni / 2;
