@@ -134,16 +134,23 @@ def import_xent():
     return sys.modules["xent"]
 
 
-def make_inputs(shape: Sequence[int], dtype_name: str, device: str, seed: int) -> Tuple[torch.Tensor, torch.Tensor]:
+def make_inputs(shape: Sequence[int], dtype_name: str, device: str, seed: int,
+                mask_fraction: float = 0.0) -> Tuple[torch.Tensor, torch.Tensor]:
     """Seeded logits ``randn * 2`` (a leaf that requires grad) and random class-index targets.
 
     Values are drawn in float32 on the CPU and then cast, so every dtype and device sees the same numbers
-    (up to rounding) and every implementation gets identical inputs.
+    (up to rounding) and every implementation gets identical inputs. With ``mask_fraction`` > 0 that
+    fraction of the non-target logits is -inf, as when invalid classes are masked out.
     """
     gen = torch.Generator().manual_seed(seed)
     x = torch.randn(tuple(shape), generator=gen).mul_(2.0)
     target_shape = (shape[0],) + tuple(shape[2:])
     t = torch.randint(0, shape[1], target_shape, generator=gen)
+    if mask_fraction > 0:
+        masked = torch.rand(tuple(shape), generator=gen) < mask_fraction
+        masked.scatter_(1, t.unsqueeze(1), False)  # a masked target would make the loss inf
+        x.masked_fill_(masked, float("-inf"))
+        del masked
     x = x.to(device=device, dtype=DTYPES[dtype_name])  # a new tensor: the float32 draw is freed here
     return x.requires_grad_(), t.to(device)
 
@@ -282,7 +289,8 @@ def _release_cpu_caches() -> None:
         pass  # not glibc: nothing to trim
 
 
-def measure_memory_here(impl_name: str, shape: Sequence[int], dtype_name: str, device: str, seed: int) -> dict:
+def measure_memory_here(impl_name: str, shape: Sequence[int], dtype_name: str, device: str, seed: int,
+                        mask_fraction: float = 0.0) -> dict:
     """Peak extra memory of one fwd+bwd in this process: RSS high-water mark on CPU, allocator peak on CUDA.
 
     On CPU this must run in a fresh process (see measure_memory_subprocess): the RSS of a long-lived process
@@ -292,7 +300,7 @@ def measure_memory_here(impl_name: str, shape: Sequence[int], dtype_name: str, d
     impl = build_impl(impl_name, shape)
     if impl.fn is None:
         return {"status": "skipped", "note": impl.note}
-    x, t = make_inputs(shape, dtype_name, device, seed)
+    x, t = make_inputs(shape, dtype_name, device, seed, mask_fraction)
     fwd_bwd(impl.fn, x, t)  # warm-up (and compilation): lazy initializations are not the loss's memory
     sync(device)
     if device == "cuda":
@@ -321,7 +329,7 @@ def measure_memory_subprocess(impl_name: str, shape: Sequence[int], dtype_name: 
     """Runs this file with the hidden --measure-memory flag in a fresh interpreter and parses its result."""
     cmd = [sys.executable, os.path.abspath(__file__), "--measure-memory", "--impl", impl_name,
            "--shapes", shape_str(shape), "--dtypes", dtype_name, "--device", "cpu",
-           "--threads", str(args.threads), "--seed", str(args.seed)]
+           "--threads", str(args.threads), "--seed", str(args.seed), "--mask-fraction", str(args.mask_fraction)]
     try:
         proc = subprocess.run(cmd, capture_output=True, text=True, timeout=900)
     except subprocess.TimeoutExpired:
@@ -367,9 +375,10 @@ def rel_err(value: torch.Tensor, ref: torch.Tensor) -> float:
     return err / denom if denom > 0 else err
 
 
-def check_correctness(shape: Sequence[int], dtype_name: str, device: str, seed: int) -> dict:
+def check_correctness(shape: Sequence[int], dtype_name: str, device: str, seed: int,
+                      mask_fraction: float = 0.0) -> dict:
     """Loss and gradient errors of xent and eager (in ``dtype_name``) against PyTorch float64."""
-    x, t = make_inputs(shape, dtype_name, device, seed)
+    x, t = make_inputs(shape, dtype_name, device, seed, mask_fraction)
     rows = shape[0] if numel(shape) <= GRAD_CHECK_FULL_NUMEL else min(shape[0], GRAD_CHECK_ROWS)
     ref_loss = torch.tensor(reference_loss_fp64(x, t), dtype=torch.float64)
     ref_grad = reference_grad_fp64(x, t, rows)
@@ -645,7 +654,9 @@ def write_markdown(path: str, data: dict) -> None:
         "Peak MiB: extra memory of one fwd+bwd beyond the resident inputs "
         + ("(`torch.cuda.max_memory_allocated` delta)" if device == "cuda"
            else "(fresh process, VmHWM - VmRSS before)")
-        + "; grad MiB: the gradient's own size.",
+        + "; grad MiB: the gradient's own size."
+        + (f" Inputs: {data['settings']['mask_fraction']:g} of the non-target logits are -inf."
+           if data["settings"].get("mask_fraction") else ""),
         "",
         results_table(data["results"], impls, device),
         "",
@@ -718,7 +729,7 @@ def benchmark_config(shape, dtype_name, impls, args, progress) -> dict:
     device = args.device
     esize = elem_size(dtype_name)
     entry = {"shape": list(shape), "dtype": dtype_name, "grad_bytes": numel(shape) * esize, "impls": {}}
-    x, t = make_inputs(shape, dtype_name, device, args.seed)
+    x, t = make_inputs(shape, dtype_name, device, args.seed, args.mask_fraction)
     peak_bw = gpu_peak_bandwidth(torch.cuda.get_device_name()) if device == "cuda" else None
 
     for name in impls:
@@ -769,7 +780,7 @@ def benchmark_config(shape, dtype_name, impls, args, progress) -> dict:
             label = f"{shape_str(shape):>16} {dtype_name:<8} {name:<10}"
             if device == "cuda":
                 try:
-                    mem = measure_memory_here(name, shape, dtype_name, device, args.seed)
+                    mem = measure_memory_here(name, shape, dtype_name, device, args.seed, args.mask_fraction)
                 except Exception as exc:  # noqa: BLE001
                     mem = {"status": "error", "note": f"{type(exc).__name__}: {exc}"}
             else:
@@ -814,6 +825,9 @@ def parse_args(argv=None):
                         "0 always runs --repeats (default: %(default)s)")
     p.add_argument("--threads", type=int, default=2, help="torch.set_num_threads (default: %(default)s)")
     p.add_argument("--seed", type=int, default=0, help="input seed (default: %(default)s)")
+    p.add_argument("--mask-fraction", type=float, default=0.0,
+                   help="fraction of the non-target logits set to -inf, as when invalid classes are masked "
+                        "(default: %(default)s)")
     p.add_argument("--memory", action=argparse.BooleanOptionalAction, default=True,
                    help="measure peak extra memory (CPU: one fresh subprocess per measurement; default: on)")
     p.add_argument("--malloc", choices=malloc_state.MODES, default="default",
@@ -849,7 +863,8 @@ def main(argv=None) -> int:
     torch.set_num_threads(args.threads)
 
     if args.measure_memory:
-        result = measure_memory_here(args.impl, args.shapes[0], args.dtypes[0], args.device, args.seed)
+        result = measure_memory_here(args.impl, args.shapes[0], args.dtypes[0], args.device, args.seed,
+                                     args.mask_fraction)
         print("XENT_BENCH_MEMORY " + json.dumps(result), flush=True)
         return 0
 
@@ -869,7 +884,7 @@ def main(argv=None) -> int:
     log(f"\n== correctness ({len(configs)} configs, against float64) ==")
     correctness = []
     for shape, dtype in configs:
-        entry = check_correctness(shape, dtype, args.device, args.seed)
+        entry = check_correctness(shape, dtype, args.device, args.seed, args.mask_fraction)
         correctness.append(entry)
         x, g = entry["xent"], entry["eager"]
         log(f"check   {shape_str(shape):>16} {dtype:<8} loss err xent {fmt_err(x.get('loss_rel_err'))} "
@@ -895,7 +910,8 @@ def main(argv=None) -> int:
         "environment": env,
         "settings": {"device": args.device, "impls": args.impls, "shapes": [list(s) for s in args.shapes],
                      "dtypes": args.dtypes, "max_repeats": args.repeats, "warmup": args.warmup,
-                     "budget_s": args.budget, "threads": args.threads, "seed": args.seed, "memory": args.memory,
+                     "budget_s": args.budget, "threads": args.threads, "seed": args.seed,
+                     "mask_fraction": args.mask_fraction, "memory": args.memory,
                      "quick": args.quick, "grad_check_full_numel": GRAD_CHECK_FULL_NUMEL,
                      "grad_check_rows": GRAD_CHECK_ROWS},
         "correctness": correctness,
