@@ -1459,7 +1459,8 @@ def test_isa_special_values(isa, cpu_backend):
 
 def test_cpu_exp_accuracy(isa):
     """The kernels' vectorized exp: relative error below 4 ulp (4 * 2**-23) where the result is a
-    normal float (x > -87.3), over [-104, 88]; exact special values."""
+    normal float (x > -87.3), over [-104, 88]; 0 below the smallest normal result (no subnormals, whose
+    microcode assists made -inf-masked logits ten times slower); exact special values."""
     x = torch.linspace(-104.0, 88.0, 4_000_001, dtype=F32)
     # plus every float32 in a few narrow windows (around 0, ln 2 multiples, range ends)
     extra = [torch.arange(-2048, 2048, dtype=torch.int32).view(F32)]
@@ -1478,10 +1479,10 @@ def test_cpu_exp_accuracy(isa):
     assert rel.max().item() < 4 * 2.0**-23, (
         f"{isa}: exp max relative error {rel.max().item() / 2.0**-23:.2f} ulp at x={x[normal][worst].item()!r}"
     )
-    sub = y[~normal]
-    assert torch.isfinite(sub).all() and (sub >= 0).all() and (sub <= 2.0**-125).all(), (
-        f"{isa}: exp of x <= -87.3 must be a small non-negative number"
-    )
+    # x < -87.33654 (exp(x) < 2**-126): exactly 0; from there on a normal float.
+    flushed = x < -87.33654
+    assert (y[flushed] == 0).all(), f"{isa}: exp below -87.33654 must be 0, got {y[flushed].max().item()!r}"
+    assert (y[~flushed] >= 2.0**-126).all(), f"{isa}: exp from -87.33654 on must be a normal float"
     special = torch.tensor([0.0, -0.0, -math.inf, math.nan, -1000.0], dtype=F32)
     ys = torch.ops.xent._cpu_exp(special)
     assert ys[0].item() == 1.0 and ys[1].item() == 1.0, f"{isa}: exp(0) = {ys[0].item()!r}, exp(-0) = {ys[1].item()!r}"
