@@ -114,6 +114,17 @@ constexpr float kExpC5 = 8.3687462968e-03f;
 constexpr float kExpC6 = 1.3814527541e-03f;
 constexpr float kExpMin = -87.33654f;  // exp(kExpMin) and its computed value are normal floats (r > 0)
 
+// exp(r) for the reduced argument |r| <= ln2/2 (the polynomial above), for every ISA's VecF.
+template <class V>
+inline V exp_reduced(V r) {
+  V p = V::fma(V::set1(kExpC6), r, V::set1(kExpC5));
+  p = V::fma(p, r, V::set1(kExpC4));
+  p = V::fma(p, r, V::set1(kExpC3));
+  p = V::fma(p, r, V::set1(kExpC2));
+  const V one = V::set1(1.0f);
+  return V::fma(V::fma(p, r, one), r, one);
+}
+
 #if defined(XENT_CPU_ISA_AVX512)
 
 #if defined(XENT_CPU_AVX512_BF16)
@@ -200,14 +211,7 @@ struct VecF {
     __m512 n = _mm512_sub_ps(_mm512_fmadd_ps(xc, _mm512_set1_ps(kLog2e), shifter), shifter);
     __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(kLn2Hi), xc);
     r = _mm512_fnmadd_ps(n, _mm512_set1_ps(kLn2Lo), r);
-    __m512 p = _mm512_set1_ps(kExpC6);
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(kExpC5));
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(kExpC4));
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(kExpC3));
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(kExpC2));
-    const __m512 one = _mm512_set1_ps(1.0f);
-    __m512 y = _mm512_fmadd_ps(_mm512_fmadd_ps(p, r, one), r, one);
-    return {_mm512_maskz_scalef_ps(normal, y, n)};
+    return {_mm512_maskz_scalef_ps(normal, exp_reduced(VecF{r}).v, n)};
   }
 };
 inline VecF operator+(VecF a, VecF b) { return {_mm512_add_ps(a.v, b.v)}; }
@@ -274,13 +278,7 @@ struct VecF {
     __m256 n = _mm256_round_ps(_mm256_mul_ps(xc, _mm256_set1_ps(kLog2e)), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
     __m256 r = _mm256_fnmadd_ps(n, _mm256_set1_ps(kLn2Hi), xc);
     r = _mm256_fnmadd_ps(n, _mm256_set1_ps(kLn2Lo), r);
-    __m256 p = _mm256_set1_ps(kExpC6);
-    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(kExpC5));
-    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(kExpC4));
-    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(kExpC3));
-    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(kExpC2));
-    const __m256 one = _mm256_set1_ps(1.0f);
-    __m256 y = _mm256_fmadd_ps(_mm256_fmadd_ps(p, r, one), r, one);
+    __m256 y = exp_reduced(VecF{r}).v;
     // 2^n as 2^(n - k) * 2^k with k = 1 for n > 0 and k = -1 otherwise, so both factors stay normal for
     // n in [-126, 128] (n = -126 must not become the exponent field 0, n = 128 not inf).
     const __m256i ni = _mm256_cvtps_epi32(n);
@@ -322,12 +320,7 @@ struct VecF {
     const float n = __builtin_nearbyintf(xc * kLog2e);
     float r = xc - n * kLn2Hi;
     r = r - n * kLn2Lo;
-    float p = kExpC6;
-    p = p * r + kExpC5;
-    p = p * r + kExpC4;
-    p = p * r + kExpC3;
-    p = p * r + kExpC2;
-    const float y = (p * r + 1.0f) * r + 1.0f;
+    const float y = exp_reduced(VecF{r}).v;
     // 2^n in two halves so that n = 128 (results just below FLT_MAX) does not overflow the exponent.
     const int ni = static_cast<int>(n);
     const int half = ni / 2;
