@@ -94,11 +94,11 @@ inline void from_acc(bf16_t* p, float v) { p->bits = float_to_bf16(v); }
 inline void from_acc(f16_t* p, float v) { p->bits = float_to_f16(v); }
 
 // exp on [-inf, 88]: Cody-Waite reduction x = n ln2 + r, |r| <= ln2/2, and a degree-6 polynomial
-// 1 + r (1 + r (c2 + r (c3 + r (c4 + r (c5 + r c6))))), fitted here for minimax relative error on
-// [-ln2/2, ln2/2] with its first two coefficients fixed to 1 (3e-9, far below float's rounding; the
-// rounded result is within 0.65 ulp of exp over every float in [-87.3, 88]). exp(0) is exactly 1 (r = 0,
-// n = 0), which the online log-sum-exp relies on: the running sum is rescaled by exp(m_old - m_new), and
-// that factor must be exactly 1 when the max did not change.
+// 1 + r (1 + r (c2 + r (c3 + r (c4 + r (c5 + r c6))))), its first two coefficients fixed to 1 and the
+// others fitted for minimax relative error on [-ln2/2, ln2/2] by scripts/fit_exp_polynomial.py (3e-9, far
+// below float's rounding; the float result is within 0.65 ulp of exp over every float in [-87.3, 88]).
+// exp(0) is exactly 1 (r = 0, n = 0), which the online log-sum-exp relies on: the running sum is rescaled
+// by exp(m_old - m_new), and that factor must be exactly 1 when the max did not change.
 //
 // Results below the smallest normal float (x < -87.33654, exp(x) < 1.18e-38) are 0, on every ISA. Producing
 // a subnormal (or underflowing to 0 from one) costs x86 cores a microcode assist, about 150 cycles for
@@ -107,11 +107,11 @@ inline void from_acc(f16_t* p, float v) { p->bits = float_to_f16(v); }
 constexpr float kLog2e = 1.44269504088896341f;
 constexpr float kLn2Hi = 0.693359375f;
 constexpr float kLn2Lo = -2.12194440e-4f;
-constexpr float kExpC2 = 4.9999993431e-01f;
-constexpr float kExpC3 = 1.6666520386e-01f;
-constexpr float kExpC4 = 4.1668391047e-02f;
-constexpr float kExpC5 = 8.3687462968e-03f;
-constexpr float kExpC6 = 1.3814527541e-03f;
+constexpr float kExpC2 = 4.9999994040e-01f;
+constexpr float kExpC3 = 1.6666521132e-01f;
+constexpr float kExpC4 = 4.1668392718e-02f;
+constexpr float kExpC5 = 8.3687454462e-03f;
+constexpr float kExpC6 = 1.3814534759e-03f;
 constexpr float kExpMin = -87.33654f;  // exp(kExpMin) and its computed value are normal floats (r > 0)
 
 // exp(r) for the reduced argument |r| <= ln2/2 (the polynomial above), for every ISA's VecF.
