@@ -327,20 +327,32 @@ struct RowsLayout {
     const Coefficients<acc> coef(a);
     RowPartial part[kLseRows];
     if (maxes_first(a)) {
-      // The exp passes prefetch for the next block's max passes: the whole block, at least
-      // kStreamPrefetchBytes ahead.
+      // Row i's exp pass also takes the max of row i of the next block (chunk_exp_sum<true>), so only the
+      // range's first block runs a pass 1 of its own, and prefetches for the block after that: two blocks,
+      // at least kStreamPrefetchBytes, ahead.
       const int64_t block_elems = kLseRows * a.C;
       const int64_t far = kStreamPrefetchBytes / static_cast<int64_t>(sizeof(T));
-      const int64_t ahead = block_elems > far ? block_elems : far;
+      const int64_t ahead = 2 * block_elems > far ? 2 * block_elems : far;
+      acc m[kLseRows];
+      bool carried[kLseRows] = {};
       for (int64_t r0 = row_begin; r0 < row_end; r0 += kLseRows) {
         const int64_t rows = row_end - r0 < kLseRows ? row_end - r0 : kLseRows;
-        acc m[kLseRows];
         for (int64_t i = 0; i < rows; ++i)
-          if (!ignored(a, r0 + i)) m[i] = chunk_max(logits_row(a, r0 + i), a.C);
+          if (!carried[i] && !ignored(a, r0 + i)) m[i] = chunk_max(logits_row(a, r0 + i), a.C);
         for (int64_t i = 0; i < rows; ++i) {
-          if (ignored(a, r0 + i)) continue;
-          const T* x = logits_row(a, r0 + i);
-          part[i] = max_only_partial(m[i], chunk_exp_sum(x, a.C, m[i], x + ahead));
+          const int64_t next = r0 + kLseRows + i;
+          const bool carry = next < row_end && !ignored(a, next);
+          if (!ignored(a, r0 + i)) {
+            const T* x = logits_row(a, r0 + i);
+            acc next_max = 0;
+            const acc sum_exp = carry ? chunk_exp_sum<true>(x, a.C, m[i], x + ahead, logits_row(a, next), &next_max)
+                                      : chunk_exp_sum(x, a.C, m[i], x + ahead);
+            part[i] = max_only_partial(m[i], sum_exp);
+            if (carry) m[i] = next_max;
+            carried[i] = carry;
+          } else {
+            carried[i] = false;
+          }
         }
         finish_block(a, coef, r0, rows, part);
       }
