@@ -212,8 +212,8 @@ struct RowsLayout {
   // reads them next (otherwise a pure memory stall). Prefetches past the end of the row or the tensor are
   // harmless: they never fault.
   // With kNextMax, the loop also runs pass 1 of `next`, the next row of the same length, into *next_max:
-  // its loads then overlap these exponentials, where a separate pass 1 would wait for them alone (rows of
-  // 1000 float32 in L3: forward 0.60 -> 0.40 ms in a model of this loop).
+  // its loads then overlap these exponentials, where a separate pass 1 would wait for them alone (4096 x
+  // 1000 float32 with the logits in L3, 2 threads: forward op 0.51 -> 0.43-0.45 ms).
   template <bool kNextMax = false>
   static acc chunk_exp_sum(const T* x, int64_t n, acc m, const T* ahead, const T* next = nullptr,
                            acc* next_max = nullptr) {
