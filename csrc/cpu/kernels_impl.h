@@ -98,10 +98,14 @@ struct RowsLayout {
     return static_cast<T*>(a.grad) + (row / a.S) * a.grad_stride_n + (row % a.S) * a.grad_stride_s;
   }
 
-  // (max, sum exp(x - max), dots) of x[0, n): the classes [c0, c0 + n) of one row.
-  // Pass 1 reads the chunk from memory for its max; pass 2 re-reads it from L1 for the exponentials.
+  // The hot path: index targets without smoothing, whose rows need only max and sum exp (no dots).
+  static bool hot_path(const CrossEntropyArgs& a) { return !a.prob_target && !(a.label_smoothing > 0); }
+
+  // (max, sum exp(x - max), dots) of x[0, n): the classes [c0, c0 + n) of one row (tq: its probability
+  // targets, set exactly when a.prob_target). Pass 1 reads the chunk from memory for its max; pass 2
+  // re-reads it from L1 for the exponentials.
   static RowPartial chunk_partial(const CrossEntropyArgs& a, const T* x, const T* tq, int64_t c0, int64_t n) {
-    if (!tq && !(a.label_smoothing > 0)) {  // the hot path: max only
+    if (hot_path(a)) {
       const acc m = chunk_max(x, n);
       return max_only_partial(m, chunk_exp_sum(x, n, m, prefetch_ahead_of(x, n)));
     }
@@ -318,8 +322,7 @@ struct RowsLayout {
   // otherwise wait for its own: at C = 80 they are a large part of a row's work. Same arithmetic per row.
   static bool maxes_first(const CrossEntropyArgs& a) {
     constexpr int64_t kMaxesFirstBytes = int64_t(32) << 10;
-    return !a.prob_target && a.label_smoothing == 0 &&
-           a.C * static_cast<int64_t>(sizeof(T)) * kLseRows <= kMaxesFirstBytes;
+    return hot_path(a) && a.C * static_cast<int64_t>(sizeof(T)) * kLseRows <= kMaxesFirstBytes;
   }
 
   static void forward_rows(const CrossEntropyArgs& a, int64_t row_begin, int64_t row_end) {
@@ -358,7 +361,7 @@ struct RowsLayout {
       }
       return;
     }
-    if (chunks == 1 && !a.prob_target && !(a.label_smoothing > 0)) {
+    if (chunks == 1 && hot_path(a)) {
       // The hot path's rows of one chunk, software-pipelined: each row's exp pass also takes the max of the
       // next row (chunk_exp_sum<true>), so only the first row of the range waits for a pass 1 of its own.
       int64_t carried_row = -1;
