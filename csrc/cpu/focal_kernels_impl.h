@@ -201,9 +201,11 @@ struct FocalRows {
   // otherwise wait for its own (short rows, C = 80: the reductions are a large part of a row's work).
   // Longer rows would be read a second time from L2, for reductions that are a small part of their work.
   // Same arithmetic per row either way.
-  // `ahead`: rows_ahead(a), for the prefetches.
+  // `ahead`: rows_ahead(a), for the prefetches. `between_rows()` is called after each row's exp pass (the
+  // fused kernel steps the previous block's gradient copy-out there).
+  template <class F>
   static void block_exp_sums(const FocalArgs& a, int64_t r0, int64_t rows, int64_t row_end, int64_t ahead, acc* m,
-                             acc* sum, acc* e, int64_t e_stride) {
+                             acc* sum, acc* e, int64_t e_stride, F&& between_rows) {
     constexpr int64_t kMaxesFirstBytes = int64_t(32) << 10;
     const bool maxes_first =
         padded(a.C) * static_cast<int64_t>(sizeof(T) + sizeof(acc)) * W <= kMaxesFirstBytes;
@@ -216,6 +218,7 @@ struct FocalRows {
       const T* x = logits_row(a, row);
       if (!maxes_first) m[i] = row_shift(x, a.C);
       sum[i] = row_exp_sum(x, a.C, prefetch_row(a, row, ahead, row_end), m[i], e ? e + i * e_stride : nullptr);
+      between_rows();
     }
   }
 
@@ -276,7 +279,7 @@ struct FocalRows {
       const int64_t rows = row_end - r0 < W ? row_end - r0 : W;
       acc l_t[W], m[W], sum[W], lse[W];
       for (int i = 0; i < W; ++i) l_t[i] = m[i] = 0, sum[i] = 1;
-      block_exp_sums(a, r0, rows, row_end, ahead, m, sum, nullptr, 0);
+      block_exp_sums(a, r0, rows, row_end, ahead, m, sum, nullptr, 0, [] {});
       block_lse(m, sum, lse);
       for (int64_t i = 0; i < rows; ++i) {
         const int64_t row = r0 + i;
@@ -367,14 +370,19 @@ struct FocalRows {
     acc* loss_out = static_cast<acc*>(a.loss);
     const int64_t stride = padded(a.C);
     const bool keep_exps = stride * W <= kBufferElems;
-    // a.stream_grad: the block's gradient rows are staged here and copied out with non-temporal stores.
+    // a.stream_grad: the block's gradient rows are staged here and copied out with non-temporal stores,
+    // in slices between the next block's exp passes (SlicedStreamCopy). Finished before the next block's
+    // gradient rows overwrite the stage, so one stage serves.
     alignas(64) T stage[kBufferElems];
     const bool staged = a.stream_grad && keep_exps;
+    SlicedStreamCopy copy_out;
     for (int64_t r0 = row_begin; r0 < row_end; r0 += W) {
       const int64_t rows = row_end - r0 < W ? row_end - r0 : W;
       acc l_t[W], m[W], sum[W], lse[W], shift_to_p[W];
       for (int i = 0; i < W; ++i) l_t[i] = m[i] = 0, sum[i] = 1;
-      block_exp_sums(a, r0, rows, row_end, ahead, m, sum, keep_exps ? e_buf : nullptr, stride);
+      block_exp_sums(a, r0, rows, row_end, ahead, m, sum, keep_exps ? e_buf : nullptr, stride,
+                     [&] { copy_out.step(); });
+      copy_out.finish();
       block_lse(m, sum, lse);
       for (int64_t i = 0; i < rows; ++i) {
         const int64_t row = r0 + i;
@@ -402,8 +410,9 @@ struct FocalRows {
         sparse_grad_row(a, row, logits_row(a, row), g, m[i], shift_to_p[i], t.h[i], t.om[i],
                         keep_exps ? e_buf + i * stride : nullptr, nullptr);
       }
-      if (staged) stream_copy(grad_row(a, r0), stage, rows * a.C * static_cast<int64_t>(sizeof(T)));
+      if (staged) copy_out.start(grad_row(a, r0), stage, rows * a.C * static_cast<int64_t>(sizeof(T)), W);
     }
+    copy_out.finish();
     if (staged) stream_fence();
   }
 

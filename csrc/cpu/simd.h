@@ -434,6 +434,42 @@ inline void stream_copy(void* dst, const void* src, int64_t n) {
   std::memcpy(d, s, static_cast<size_t>(n));
 }
 
+// A stream_copy done in slices between other work: a fused kernel starts copying a block's staged
+// gradient out and steps the copy between the next block's rows, whose reads of the logits wait on DRAM
+// anyway, so the non-temporal writes overlap those reads instead of following them. Slices end on 64-byte
+// boundaries of dst, so each cache line is written by one stream_copy call (no line is mixed of ordinary
+// and non-temporal stores). Callers finish() before overwriting the source, and fence as stream_copy's.
+class SlicedStreamCopy {
+ public:
+  // Copies n bytes from src to dst in steps of about n / steps bytes (at least kMinSliceBytes).
+  void start(void* dst, const void* src, int64_t n, int64_t steps) {
+    dst_ = static_cast<char*>(dst);
+    src_ = static_cast<const char*>(src);
+    bytes_ = n;
+    done_ = 0;
+    const int64_t slice = n / (steps > 0 ? steps : 1);
+    slice_ = (slice > kMinSliceBytes ? slice : kMinSliceBytes) / 64 * 64;
+    // The first slice ends where dst is 64-byte aligned, so that the later ones start on a line.
+    first_end_ = static_cast<int64_t>((64 - reinterpret_cast<uintptr_t>(dst_) % 64) % 64) + slice_;
+  }
+  void step() {
+    if (done_ >= bytes_) return;
+    const int64_t end = done_ == 0 ? first_end_ : done_ + slice_;
+    copy_to(end < bytes_ ? end : bytes_);
+  }
+  void finish() { copy_to(bytes_); }
+
+ private:
+  static constexpr int64_t kMinSliceBytes = 1024;
+  void copy_to(int64_t end) {
+    if (end > done_) stream_copy(dst_ + done_, src_ + done_, end - done_);
+    done_ = end > done_ ? end : done_;
+  }
+  char* dst_ = nullptr;
+  const char* src_ = nullptr;
+  int64_t bytes_ = 0, done_ = 0, slice_ = 0, first_end_ = 0;
+};
+
 // Loads/stores of n < kWidth elements (row tails), padded with `fill`: masked loads and stores where the
 // vector type has them (AVX-512), else through a small buffer. (Filled element by element and read back
 // as one vector, the buffer costs a failed store-to-load forward, some 20 cycles per row tail: rows of
