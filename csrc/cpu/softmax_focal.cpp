@@ -261,7 +261,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> forward_grad_impl(const at::Tenso
   const FocalKernelTable& k = focal_kernels();
   const bool rows = pr.plan.layout == Layout::rows;
   a.stream_grad = rows && a.S == 1 && a.grad_stride_c == 1 && a.grad_stride_n == a.C &&
-                  static_cast<int64_t>(grad.nbytes()) >= kStagedStreamGradBytes;
+                  static_cast<int64_t>(grad.nbytes()) >= kFocalStagedStreamGradBytes;
   if (pr.positions > 0 && a.C > 0) {
     if (rows && label_smoothing == 0) {
       at::parallel_for(0, pr.positions, grain_positions(a.C),
