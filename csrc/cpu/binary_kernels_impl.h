@@ -61,7 +61,6 @@ template <> constexpr DType kAccDType<double> = DType::f64;
 // Float lanes are added into the block's double total every kFlushVectors vectors: each lane sums at most
 // 8 losses in float (a few ulp of their sum), everything after that is summed in double.
 constexpr int kFlushVectors = 8;
-static_assert(kFlushVectors % 2 == 0, "the paired loops (kPairedLoads) count vectors two at a time");
 // Focal: gamma = k integer up to this is computed by products.
 constexpr double kMaxIntegerGamma = 64;
 
@@ -82,6 +81,24 @@ constexpr double kMaxIntegerGamma = 64;
 // test_isa_fused_op_is_bitwise_the_separate_ops).
 template <class T, class Op> constexpr bool kPairedLoads = false;
 template <class Op> constexpr bool kPairedLoads<bf16_t, Op> = Op::kPairs;
+
+// A block's loss sum (Note [Binary loss blocks]): vectors added into float lanes, flushed into a double
+// every kFlushVectors vectors.
+template <class V>
+struct BlockSum {
+  V run = V::set1(0);
+  int in_run = 0;
+  double total = 0;
+  void add(V l) {
+    run = run + l;
+    if (++in_run == kFlushVectors) {
+      total += static_cast<double>(run.reduce_add());
+      run = V::set1(0);
+      in_run = 0;
+    }
+  }
+  double result() const { return total + static_cast<double>(run.reduce_add()); }
+};
 
 // One block's view of an operand: its acc_t values for the block's elements [0, n), or a constant.
 template <class V>
@@ -432,9 +449,7 @@ void forward_blocks(const BinaryArgs& a, int64_t b0, int64_t b1) {
     const T* y = static_cast<const T*>(a.target) + i0;
     T* out = kReduce ? nullptr : static_cast<T*>(a.loss) + i0;
     M bad_x = vlt(V::set1(0), V::set1(0)), bad_y = bad_x;  // all false
-    V run = V::set1(0);
-    int in_run = 0;
-    double total = 0;
+    BlockSum<V> sum;
     int64_t j = 0;
     if constexpr (kPairedLoads<T, Op>) {
       for (; j + 2 * W <= n; j += 2 * W) {
@@ -448,13 +463,8 @@ void forward_blocks(const BinaryArgs& a, int64_t b0, int64_t b1) {
         const V la = Op::loss(c, xa, ya, wa, pwa, bad_x, bad_y);
         const V lb = Op::loss(c, xb, yb, wb, pwb, bad_x, bad_y);
         if constexpr (kReduce) {
-          run = run + la;
-          run = run + lb;
-          if ((in_run += 2) == kFlushVectors) {
-            total += static_cast<double>(run.reduce_add());
-            run = V::set1(0);
-            in_run = 0;
-          }
+          sum.add(la);
+          sum.add(lb);
         } else {
           store_pair(out + j, la, lb);
         }
@@ -465,12 +475,7 @@ void forward_blocks(const BinaryArgs& a, int64_t b0, int64_t b1) {
       prefetch_ahead(y + j);
       const V l = Op::loss(c, V::load(x + j), V::load(y + j), w.at(j), pw.at(j), bad_x, bad_y);
       if constexpr (kReduce) {
-        run = run + l;
-        if (++in_run == kFlushVectors) {
-          total += static_cast<double>(run.reduce_add());
-          run = V::set1(0);
-          in_run = 0;
-        }
+        sum.add(l);
       } else {
         V::store(out + j, l);
       }
@@ -482,12 +487,12 @@ void forward_blocks(const BinaryArgs& a, int64_t b0, int64_t b1) {
       if constexpr (kReduce) {
         acc buf[W];
         V::store(buf, l);
-        for (int64_t i = 0; i < r; ++i) total += static_cast<double>(buf[i]);
+        for (int64_t i = 0; i < r; ++i) sum.total += static_cast<double>(buf[i]);
       } else {
         store_partial(out + j, r, l);
       }
     }
-    if constexpr (kReduce) a.block_sums[b] = total + static_cast<double>(run.reduce_add());
+    if constexpr (kReduce) a.block_sums[b] = sum.result();
     if constexpr (Op::kChecksRange) a.block_flags[b] = (mask_any(bad_x) ? 1 : 0) | (mask_any(bad_y) ? 2 : 0);
   }
 }
@@ -563,9 +568,7 @@ void forward_grad_blocks(const BinaryArgs& a, int64_t b0, int64_t b1) {
     const T* y = static_cast<const T*>(a.target) + i0;
     T* g = static_cast<T*>(a.grad) + i0;
     M bad_x = vlt(V::set1(0), V::set1(0)), bad_y = bad_x;  // all false
-    V run = V::set1(0);
-    int in_run = 0;
-    double total = 0;
+    BlockSum<V> sum;
     int64_t j = 0;
     if constexpr (kPairedLoads<T, Op>) {
       for (; j + 2 * W <= n; j += 2 * W) {
@@ -581,13 +584,8 @@ void forward_grad_blocks(const BinaryArgs& a, int64_t b0, int64_t b1) {
         const V la = Op::loss_grad(c, xa, ya, wa, pwa, s, bad_x, bad_y, ga);
         const V lb = Op::loss_grad(c, xb, yb, wb, pwb, s, bad_x, bad_y, gb);
         store_pair(g + j, ga, gb);
-        run = run + la;
-        run = run + lb;
-        if ((in_run += 2) == kFlushVectors) {
-          total += static_cast<double>(run.reduce_add());
-          run = V::set1(0);
-          in_run = 0;
-        }
+        sum.add(la);
+        sum.add(lb);
       }
     }
     for (; j + W <= n; j += W) {
@@ -597,12 +595,7 @@ void forward_grad_blocks(const BinaryArgs& a, int64_t b0, int64_t b1) {
       const V wj = kPlain ? V::set1(1) : w.at(j), pwj = kPlain ? V::set1(1) : pw.at(j);
       const V l = Op::loss_grad(c, V::load(x + j), V::load(y + j), wj, pwj, s, bad_x, bad_y, gj);
       V::store(g + j, gj);
-      run = run + l;
-      if (++in_run == kFlushVectors) {
-        total += static_cast<double>(run.reduce_add());
-        run = V::set1(0);
-        in_run = 0;
-      }
+      sum.add(l);
     }
     if (j < n) {
       // The partial last vector takes the separate loss() and grad(), as the separate ops' tails do: a
@@ -615,9 +608,9 @@ void forward_grad_blocks(const BinaryArgs& a, int64_t b0, int64_t b1) {
       const V l = Op::loss(c, xv, yv, wv, pwv, bad_x, bad_y);
       acc buf[W];
       V::store(buf, l);
-      for (int64_t i = 0; i < r; ++i) total += static_cast<double>(buf[i]);
+      for (int64_t i = 0; i < r; ++i) sum.total += static_cast<double>(buf[i]);
     }
-    a.block_sums[b] = total + static_cast<double>(run.reduce_add());
+    a.block_sums[b] = sum.result();
     if constexpr (Op::kChecksRange) a.block_flags[b] = (mask_any(bad_x) ? 1 : 0) | (mask_any(bad_y) ? 2 : 0);
   }
 }
