@@ -73,7 +73,7 @@ constexpr double kMaxIntegerGamma = 64;
 // at a time. The loss's lane sums then hold other elements than with single vectors, so the forward op
 // and the fused op pair alike and their sums stay bitwise equal; the gradient is elementwise and
 // unchanged. Measured (2 threads, inputs evicted from cache between calls, alternating builds): the
-// fused op at 4096 x 1000 bfloat16 1.76-1.86 -> 1.63-1.68 ms, the API's forward + backward 1.99-2.08 ->
+// fused op at 4096 x 1000 bfloat16 1.74-1.86 -> 1.62-1.69 ms, the API's forward + backward 1.95-2.08 ->
 // 1.83-1.90 ms; at 65536 x 80 2.23 -> 2.09-2.11 ms. The other two losses stay on single vectors
 // (their Op::kPairs): paired, BCE measured 5% slower (1.63-1.64 -> 1.71-1.74 ms), and sigmoid focal's
 // fused gradient lost its bitwise equality with the backward op's in float32 (the compiler, with

@@ -462,8 +462,9 @@ class SlicedStreamCopy {
  private:
   static constexpr int64_t kMinSliceBytes = 1024;
   void copy_to(int64_t end) {
-    if (end > done_) stream_copy(dst_ + done_, src_ + done_, end - done_);
-    done_ = end > done_ ? end : done_;
+    if (end <= done_) return;
+    stream_copy(dst_ + done_, src_ + done_, end - done_);
+    done_ = end;
   }
   char* dst_ = nullptr;
   const char* src_ = nullptr;
