@@ -210,19 +210,22 @@ struct RowsLayout {
                : x + kStreamPrefetchBytes / static_cast<int64_t>(sizeof(T));
   }
 
-  // Pass 2: sum exp(x - m) over x[0, n), m the chunk's max, re-reading the chunk from L1. With m == -inf
-  // every term is exp(-inf) = 0 (or NaN, from NaN logits, which must survive), so subtract 0 instead.
+  // Pass 2: sum exp(x - m) over x[0, n), m the chunk's max, re-reading the chunk from L1 (exp_shift: 0
+  // in place of m == -inf).
   // While the exponentials run from L1, n elements from `ahead` on are prefetched for the max pass that
   // reads them next (otherwise a pure memory stall). Prefetches past the end of the row or the tensor are
   // harmless: they never fault.
   // With kNextMax, the loop also runs pass 1 of `next`, the next row of the same length, into *next_max:
   // its loads then overlap these exponentials, where a separate pass 1 would wait for them alone (4096 x
   // 1000 float32 with the logits in L3, 2 threads: forward op 0.51 -> 0.43-0.45 ms).
+  // With `e` (not null), the exponentials exp(x - m) are also stored there, padded(n) of them, in the
+  // lanes order of the loop (pairs as load_pair puts them, padding lanes 0): grad_row_from_exps reads them
+  // back in the same order.
   template <bool kNextMax = false>
   static acc chunk_exp_sum(const T* x, int64_t n, acc m, const T* ahead, const T* next = nullptr,
-                           acc* next_max = nullptr) {
+                           acc* next_max = nullptr, acc* e = nullptr) {
     constexpr int W = V::kWidth;
-    const V mv = V::set1(m == -static_cast<acc>(kInf) ? acc(0) : m);
+    const V mv = V::set1(exp_shift(m));
     const V zero = V::set1(0);
     V s0 = zero, s1 = zero, s2 = zero, s3 = zero;
     [[maybe_unused]] MaxAccumulator nx;
@@ -234,24 +237,42 @@ struct RowsLayout {
       V a0, b0, a1, b1;
       load_pair(x + i, a0, b0);
       load_pair(x + i + 2 * W, a1, b1);
-      s0 = s0 + V::exp(a0 - mv);
-      s1 = s1 + V::exp(b0 - mv);
-      s2 = s2 + V::exp(a1 - mv);
-      s3 = s3 + V::exp(b1 - mv);
+      const V e0 = V::exp(a0 - mv), e1 = V::exp(b0 - mv), e2 = V::exp(a1 - mv), e3 = V::exp(b1 - mv);
+      if (e) {
+        V::store(e + i, e0);
+        V::store(e + i + W, e1);
+        V::store(e + i + 2 * W, e2);
+        V::store(e + i + 3 * W, e3);
+      }
+      s0 = s0 + e0;
+      s1 = s1 + e1;
+      s2 = s2 + e2;
+      s3 = s3 + e3;
     }
     for (; i + W <= n; i += W) {
       if (i % kLineElems == 0) prefetch(ahead + i);
       if constexpr (kNextMax) nx.add_w(next + i);
-      s0 = s0 + V::exp(V::load(x + i) - mv);
+      const V ev = V::exp(V::load(x + i) - mv);
+      if (e) V::store(e + i, ev);
+      s0 = s0 + ev;
     }
     if (i < n) {
       prefetch(ahead + i);
       if constexpr (kNextMax) nx.add_partial(next + i, n - i);
-      s0 = s0 + V::exp(load_partial<V>(x + i, n - i, -static_cast<acc>(kInf)) - mv);
+      const V ev = V::exp(load_partial<V>(x + i, n - i, -static_cast<acc>(kInf)) - mv);
+      if (e) V::store(e + i, ev);
+      s0 = s0 + ev;
     }
     if constexpr (kNextMax) *next_max = nx.result();
     return ((s0 + s1) + (s2 + s3)).reduce_add();
   }
+
+  // What the exponentials of a chunk with max m are taken relative to: m itself, or 0 when m == -inf
+  // (every term is then exp(-inf) = 0, or NaN from NaN logits, which must survive).
+  static acc exp_shift(acc m) { return m == -static_cast<acc>(kInf) ? acc(0) : m; }
+
+  // Elements of a row's kept exponentials (chunk_exp_sum's `e`): C rounded up to whole vectors.
+  static int64_t padded(int64_t C) { return (C + V::kWidth - 1) / V::kWidth * V::kWidth; }
 
   static RowPartial row_chunk(const CrossEntropyArgs& a, int64_t row, int64_t chunk) {
     const int64_t c0 = chunk * kChunk;
@@ -286,6 +307,19 @@ struct RowsLayout {
 
   // Rows are finished in blocks of kLseRows so that the logs of their sums vectorize.
   static constexpr int kLseRows = 16;
+
+  // The exponentials exp(x - shift) of up to kLseRows rows of one chunk (chunk_exp_sum's `e`, in its lanes
+  // order), with each row's shift and sum: what the fused kernel's forward_rows keeps for grad_block.
+  struct KeptExps {
+    acc* e;          // row i at e + i * stride
+    int64_t stride;  // padded(C)
+    acc shift[kLseRows], sum[kLseRows];
+    acc* row(int64_t i) const { return e + i * stride; }
+    void keep(int64_t i, acc row_shift, acc row_sum) {
+      shift[i] = row_shift;
+      sum[i] = row_sum;
+    }
+  };
 
   // Finishes rows [r0, r0 + rows), rows <= kLseRows, from their merged partials (those of ignored rows are
   // not read). lse = max + log(sum_exp): every path computes a row's lse here, with the row in some lane
@@ -325,7 +359,9 @@ struct RowsLayout {
     return hot_path(a) && a.C * static_cast<int64_t>(sizeof(T)) * kLseRows <= kMaxesFirstBytes;
   }
 
-  static void forward_rows(const CrossEntropyArgs& a, int64_t row_begin, int64_t row_end) {
+  // With `kept` (keeps_exps(a) must hold; at most kLseRows rows), each non-ignored row's exponentials, their
+  // shift and their sum are also kept there (KeptExps): the fused kernel computes the gradient from them.
+  static void forward_rows(const CrossEntropyArgs& a, int64_t row_begin, int64_t row_end, KeptExps* kept = nullptr) {
     const int64_t chunks = num_chunks(a);
     const Coefficients<acc> coef(a);
     RowPartial part[kLseRows];
@@ -348,8 +384,10 @@ struct RowsLayout {
           if (!ignored(a, r0 + i)) {
             const T* x = logits_row(a, r0 + i);
             acc next_max = 0;
-            const acc sum_exp = carry ? chunk_exp_sum<true>(x, a.C, m[i], x + ahead, logits_row(a, next), &next_max)
-                                      : chunk_exp_sum(x, a.C, m[i], x + ahead);
+            acc* e = kept ? kept->row(r0 + i - row_begin) : nullptr;
+            const acc sum_exp = carry ? chunk_exp_sum<true>(x, a.C, m[i], x + ahead, logits_row(a, next), &next_max, e)
+                                      : chunk_exp_sum(x, a.C, m[i], x + ahead, nullptr, nullptr, e);
+            if (kept) kept->keep(r0 + i - row_begin, exp_shift(m[i]), sum_exp);
             part[i] = max_only_partial(m[i], sum_exp);
             if (carry) m[i] = next_max;
             carried[i] = carry;
@@ -374,13 +412,15 @@ struct RowsLayout {
           const T* x = logits_row(a, row);
           const acc m = carried_row == row ? carried_max : chunk_max(x, a.C);
           const T* ahead = prefetch_ahead_of(x, a.C);
+          acc* e = kept ? kept->row(row - row_begin) : nullptr;
           acc sum_exp;
           if (row + 1 < row_end && !ignored(a, row + 1)) {
-            sum_exp = chunk_exp_sum<true>(x, a.C, m, ahead, logits_row(a, row + 1), &carried_max);
+            sum_exp = chunk_exp_sum<true>(x, a.C, m, ahead, logits_row(a, row + 1), &carried_max, e);
             carried_row = row + 1;
           } else {
-            sum_exp = chunk_exp_sum(x, a.C, m, ahead);
+            sum_exp = chunk_exp_sum(x, a.C, m, ahead, nullptr, nullptr, e);
           }
+          if (kept) kept->keep(row - row_begin, exp_shift(m), sum_exp);
           part[i] = max_only_partial(m, sum_exp);
         }
         finish_block(a, coef, r0, rows, part);
@@ -484,9 +524,9 @@ struct RowsLayout {
   // (set by the host only when the gradient rows are contiguous) a block goes through a staging buffer in
   // L1 and is copied out with whole-line non-temporal stores; streaming from the exp loop instead leaves
   // a short row's partial lines to ordinary stores, and the mix took five times as long at C = 80. Both
-  // ops thus write every gradient element through the same (out-of-line) backward_row with ordinary
-  // stores, so the compiler's fma contraction cannot differ between them. Longer rows stream from the
-  // exp loop when a.stream_grad.
+  // ops thus write every gradient element through the same out-of-line function with ordinary stores
+  // (backward_row, or grad_row_from_exps for the hot path's rows of one chunk), so the compiler's fma
+  // contraction cannot differ between them. Longer rows stream from the exp loop when a.stream_grad.
   static void backward_rows(const CrossEntropyArgs& a, int64_t row_begin, int64_t row_end, int64_t c0, int64_t c1) {
     const Coefficients<acc> coef(a);
     if (fused_rows_fit(a.C, sizeof(T)) && c0 == 0 && c1 == a.C) {
@@ -502,11 +542,62 @@ struct RowsLayout {
   }
 
   // The gradient rows [r0, r0 + rows) of short rows (Note [Short rows' gradient]); `stage` holds
-  // kFusedStageBytes. The caller fences.
-  static void grad_block(const CrossEntropyArgs& a, const Coefficients<acc>& coef, int64_t r0, int64_t rows, T* stage) {
-    for (int64_t i = 0; i < rows; ++i)
-      backward_row(a, coef, r0 + i, a.stream_grad ? stage + i * a.C : grad_row(a, r0 + i), 0, a.C, false);
+  // kFusedStageBytes. The caller fences. When keeps_exps(a), non-ignored rows take grad_row_from_exps, from
+  // the exponentials the fused kernel's forward kept (`kept`) or, for the backward op (kept null), from
+  // exponentials it recomputes.
+  static void grad_block(const CrossEntropyArgs& a, const Coefficients<acc>& coef, int64_t r0, int64_t rows, T* stage,
+                         const KeptExps* kept = nullptr) {
+    const bool from_exps = keeps_exps(a);
+    for (int64_t i = 0; i < rows; ++i) {
+      T* g = a.stream_grad ? stage + i * a.C : grad_row(a, r0 + i);
+      if (!from_exps || ignored(a, r0 + i)) {
+        backward_row(a, coef, r0 + i, g, 0, a.C, false);
+      } else if (kept) {
+        grad_row_from_exps(a, coef, r0 + i, g, kept->row(i), kept->shift[i], kept->sum[i]);
+      } else {
+        // The forward's exp pass again, the same function on the same row: the same exponentials and sum.
+        alignas(64) acc e[kFusedStageBytes / sizeof(T) + V::kWidth];
+        const T* x = logits_row(a, r0 + i);
+        const acc m = chunk_max(x, a.C);
+        const acc sum = chunk_exp_sum(x, a.C, m, x, nullptr, nullptr, e);
+        grad_row_from_exps(a, coef, r0 + i, g, e, exp_shift(m), sum);
+      }
+    }
     if (a.stream_grad) stream_copy(grad_row(a, r0), stage, rows * a.C * static_cast<int64_t>(sizeof(T)));
+  }
+
+  // Whether short rows' gradients are computed from their exponentials and their sum (grad_row_from_exps):
+  // the hot path with rows of one chunk, whose exponentials forward_rows can keep.
+  static bool keeps_exps(const CrossEntropyArgs& a) { return hot_path(a) && num_chunks(a) == 1; }
+
+
+  // The gradient row of a non-ignored hot-path short row (keeps_exps), from the row's exponentials
+  // e_j = exp(x_j - m) (chunk_exp_sum's lanes order) and their sum:
+  //   g_j = k e_j,  k = s w_t / sum           (s w_t: backward_row's s * index_softmax_coef(t), no smoothing)
+  //   g_t = s (w_t p_t - w_t),  p_t = exp(x_t - m) / sum.
+  // The softmax is taken from the sum itself rather than from lse: lse is rounded to float, and at logits
+  // of magnitude L that rounding (up to half an ulp of L, 5e-4 at 1e4) would be a relative error of every p.
+  // The fused kernel passes the exponentials its forward kept and takes one exp per logit instead of two;
+  // the backward op recomputes them with the forward's own exp pass, so both ops write the same bits.
+  // Out of line, as backward_row (Note [Short rows' gradient]).
+  __attribute__((noinline)) static void grad_row_from_exps(const CrossEntropyArgs& a, const Coefficients<acc>& coef,
+                                                           int64_t row, T* g, const acc* e, acc m, acc sum) {
+    constexpr int W = V::kWidth;
+    const int64_t C = a.C;
+    const int64_t t = a.target[row];
+    const double s = grad_scale<acc>(a, row);
+    const double swt = s * coef.index_softmax_coef(t);
+    const V k = V::set1(static_cast<acc>(swt / static_cast<double>(sum)));
+    int64_t i = 0;
+    for (; i + 4 * W <= C; i += 4 * W) {
+      store_pair(g + i, k * V::load(e + i), k * V::load(e + i + W));
+      store_pair(g + i + 2 * W, k * V::load(e + i + 2 * W), k * V::load(e + i + 3 * W));
+    }
+    for (; i + W <= C; i += W) V::store(g + i, k * V::load(e + i));
+    if (i < C) store_partial(g + i, C - i, k * V::load(e + i));
+    const double p_t =
+        static_cast<double>(scalar_exp(static_cast<acc>(to_acc(logits_row(a, row)[t]) - m))) / static_cast<double>(sum);
+    from_acc(g + t, static_cast<acc>(s * (coef.index_softmax_coef(t) * p_t - coef.target_term(t))));
   }
 
   // The gradient of classes [c0, c1) of one row into g (that row's gradient, or a staging buffer), with
@@ -572,12 +663,17 @@ struct RowsLayout {
   // logits are in L1. The same kernels as the separate ops, so the same bits.
   static void forward_grad_rows(const CrossEntropyArgs& a, int64_t row_begin, int64_t row_end) {
     alignas(64) T stage[kFusedStageBytes / sizeof(T)];
+    // The block's exponentials when keeps_exps(a): its logits fit kFusedStageBytes, each row padded to
+    // whole vectors.
+    alignas(64) acc exps[kFusedStageBytes / sizeof(T) + kLseRows * V::kWidth];
+    KeptExps kept{exps, padded(a.C), {}, {}};
+    KeptExps* keep = keeps_exps(a) ? &kept : nullptr;
     const Coefficients<acc> coef(a);
     const int64_t block = fused_block_rows(a.C);
     for (int64_t r0 = row_begin; r0 < row_end; r0 += block) {
       const int64_t rows = row_end - r0 < block ? row_end - r0 : block;
-      forward_rows(a, r0, r0 + rows);
-      grad_block(a, coef, r0, rows, stage);
+      forward_rows(a, r0, r0 + rows, keep);
+      grad_block(a, coef, r0, rows, stage, keep);
     }
     if (a.stream_grad) stream_fence();
   }
