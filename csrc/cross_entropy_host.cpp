@@ -33,6 +33,10 @@ std::optional<NCSView> ncs_view(const at::Tensor& t) {
   return v;
 }
 
+at::Tensor contiguous_strides(const at::Tensor& t) {
+  return t.numel() == 0 ? at::empty(t.sizes(), t.options()) : t.contiguous();
+}
+
 std::vector<int64_t> dense_strides_like(const at::Tensor& like) {
   if (like.is_non_overlapping_and_dense()) return like.strides().vec();
   std::vector<int64_t> strides(like.dim());

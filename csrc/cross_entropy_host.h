@@ -29,6 +29,11 @@ std::optional<NCSView> ncs_view(const at::Tensor& t);
 // tensors in the same order), contiguous strides otherwise.
 std::vector<int64_t> dense_strides_like(const at::Tensor& like);
 
+// t with contiguous strides: t.contiguous(), except that an empty tensor, which contiguous() returns as it
+// is whatever its strides (it counts as contiguous), gets a new one (there is nothing to copy). The
+// kernels' layout plans rely on the strides.
+at::Tensor contiguous_strides(const at::Tensor& t);
+
 // Checks shared by every cross-entropy op; the messages and exception types follow PyTorch's
 // (ValueError for a batch mismatch, IndexError for an out-of-range target is raised by the kernels).
 void check_logits(const at::Tensor& logits, const char* op);

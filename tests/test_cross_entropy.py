@@ -1076,6 +1076,35 @@ def test_bad_inputs_match_pytorch_behavior_for_valid_edge_cases():
         xent.cross_entropy(torch.zeros(3, 0), torch.zeros(3, dtype=torch.long))
 
 
+def test_unbatched_input_with_a_longer_target_raises_value_error():
+    """A (C) input is one position: a (k) class target with k != 1 is a batch-size mismatch, ValueError in
+    PyTorch (found by a fuzzer: xent raised RuntimeError from its kernel's shape check)."""
+    x, t = torch.randn(5), torch.tensor([0, 1])
+    with pytest.raises(ValueError):
+        F.cross_entropy(x, t)
+    for fn in (xent.cross_entropy, xent.softmax_focal_loss):
+        with pytest.raises(ValueError, match="batch_size"):
+            fn(x, t)
+
+
+@pytest.mark.parametrize("kind", ["index", "prob"])
+@pytest.mark.parametrize("reduction", REDUCTIONS)
+def test_empty_strided_kdim_input(kind, reduction):
+    """An empty K-dim input whose strides fit no kernel layout (found by a fuzzer: contiguous() returns an
+    empty tensor unchanged, and the layout plan asserted; the fused path recursed without end)."""
+    x = torch.zeros(0, 3, 4)[..., ::2].requires_grad_()
+    t = torch.zeros(0, 3, 4)[..., ::2] if kind == "prob" else torch.zeros(0, 2, dtype=torch.long)
+    for fn in (xent.cross_entropy, xent.softmax_focal_loss):
+        loss = fn(x, t, reduction=reduction)
+        want = F.cross_entropy(x, t, reduction=reduction)
+        assert loss.shape == want.shape
+        torch.testing.assert_close(loss, want, equal_nan=True)
+        (g,) = torch.autograd.grad(loss.sum(), x)
+        assert g.shape == x.shape
+    nll = xent.nll_loss(x, torch.zeros(0, 2, dtype=torch.long), reduction=reduction)
+    assert nll.shape == F.nll_loss(x, torch.zeros(0, 2, dtype=torch.long), reduction=reduction).shape
+
+
 @pytest.mark.parametrize("op", ["fwd", "prob_fwd"])
 def test_ops_reject_other_device_arguments(op):
     """The ops themselves (not only the Python wrapper) refuse arguments on another device: a meta

@@ -69,6 +69,9 @@ def _cross_entropy_arguments(
     unbatched = input.dim() == 1
     if unbatched and not probabilities and target.dim() == 1 and target.numel() == 1:
         target = target.reshape(())  # PyTorch accepts a (1,) class target for a (C) input
+    if unbatched and not probabilities and target.dim() >= 1 and target.shape[0] != 1:
+        # A (C) input is one position: PyTorch compares its batch size, 1, with the target's.
+        raise ValueError(f"Expected input batch_size (1) to match target batch_size ({target.shape[0]}).")
     if unbatched:
         input = input.unsqueeze(0)
         target = target.unsqueeze(0)

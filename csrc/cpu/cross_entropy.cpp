@@ -92,7 +92,7 @@ Plan plan_layout(at::Tensor& logits) {
         }
       }
     }
-    logits = logits.contiguous();
+    logits = contiguous_strides(logits);
   }
   TORCH_INTERNAL_ASSERT(false, "contiguous logits must fit the rows or lanes layout");
 }
@@ -330,7 +330,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> forward_grad_impl(const at::Tenso
   at::Tensor grad = grad_buffer_for(pr, logits, a);
   if (!grad.defined()) {  // a dense layout no kernel takes (e.g. permuted K-dim): as backward_impl does
     auto [loss, lse, contiguous_grad] =
-        forward_grad_impl(logits.contiguous(), target, weight, prob, reduction, ignore_index, label_smoothing);
+        forward_grad_impl(contiguous_strides(logits), target, weight, prob, reduction, ignore_index, label_smoothing);
     at::Tensor g = empty_grad_buffer(logits.sizes(), dense_strides_like(logits), logits.scalar_type());
     return {loss, lse, g.copy_(contiguous_grad)};
   }
@@ -365,7 +365,7 @@ at::Tensor backward_impl(const at::Tensor& grad_loss, const at::Tensor& logits, 
   at::Tensor grad = grad_buffer_for(pr, logits, a);
   if (!grad.defined()) {
     at::Tensor contiguous_grad =
-        backward_impl(grad_loss, logits.contiguous(), target, weight, lse, prob, reduction, ignore_index, label_smoothing);
+        backward_impl(grad_loss, contiguous_strides(logits), target, weight, lse, prob, reduction, ignore_index, label_smoothing);
     at::Tensor g = empty_grad_buffer(logits.sizes(), dense_strides_like(logits), logits.scalar_type());
     return g.copy_(contiguous_grad);
   }

@@ -49,7 +49,7 @@ NllPlan prepare(const at::Tensor& input, const at::Tensor& target, const std::op
   plan.input = input;
   auto v = ncs_view(input);
   if (!v) {
-    plan.input = input.contiguous();
+    plan.input = contiguous_strides(input);
     v = ncs_view(plan.input);
   }
   plan.view = *v;
@@ -121,7 +121,7 @@ at::Tensor nll_loss_bwd(const at::Tensor& grad_loss, const at::Tensor& input, co
   auto gv = ncs_view(grad);
   if (!gv) {
     at::Tensor contiguous_grad =
-        nll_loss_bwd(grad_loss, input.contiguous(), target, weight, total_weight, reduction, ignore_index);
+        nll_loss_bwd(grad_loss, contiguous_strides(input), target, weight, total_weight, reduction, ignore_index);
     return grad.copy_(contiguous_grad);
   }
   const auto acc = acc_dtype(input.scalar_type());

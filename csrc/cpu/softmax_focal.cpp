@@ -79,7 +79,7 @@ Plan plan_layout(at::Tensor& logits) {
       if (v->S > 1 && v->stride_s == 1) return {Layout::lanes, *v};
       if (v->S == 1 && (v->stride_n == 1 || v->N <= 1)) return {Layout::lanes, batch_as_positions(*v)};
     }
-    logits = logits.contiguous();
+    logits = contiguous_strides(logits);
   }
   TORCH_INTERNAL_ASSERT(false, "contiguous logits must fit the rows or lanes layout");
 }
@@ -193,7 +193,7 @@ at::Tensor backward_impl(const at::Tensor& grad_loss, const at::Tensor& logits, 
   at::Tensor grad = empty_grad_buffer(logits.sizes(), dense_strides_like(logits), logits.scalar_type());
   auto gv = view_in(pr.plan, grad);
   if (!gv) {
-    at::Tensor contiguous_grad = backward_impl(grad_loss, logits.contiguous(), target, weight, lse, prob, gamma,
+    at::Tensor contiguous_grad = backward_impl(grad_loss, contiguous_strides(logits), target, weight, lse, prob, gamma,
                                                reduction, ignore_index, label_smoothing);
     return grad.copy_(contiguous_grad);
   }
@@ -242,7 +242,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> forward_grad_impl(const at::Tenso
   auto gv = view_in(pr.plan, grad);
   if (!gv) {
     auto [loss, lse, contiguous_grad] =
-        forward_grad_impl(logits.contiguous(), target, weight, gamma, reduction, ignore_index, label_smoothing);
+        forward_grad_impl(contiguous_strides(logits), target, weight, gamma, reduction, ignore_index, label_smoothing);
     return {loss, lse, grad.copy_(contiguous_grad)};
   }
   a.grad = grad.data_ptr();

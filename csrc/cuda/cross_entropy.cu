@@ -84,7 +84,7 @@ Prepared prepare(const at::Tensor& logits, const at::Tensor* prob_target) {
   auto xv = view_of(pr.x);
   std::optional<Kind> kind = xv ? pick_kind(*xv) : std::nullopt;
   if (!kind) {
-    pr.x = logits.contiguous();
+    pr.x = contiguous_strides(logits);
     xv = view_of(pr.x);
     kind = pick_kind(*xv);
     TORCH_INTERNAL_ASSERT(kind.has_value());

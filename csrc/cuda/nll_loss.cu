@@ -96,7 +96,7 @@ std::tuple<at::Tensor, at::Tensor> nll_loss_fwd(const at::Tensor& input, const a
   at::Tensor x = input;
   auto dims = position_dims(x);
   if (!dims) {  // more than kMaxPositionDims non-mergeable dims: rare; read a contiguous copy
-    x = input.contiguous();
+    x = contiguous_strides(input);
     dims = position_dims(x);
     TORCH_INTERNAL_ASSERT(dims.has_value());
   }

@@ -44,7 +44,7 @@ struct Viewed {
 
 Viewed viewed(const at::Tensor& t) {
   if (auto v = ncs_view(t)) return {t, *v};
-  Viewed r{t.contiguous(), {}};
+  Viewed r{contiguous_strides(t), {}};
   auto v = ncs_view(r.t);
   TORCH_INTERNAL_ASSERT(v.has_value(), "a contiguous tensor must have an (N, C, S) view");
   r.v = *v;
