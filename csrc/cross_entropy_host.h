@@ -10,6 +10,7 @@
 #include <ATen/core/Tensor.h>
 #include <c10/util/Exception.h>
 
+#include <cmath>
 #include <cstdint>
 #include <optional>
 
@@ -33,6 +34,16 @@ std::vector<int64_t> dense_strides_like(const at::Tensor& like);
 // is whatever its strides (it counts as contiguous), gets a new one (there is nothing to copy). The
 // kernels' layout plans rely on the strides.
 at::Tensor contiguous_strides(const at::Tensor& t);
+
+// A 'mean' reduction: total / denominator (the summed weights w_t of the non-ignored class-index targets,
+// or the number of positions); the gradient's scale is mean_of(grad_loss, ...) likewise. PyTorch's
+// label-smoothed cross_entropy takes its mean as an NLL mean plus a smoothing term over the same
+// denominator, so when that is 0 (every target weighs 0, or all are ignored) its NLL part is 0 / 0 = NaN
+// and so is the result, where our one total over 0 would be inf: with label_smoothing > 0 a zero
+// denominator gives NaN. (Without smoothing total / 0 is already PyTorch's NLL mean, NaN or +-inf.)
+inline double mean_of(double total, double denominator, double label_smoothing) {
+  return denominator == 0 && label_smoothing > 0 ? std::nan("") : total / denominator;
+}
 
 // Checks shared by every cross-entropy op; the messages and exception types follow PyTorch's
 // (ValueError for a batch mismatch, IndexError for an out-of-range target is raised by the kernels).

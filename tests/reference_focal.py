@@ -7,7 +7,8 @@ probabilities t: q_c = (1 - eps) t_c + eps / C):
     loss = -sum_c w_c q_c (1 - p_c)^gamma logp_c
 
 Ignored class-index positions give 0. 'mean' divides by sum of w_y over the non-ignored positions (class
-indices; 0 / 0 = NaN) or by the number of positions (probabilities), as cross-entropy.
+indices; 0 / 0 = NaN, and with label smoothing any total over 0 is NaN) or by the number of positions
+(probabilities), as cross-entropy.
 
 Without smoothing a class index contributes only its own term, gathered (so other classes' -inf logits
 do not turn 0 * inf into NaN). 1 - p is -expm1(logp) (accurate for confident predictions). Differentiable:
@@ -76,6 +77,11 @@ def softmax_focal_loss_reference(
     elif reduction == "sum":
         loss = per_position.sum()
     elif reduction == "mean":
+        if eps > 0 and denominator.item() == 0:
+            # As cross_entropy (PyTorch): its smoothed mean is an NLL mean, 0 / 0 = NaN, plus the smoothing
+            # term over the same denominator, so a zero denominator gives NaN (not total / 0 = inf), and so
+            # does the gradient of every non-ignored position (ignored ones keep 0, through torch.where).
+            denominator = denominator * math.nan
         loss = per_position.sum() / denominator
     else:
         raise ValueError(reduction)

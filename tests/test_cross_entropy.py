@@ -1076,6 +1076,29 @@ def test_bad_inputs_match_pytorch_behavior_for_valid_edge_cases():
         xent.cross_entropy(torch.zeros(3, 0), torch.zeros(3, dtype=torch.long))
 
 
+@pytest.mark.parametrize("label_smoothing", [0.0, 0.3, 1.0])
+def test_mean_over_zero_weight_targets_is_nan(backend, label_smoothing):
+    """Every non-ignored target weighs 0: PyTorch's mean is NaN with or without label smoothing (its
+    smoothed mean adds the smoothing term to an NLL mean of 0 / 0), and so is the gradient of every
+    non-ignored position; ignored positions keep a zero gradient. (A fuzzer found inf here with smoothing.)"""
+    x = torch.tensor([[-4.0, 6.5, 0.5], [1.0, 2.0, 3.0], [0.5, 0.1, -2.0]])
+    target = torch.tensor([1, -100, 1])
+    w = torch.tensor([2.0, 0.0, 1.0])
+    xr = x.clone().requires_grad_()
+    want = F.cross_entropy(xr, target, w, label_smoothing=label_smoothing)
+    (g_want,) = torch.autograd.grad(want, xr)
+    assert want.isnan() and g_want[[0, 2]].isnan().all() and (g_want[1] == 0).all()  # PyTorch's behaviour
+    with backend.active():
+        # A plain backward takes the fused op's saved gradient (CPU); create_graph, the separate backward op.
+        for create_graph in (False, True):
+            xl = backend.put(x).requires_grad_()
+            loss = xent.cross_entropy(xl, backend.put(target), backend.put(w), label_smoothing=label_smoothing)
+            (g,) = torch.autograd.grad(loss, xl, create_graph=create_graph)
+            assert loss.isnan().item(), f"xent mean {loss.item()} is not NaN"
+            g = g.detach().cpu()
+            assert g[[0, 2]].isnan().all() and (g[1] == 0).all(), f"gradient {g}"
+
+
 def test_unbatched_input_with_a_longer_target_raises_value_error():
     """A (C) input is one position: a (k) class target with k != 1 is a batch-size mismatch, ValueError in
     PyTorch (found by a fuzzer: xent raised RuntimeError from its kernel's shape check)."""

@@ -110,7 +110,8 @@ def cross_entropy(
             out of the mean's denominator. Any integer, even a valid class.
         reduction: 'none' | 'mean' | 'sum'. 'mean' divides by the summed weights of the non-ignored
             targets (class indices) or by the number of positions N * d1 * ... * dk (probabilities); an
-            all-ignored mean is NaN, as in PyTorch.
+            all-ignored mean is NaN, as in PyTorch, and so is a label-smoothed mean whose targets all
+            weigh 0.
         label_smoothing: in [0, 1]; PyTorch's formula, combined with weight and ignore_index as PyTorch
             does.
 
@@ -188,7 +189,8 @@ def softmax_focal_loss(
         ignore_index: class-index targets equal to it contribute neither loss nor gradient and are left
             out of the mean's denominator.
         reduction: 'none' | 'mean' | 'sum'. 'mean' divides by the summed weights w_y of the non-ignored
-            targets (class indices; NaN when all are ignored) or by the number of positions
+            targets (class indices; NaN when all are ignored, or with label_smoothing when they weigh 0,
+            as cross_entropy) or by the number of positions
             N * d1 * ... * dk (probabilities), as cross_entropy.
         label_smoothing: eps in [0, 1], see above.
         gamma: the focusing exponent, a number >= 0 (default 2).

@@ -294,7 +294,7 @@ std::tuple<at::Tensor, at::Tensor> forward_impl(const at::Tensor& logits, const 
     return {acc == logits.scalar_type() ? loss : loss.to(logits.scalar_type()), lse};
   }
   double total = deterministic_sum(loss);
-  if (reduction == at::Reduction::Mean) total /= pr.mean_denominator;  // 0 / 0 = NaN, as PyTorch
+  if (reduction == at::Reduction::Mean) total = mean_of(total, pr.mean_denominator, label_smoothing);
   return {at::scalar_tensor(total, logits.options()), lse};
 }
 
@@ -342,12 +342,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> forward_grad_impl(const at::Tenso
   a.loss = loss.data_ptr();
   a.lse_in = lse.const_data_ptr();  // each block's backward reads the lse its forward just wrote
   // Exactly the separate backward's scale for grad_loss = 1 (backward_impl), so the gradients agree bitwise.
-  a.grad_scale_value = reduction == at::Reduction::Mean ? 1.0 / pr.mean_denominator : 1.0;
+  a.grad_scale_value = reduction == at::Reduction::Mean ? mean_of(1.0, pr.mean_denominator, label_smoothing) : 1.0;
   if (pr.positions > 0 && a.C > 0) run_fused(pr.plan, a, pr.positions);
   else if (pr.positions > 0) run_forward(pr.plan, a, pr.positions);
 
   double total = deterministic_sum(loss);
-  if (reduction == at::Reduction::Mean) total /= pr.mean_denominator;  // 0 / 0 = NaN, as PyTorch
+  if (reduction == at::Reduction::Mean) total = mean_of(total, pr.mean_denominator, label_smoothing);
   return {at::scalar_tensor(total, logits.options()), lse, grad};
 }
 
@@ -380,7 +380,7 @@ at::Tensor backward_impl(const at::Tensor& grad_loss, const at::Tensor& logits, 
   } else {
     // A CPU scalar: reading it is not a device synchronization.
     double g = grad_loss.item<double>();
-    if (reduction == at::Reduction::Mean) g /= pr.mean_denominator;
+    if (reduction == at::Reduction::Mean) g = mean_of(g, pr.mean_denominator, label_smoothing);
     a.grad_scale_value = g;
   }
   run_backward(pr.plan, a, pr.positions);

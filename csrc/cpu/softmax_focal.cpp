@@ -177,7 +177,7 @@ std::tuple<at::Tensor, at::Tensor> forward_impl(const at::Tensor& logits, const 
     return {acc == logits.scalar_type() ? loss : loss.to(logits.scalar_type()), lse};
   }
   double total = deterministic_sum(loss);
-  if (reduction == at::Reduction::Mean) total /= pr.mean_denominator;  // 0 / 0 = NaN, as cross_entropy
+  if (reduction == at::Reduction::Mean) total = mean_of(total, pr.mean_denominator, label_smoothing);
   return {at::scalar_tensor(total, logits.options()), lse};
 }
 
@@ -212,7 +212,7 @@ at::Tensor backward_impl(const at::Tensor& grad_loss, const at::Tensor& logits, 
     a.grad_scale_per_position = scale.const_data_ptr();
   } else {
     double g = grad_loss.item<double>();  // a CPU scalar: no device synchronization
-    if (reduction == at::Reduction::Mean) g /= pr.mean_denominator;
+    if (reduction == at::Reduction::Mean) g = mean_of(g, pr.mean_denominator, label_smoothing);
     a.grad_scale_value = g;
   }
   const FocalKernelTable& k = focal_kernels();
@@ -257,7 +257,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> forward_grad_impl(const at::Tenso
   a.loss = loss.data_ptr();
   a.lse_in = lse.const_data_ptr();  // each block's backward reads the lse its forward just wrote
   // Exactly the separate backward's scale for grad_loss = 1 (backward_impl), so the gradients agree bitwise.
-  a.grad_scale_value = reduction == at::Reduction::Mean ? 1.0 / pr.mean_denominator : 1.0;
+  a.grad_scale_value = reduction == at::Reduction::Mean ? mean_of(1.0, pr.mean_denominator, label_smoothing) : 1.0;
   const FocalKernelTable& k = focal_kernels();
   const bool rows = pr.plan.layout == Layout::rows;
   a.stream_grad = rows && a.S == 1 && a.grad_stride_c == 1 && a.grad_stride_n == a.C &&
@@ -281,7 +281,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> forward_grad_impl(const at::Tenso
     at::parallel_for(0, pr.positions, grain_positions(a.C), [&](int64_t p0, int64_t p1) { body(a, p0, p1); });
   }
   double total = deterministic_sum(loss);
-  if (reduction == at::Reduction::Mean) total /= pr.mean_denominator;  // 0 / 0 = NaN, as cross_entropy
+  if (reduction == at::Reduction::Mean) total = mean_of(total, pr.mean_denominator, label_smoothing);
   return {at::scalar_tensor(total, logits.options()), lse, grad};
 }
 

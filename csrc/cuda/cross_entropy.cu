@@ -341,6 +341,7 @@ std::tuple<at::Tensor, at::Tensor> forward_impl(
         } else {
           f.den = a.block_partials + n_blocks;
         }
+        f.nan_if_den_zero = label_smoothing > 0;
       }
       f.loss_out = mptr<scalar_t>(loss);
       launch_finish(f, stream);
@@ -400,6 +401,7 @@ at::Tensor backward_impl(
       f.acc_out = mptr<acc_t>(scale);
       at::Tensor weight_partials;
       if (reduction == at::Reduction::Mean) {
+        f.nan_if_den_zero = label_smoothing > 0;
         if (prob) {
           f.den_const = static_cast<acc_t>(P);
         } else {

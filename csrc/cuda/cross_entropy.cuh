@@ -676,6 +676,9 @@ struct FinishParams {
   const acc_t* den = nullptr;  // n values summed into the denominator (null: den_const)
   int64_t n = 0;
   acc_t den_const = 1;
+  // A zero denominator gives NaN (num / 0 would be +-inf): a label-smoothed mean, as mean_of in
+  // cross_entropy_host.h.
+  bool nan_if_den_zero = false;
   const scalar_t* grad = nullptr;  // backward: acc_out = grad / den
   scalar_t* loss_out = nullptr;    // forward: loss_out = num / den
   acc_t* acc_out = nullptr;        // forward: acc_out = num / den (if set)
@@ -708,6 +711,7 @@ __global__ void __launch_bounds__(kFinishBlock, 1) finish_kernel(const FinishPar
       den += sh_den[w];
     }
     if (f.den == nullptr) den = f.den_const;
+    if (f.nan_if_den_zero && den == acc_t(0)) den = den / den;  // 0 / 0: NaN
     if (f.grad != nullptr) {
       store_global(f.acc_out, to_acc(load_global(f.grad)) / den);
     } else {

@@ -162,6 +162,7 @@ std::tuple<at::Tensor, at::Tensor> forward_impl(const at::Tensor& logits, const 
         // Probability targets: every position counts 1; class indices: the summed w_y (0 / 0 = NaN).
         if (prob) f.den_const = static_cast<acc_t>(pr.P);
         else f.den = a.block_partials + pr.grid;
+        f.nan_if_den_zero = label_smoothing > 0;
       }
       f.loss_out = mptr<scalar_t>(loss);
       launch_finish(f, stream);
@@ -199,6 +200,7 @@ at::Tensor backward_impl(const at::Tensor& grad_loss, const at::Tensor& logits, 
       f.grad = cptr<scalar_t>(gl);
       f.acc_out = mptr<acc_t>(scale);
       if (reduction == at::Reduction::Mean) {
+        f.nan_if_den_zero = label_smoothing > 0;
         if (prob) {
           f.den_const = static_cast<acc_t>(pr.P);
         } else {
