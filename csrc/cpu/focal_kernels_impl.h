@@ -156,12 +156,9 @@ struct FocalRows {
     return m == -static_cast<acc>(kFocalInf) ? acc(0) : m;
   }
 
-  // Row stride (elements) of the exponentials kept by row_exp_sum: C rounded up to whole vectors.
-  static int64_t padded(int64_t C) { return (C + W - 1) / W * W; }
-
   // The sum of exp(x - m) over one row, m = row_shift(x, C), four accumulators (block_lse takes its log).
-  // When `e` is not null the exponentials exp(x - m) are stored there too (padded(C) elements, padding
-  // lanes 0): the fused kernel's gradient reuses them (see sparse_grad_row). While the exponentials run
+  // When `e` is not null the exponentials exp(x - m) are stored there too (padded_to_vectors<V>(C)
+  // elements, padding lanes 0): the fused kernel's gradient reuses them (see sparse_grad_row). While the exponentials run
   // from L1, a row ahead (`next`, prefetch_row; or null) is prefetched: its max pass would otherwise wait
   // on memory.
   // Prefetches never fault, so a next row shorter than the prefetch is harmless.
@@ -208,7 +205,7 @@ struct FocalRows {
                              acc* sum, acc* e, int64_t e_stride, F&& between_rows) {
     constexpr int64_t kMaxesFirstBytes = int64_t(32) << 10;
     const bool maxes_first =
-        padded(a.C) * static_cast<int64_t>(sizeof(T) + sizeof(acc)) * W <= kMaxesFirstBytes;
+        padded_to_vectors<V>(a.C) * static_cast<int64_t>(sizeof(T) + sizeof(acc)) * W <= kMaxesFirstBytes;
     if (maxes_first)
       for (int64_t i = 0; i < rows; ++i)
         if (!ignored(a, r0 + i)) m[i] = row_shift(logits_row(a, r0 + i), a.C);
@@ -324,8 +321,9 @@ struct FocalRows {
   // The gradient row of a class-index target without smoothing (Note [Focal loss formula]):
   //   dx_j = -s w_y h_y p_j (j != y), then the target element s w_y h_y (1 - p_y) exactly,
   // with p_j = exp(x_j - m) shift_to_p, m = row_shift(x), shift_to_p = exp(m - lse) (block_shift_to_p):
-  // the fused kernel has exp(x_j - m) from its exp sum (`e`, padded(C) elements) and saves one exp per
-  // logit; the backward op (e null) recomputes them with the same arithmetic, so both write the same bits.
+  // the fused kernel has exp(x_j - m) from its exp sum (`e`, padded_to_vectors<V>(C) elements) and saves
+  // one exp per logit; the backward op (e null) recomputes them with the same arithmetic, so both write
+  // the same bits.
   // h_y, om_y: the target's focal terms (GatheredTerms of x_y - lse). `next`: a row ahead to prefetch, or null
   // (see row_exp_sum).
   static void sparse_grad_row(const FocalArgs& a, int64_t row, const T* x, T* g, acc m, acc shift_to_p, acc h_y,
@@ -368,7 +366,7 @@ struct FocalRows {
     const acc* w = static_cast<const acc*>(a.weight);
     acc* lse_out = static_cast<acc*>(a.lse);
     acc* loss_out = static_cast<acc*>(a.loss);
-    const int64_t stride = padded(a.C);
+    const int64_t stride = padded_to_vectors<V>(a.C);
     const bool keep_exps = stride * W <= kBufferElems;
     // a.stream_grad: the block's gradient rows are staged here and copied out with non-temporal stores,
     // in slices between the next block's exp passes (SlicedStreamCopy). Finished before the next block's

@@ -218,9 +218,9 @@ struct RowsLayout {
   // With kNextMax, the loop also runs pass 1 of `next`, the next row of the same length, into *next_max:
   // its loads then overlap these exponentials, where a separate pass 1 would wait for them alone (4096 x
   // 1000 float32 with the logits in L3, 2 threads: forward op 0.51 -> 0.43-0.45 ms).
-  // With `e` (not null), the exponentials exp(x - m) are also stored there, padded(n) of them, in the
-  // lanes order of the loop (pairs as load_pair puts them, padding lanes 0): grad_row_from_exps reads them
-  // back in the same order.
+  // With `e` (not null), the exponentials exp(x - m) are also stored there, padded_to_vectors<V>(n) of
+  // them, in the lanes order of the loop (pairs as load_pair puts them, padding lanes 0):
+  // grad_row_from_exps reads them back in the same order.
   template <bool kNextMax = false>
   static acc chunk_exp_sum(const T* x, int64_t n, acc m, const T* ahead, const T* next = nullptr,
                            acc* next_max = nullptr, acc* e = nullptr) {
@@ -271,9 +271,6 @@ struct RowsLayout {
   // (every term is then exp(-inf) = 0, or NaN from NaN logits, which must survive).
   static acc exp_shift(acc m) { return m == -static_cast<acc>(kInf) ? acc(0) : m; }
 
-  // Elements of a row's kept exponentials (chunk_exp_sum's `e`): C rounded up to whole vectors.
-  static int64_t padded(int64_t C) { return (C + V::kWidth - 1) / V::kWidth * V::kWidth; }
-
   static RowPartial row_chunk(const CrossEntropyArgs& a, int64_t row, int64_t chunk) {
     const int64_t c0 = chunk * kChunk;
     const int64_t n = a.C - c0 < kChunk ? a.C - c0 : kChunk;
@@ -312,7 +309,7 @@ struct RowsLayout {
   // order), with each row's shift and sum: what the fused kernel's forward_rows keeps for grad_block.
   struct KeptExps {
     acc* e;          // row i at e + i * stride
-    int64_t stride;  // padded(C)
+    int64_t stride;  // padded_to_vectors<V>(C)
     acc shift[kLseRows], sum[kLseRows];
     acc* row(int64_t i) const { return e + i * stride; }
     void keep(int64_t i, acc row_shift, acc row_sum) {
@@ -559,7 +556,7 @@ struct RowsLayout {
         alignas(64) acc e[kFusedStageBytes / sizeof(T) + V::kWidth];
         const T* x = logits_row(a, r0 + i);
         const acc m = chunk_max(x, a.C);
-        const acc sum = chunk_exp_sum(x, a.C, m, x, nullptr, nullptr, e);
+        const acc sum = chunk_exp_sum(x, a.C, m, prefetch_ahead_of(x, a.C), nullptr, nullptr, e);
         grad_row_from_exps(a, coef, r0 + i, g, e, exp_shift(m), sum);
       }
     }
@@ -569,7 +566,6 @@ struct RowsLayout {
   // Whether short rows' gradients are computed from their exponentials and their sum (grad_row_from_exps):
   // the hot path with rows of one chunk, whose exponentials forward_rows can keep.
   static bool keeps_exps(const CrossEntropyArgs& a) { return hot_path(a) && num_chunks(a) == 1; }
-
 
   // The gradient row of a non-ignored hot-path short row (keeps_exps), from the row's exponentials
   // e_j = exp(x_j - m) (chunk_exp_sum's lanes order) and their sum:
@@ -666,7 +662,7 @@ struct RowsLayout {
     // The block's exponentials when keeps_exps(a): its logits fit kFusedStageBytes, each row padded to
     // whole vectors.
     alignas(64) acc exps[kFusedStageBytes / sizeof(T) + kLseRows * V::kWidth];
-    KeptExps kept{exps, padded(a.C), {}, {}};
+    KeptExps kept{exps, padded_to_vectors<V>(a.C), {}, {}};
     KeptExps* keep = keeps_exps(a) ? &kept : nullptr;
     const Coefficients<acc> coef(a);
     const int64_t block = fused_block_rows(a.C);

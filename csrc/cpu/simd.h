@@ -487,6 +487,13 @@ inline V load_partial(const T* p, int64_t n, typename V::scalar fill) {
   }
 }
 
+// n rounded up to whole vectors of V: the row stride of the exponentials a fused kernel keeps per row
+// (their last vector is stored whole, padding lanes 0).
+template <class V>
+inline int64_t padded_to_vectors(int64_t n) {
+  return (n + V::kWidth - 1) / V::kWidth * V::kWidth;
+}
+
 template <class V, class T>
 inline void store_partial(T* p, int64_t n, V x) {
   if constexpr (requires { V::store_first(p, n, x); }) {
