@@ -75,25 +75,39 @@ std::tuple<at::Tensor, at::Tensor> nll_loss_fwd(const at::Tensor& input, const a
     const scalar_t* x = plan.input.const_data_ptr<scalar_t>();
     const acc_t* w = plan.weight.defined() ? plan.weight.const_data_ptr<acc_t>() : nullptr;
     const int64_t S = v.S, sn = v.stride_n, sc = v.stride_c, ss = v.stride_s;
+    auto element_of = [=](int64_t p, int64_t tp) {
+      const int64_t n = S == 1 ? p : p / S, s = S == 1 ? 0 : p % S;
+      return x + (n * sn + tp * sc + s * ss);
+    };
     auto loss_at = [=](int64_t p) -> acc_t {
       const int64_t tp = t[p];
       if (tp == ignore_index) return 0;
-      const int64_t n = S == 1 ? p : p / S, s = S == 1 ? 0 : p % S;
       // The product of two acc_t values rounded once to acc_t, as -weight * input in acc_t.
-      const acc_t xv = static_cast<acc_t>(x[n * sn + tp * sc + s * ss]);
+      const acc_t xv = static_cast<acc_t>(*element_of(p, tp));
       return w ? -(w[tp] * xv) : -xv;
+    };
+    // Each position's element is on a line of its own (rows of C >= 16 fp32): the gather waits on memory,
+    // with as many misses in flight as the core tracks. Prefetching the element kGatherAhead positions on
+    // measured 0.43 against 0.49 ms at 65536 x 80 fp32 (2 threads, eager's fwd+bwd between calls).
+    constexpr int64_t kGatherAhead = 32;
+    auto loss_prefetching_at = [=](int64_t p) -> double {
+      if (p + kGatherAhead < P) {
+        const int64_t tq = t[p + kGatherAhead];  // validated: in [0, C) or ignore_index (then any class)
+        __builtin_prefetch(element_of(p + kGatherAhead, tq == ignore_index ? 0 : tq));
+      }
+      return static_cast<double>(loss_at(p));
     };
     if (reduction == at::Reduction::None) {
       at::Tensor loss = at::empty({P}, input.options().dtype(acc));
       acc_t* out = loss.data_ptr<acc_t>();
       at::parallel_for(0, P, kReduceBlock, [&](int64_t p0, int64_t p1) {
-        for (int64_t p = p0; p < p1; ++p) out[p] = loss_at(p);
+        for (int64_t p = p0; p < p1; ++p) out[p] = static_cast<acc_t>(loss_prefetching_at(p));  // exact
       });
       result = loss.to(input.scalar_type()).view(position_sizes(input));
       return;
     }
     // The reduction reads each position's loss as it is gathered: no (P) loss vector to write and re-read.
-    double sum = blocked_sum(P, [loss_at](int64_t p) { return static_cast<double>(loss_at(p)); });
+    double sum = blocked_sum(P, loss_prefetching_at);
     if (reduction == at::Reduction::Mean) sum /= plan.total_weight;  // 0 / 0 = NaN when all ignored, as PyTorch
     result = at::scalar_tensor(sum, input.options());
   });
@@ -153,12 +167,21 @@ at::Tensor nll_loss_bwd(const at::Tensor& grad_loss, const at::Tensor& input, co
       g[n * sn + tp * sc + sj * ss] = static_cast<scalar_t>(-(w ? static_cast<double>(w[tp]) : 1.0) * sp);
     };
     if (S == 1 && sc == 1 && sn == v.C) {
-      // Rows one after another: each task zeroes its rows and writes their target elements while they
-      // are in cache (one pass over the gradient).
+      // Rows one after another: each task zeroes its rows kZeroRowsBytes at a time and writes their
+      // target elements while those lines are in L1 (one pass over the gradient). Zeroing a whole task's
+      // rows first (64 K elements) left the target stores to miss L1 and L2, one line per row: at 65536 x 80
+      // this took 0.92 / 0.69 ms (fp32 / bf16) against 0.79 / 0.51 ms, 2 threads, eager's fwd+bwd between
+      // calls (no change at 4096 x 1000).
+      constexpr int64_t kZeroRowsBytes = int64_t(8) << 10;
+      const int64_t row_bytes = v.C * static_cast<int64_t>(sizeof(scalar_t));
+      const int64_t rows_per_step = std::max<int64_t>(1, kZeroRowsBytes / std::max<int64_t>(row_bytes, 1));
       at::parallel_for(0, P, std::max<int64_t>(1, (int64_t(1) << 16) / std::max<int64_t>(v.C, 1)),
                        [&](int64_t p0, int64_t p1) {
-                         std::memset(g + p0 * v.C, 0, static_cast<size_t>((p1 - p0) * v.C) * sizeof(scalar_t));
-                         for (int64_t p = p0; p < p1; ++p) write_target(p);
+                         for (int64_t q0 = p0; q0 < p1; q0 += rows_per_step) {
+                           const int64_t q1 = std::min(p1, q0 + rows_per_step);
+                           std::memset(g + q0 * v.C, 0, static_cast<size_t>((q1 - q0) * row_bytes));
+                           for (int64_t p = q0; p < q1; ++p) write_target(p);
+                         }
                        });
       return;
     }
