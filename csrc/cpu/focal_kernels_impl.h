@@ -104,13 +104,13 @@ struct FocalRows {
   static constexpr int W = V::kWidth;
 
   static const T* logits_row(const FocalArgs& a, int64_t row) {
-    return static_cast<const T*>(a.logits) + (row / a.S) * a.stride_n + (row % a.S) * a.stride_s;
+    return static_cast<const T*>(a.logits) + position_offset(row, a.S, a.stride_n, a.stride_s);
   }
   static const T* target_row(const FocalArgs& a, int64_t row) {
-    return static_cast<const T*>(a.prob_target) + (row / a.S) * a.target_stride_n + (row % a.S) * a.target_stride_s;
+    return static_cast<const T*>(a.prob_target) + position_offset(row, a.S, a.target_stride_n, a.target_stride_s);
   }
   static T* grad_row(const FocalArgs& a, int64_t row) {
-    return static_cast<T*>(a.grad) + (row / a.S) * a.grad_stride_n + (row % a.S) * a.grad_stride_s;
+    return static_cast<T*>(a.grad) + position_offset(row, a.S, a.grad_stride_n, a.grad_stride_s);
   }
   static bool ignored(const FocalArgs& a, int64_t row) { return !a.prob_target && a.target[row] == a.ignore_index; }
 

@@ -89,13 +89,13 @@ struct RowsLayout {
   using acc = typename V::scalar;
 
   static const T* logits_row(const CrossEntropyArgs& a, int64_t row) {
-    return static_cast<const T*>(a.logits) + (row / a.S) * a.stride_n + (row % a.S) * a.stride_s;
+    return static_cast<const T*>(a.logits) + position_offset(row, a.S, a.stride_n, a.stride_s);
   }
   static const T* target_row(const CrossEntropyArgs& a, int64_t row) {
-    return static_cast<const T*>(a.prob_target) + (row / a.S) * a.target_stride_n + (row % a.S) * a.target_stride_s;
+    return static_cast<const T*>(a.prob_target) + position_offset(row, a.S, a.target_stride_n, a.target_stride_s);
   }
   static T* grad_row(const CrossEntropyArgs& a, int64_t row) {
-    return static_cast<T*>(a.grad) + (row / a.S) * a.grad_stride_n + (row % a.S) * a.grad_stride_s;
+    return static_cast<T*>(a.grad) + position_offset(row, a.S, a.grad_stride_n, a.grad_stride_s);
   }
 
   // The hot path: index targets without smoothing, whose rows need only max and sum exp (no dots).

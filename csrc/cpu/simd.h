@@ -407,6 +407,15 @@ inline void prefetch_ahead(const T* p) {
   prefetch(reinterpret_cast<const char*>(p) + kStreamPrefetchBytes);
 }
 
+// The element offset of position `row` = (n, s), n = row / S, s = row % S, in an (N, C, S) view with
+// strides stride_n, stride_s. The kernels of short rows take it several times per row; for an (N, C)
+// input (S == 1) it needs no 64-bit division, which made softmax focal's fused kernel at 65536 x 80 7-9%
+// faster (fp32 and bf16, one thread, same process).
+inline int64_t position_offset(int64_t row, int64_t S, int64_t stride_n, int64_t stride_s) {
+  if (S == 1) return row * stride_n;
+  return (row / S) * stride_n + (row % S) * stride_s;
+}
+
 // Copies n bytes from src to dst, the whole cache lines of dst with non-temporal stores (no read for
 // ownership of lines that are overwritten whole); the partial lines at either end with ordinary stores,
 // so no line is streamed that another thread's copy also writes. Callers end with stream_fence().
