@@ -16,9 +16,17 @@ dtype one run does:
 2. Speed: forward+backward time of xent, PyTorch eager and ``torch.compile`` of the PyTorch / torchvision
    function (dynamic=False, one compilation per configuration), in the same process. The implementations
    are timed round-robin (one iteration of each in turn, repeated), so that a change in machine load
-   during the run hits all of them alike; the table reports medians and the ratios of medians. glibc is
+   during the run hits all of them alike; the table reports medians and the ratios of medians. The same
+   rounds also time a memory floor (below). glibc is
    told to keep freed memory while timing (``--malloc warm``, benchmarks/malloc_state.py), so that the
    baselines' temporaries are not page-faulted back in on every call.
+
+The memory floor: the bytes that any forward+backward returning a dense gradient must move (write the
+(N, C) gradient; read the input and a target shaped like it; NLL's gradient is zero off the targets and
+needs no read of its input), moved by PyTorch's own fill / copy / add kernels into a preallocated buffer.
+It is not a bound on every machine state (non-temporal stores can beat it when the buffers are cold), but
+``eager / floor`` says how far ahead of eager any implementation can get: where it is below the 4x target,
+no kernel can meet that target on this machine.
 
 Results go to ``--out`` (default benchmarks/results/losses): ``results.json`` (everything, including the
 environment and every repeat) and ``results.md`` (the tables).
@@ -38,7 +46,7 @@ import platform
 import statistics
 import sys
 import time
-from typing import Callable, Dict, List, Sequence, Tuple
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -153,6 +161,19 @@ def build_impl(name: str, loss: str) -> LossFn:
     raise ValueError(f"unknown implementation {name!r}")
 
 
+FLOOR = "floor"  # the memory-floor reference's key in the results (not an implementation)
+
+
+def memory_floor_unit(loss: str, x: torch.Tensor, y: torch.Tensor) -> Callable[[], None]:
+    """The memory floor (module docstring) of one configuration, as a callable timed beside the losses."""
+    out = torch.empty_like(x)
+    if loss == "nll":
+        return lambda: out.zero_()
+    if loss in CLASS_INDEX_LOSSES:
+        return lambda: out.copy_(x)
+    return lambda: torch.add(x, y, out=out)
+
+
 def fwd_bwd(fn: LossFn, x: torch.Tensor, y: torch.Tensor) -> None:
     """The measured unit of work: forward, backward into x.grad, drop the gradient."""
     fn(x, y).backward()
@@ -206,24 +227,29 @@ def judge(entry: dict) -> List[str]:
 
 
 def time_round_robin(fns: Dict[str, LossFn], x: torch.Tensor, y: torch.Tensor, warmup: int, repeats: int,
-                     budget_s: float) -> Dict[str, List[float]]:
-    """Seconds per fwd+bwd of each implementation, timed in turn (one iteration each per round)."""
-    leaves = {name: x.detach().clone().requires_grad_() for name in fns}
+                     budget_s: float, extra: Optional[Dict[str, Callable[[], None]]] = None) -> Dict[str, List[float]]:
+    """Seconds per fwd+bwd of each implementation, timed in turn (one iteration each per round), and per
+    call of each ``extra`` callable (the memory floor) in the same rounds."""
+    units = {}
+    for name, fn in fns.items():
+        leaf = x.detach().clone().requires_grad_()
+        units[name] = lambda fn=fn, leaf=leaf: fwd_bwd(fn, leaf, y)
+    units.update(extra or {})
     estimate = 0.0
     for _ in range(warmup):  # includes torch.compile's compilation on the first call
         round_time = 0.0
-        for name, fn in fns.items():
+        for unit in units.values():
             start = time.perf_counter()
-            fwd_bwd(fn, leaves[name], y)
+            unit()
             round_time += time.perf_counter() - start
         estimate = round_time
     if budget_s > 0 and estimate > 0:
         repeats = max(min(3, repeats), min(repeats, int(budget_s / estimate)))
-    times: Dict[str, List[float]] = {name: [] for name in fns}
+    times: Dict[str, List[float]] = {name: [] for name in units}
     for _ in range(repeats):
-        for name, fn in fns.items():
+        for name, unit in units.items():
             start = time.perf_counter()
-            fwd_bwd(fn, leaves[name], y)
+            unit()
             times[name].append(time.perf_counter() - start)
     return times
 
@@ -241,12 +267,18 @@ def md_table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
 
 
 def results_table(results: List[dict], impls: Sequence[str]) -> str:
-    header = ["loss", "shape", "dtype"] + [f"{i} (ms)" for i in impls]
+    """Medians, xent's speed-ups, and (when timed) the memory floor with eager / floor: the most that any
+    implementation could gain over eager on this machine."""
+    floor = any(FLOOR in r["median_ms"] for r in results)
+    header = ["loss", "shape", "dtype"] + [f"{i} (ms)" for i in impls] + ([f"{FLOOR} (ms)"] if floor else [])
     header += [f"xent vs {i}" for i in impls if i != "xent" and "xent" in impls]
+    header += ["eager / floor"] if floor and "eager" in impls else []
     rows = []
     for r in results:
+        m = r["median_ms"]
         row = [r["loss"], shape_str(r["shape"]), r["dtype"]]
-        row += [f"{r['median_ms'][i]:.2f}" if i in r["median_ms"] else "error" for i in impls]
+        row += [f"{m[i]:.2f}" if i in m else "error" for i in impls]
+        row += [f"{m[FLOOR]:.2f}" if FLOOR in m else "—"] if floor else []
         for i in impls:
             if i == "xent" or "xent" not in impls:
                 continue
@@ -256,6 +288,8 @@ def results_table(results: List[dict], impls: Sequence[str]) -> str:
                 row.append(f"{ratio:.2f}x{mark}")
             else:
                 row.append("—")
+        if floor and "eager" in impls:
+            row.append(f"{m['eager'] / m[FLOOR]:.2f}x" if "eager" in m and FLOOR in m else "—")
         rows.append(row)
     return md_table(header, rows)
 
@@ -303,7 +337,9 @@ def write_markdown(path: str, data: dict) -> None:
         f"{env['xent_cpu_isa']}, torch {env['torch']}, {env['date']}. Median of "
         f"{data['settings']['repeats']} round-robin repeats (load average at start {env['loadavg_start']}, "
         f"at end {env.get('loadavg_end')}); malloc {env.get('malloc')}. Targets: xent >= {TARGETS['compile']:.0f}x torch.compile and "
-        f">= {TARGETS['eager']:.0f}x eager.",
+        f">= {TARGETS['eager']:.0f}x eager. {FLOOR}: the memory floor (the gradient written, the input and a "
+        "same-shaped target read, by PyTorch's copy kernels into a preallocated buffer); eager / floor bounds "
+        "what any implementation can gain over eager on this machine.",
         "",
         results_table(data["results"], data["settings"]["impls"]),
         "",
@@ -332,6 +368,7 @@ def parse_args(argv=None):
     p.add_argument("--repeats", type=int, default=None, help="maximum timed rounds (default 15, quick 3)")
     p.add_argument("--warmup", type=int, default=None, help="untimed rounds (default 2, quick 1)")
     p.add_argument("--budget", type=float, default=6.0, help="seconds of timed rounds per config (0: always --repeats)")
+    p.add_argument("--no-floor", dest="floor", action="store_false", help="do not time the memory floor")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--malloc", choices=malloc_state.MODES, default="warm",
                    help="C allocator state while timing (see benchmarks/malloc_state.py)")
@@ -387,12 +424,13 @@ def main(argv=None) -> int:
                     except Exception as e:  # noqa: BLE001  (e.g. torch.compile without a C++ compiler)
                         fns.pop(name, None)
                         errors[name] = f"{type(e).__name__}: {e}"[:300]
-                times = time_round_robin(fns, x, y, args.warmup, args.repeats, args.budget)
+                extra = {FLOOR: memory_floor_unit(loss, x, y)} if args.floor else {}
+                times = time_round_robin(fns, x, y, args.warmup, args.repeats, args.budget, extra)
                 median = {name: statistics.median(t) * 1e3 for name, t in times.items()}
                 results.append({"loss": loss, "shape": list(shape), "dtype": dtype_name, "median_ms": median,
                                 "times_ms": {k: [v * 1e3 for v in t] for k, t in times.items()}, "errors": errors})
                 ratios = "  ".join(f"{n} {median[n] / median['xent']:.1f}x" for n in median
-                                   if n != "xent" and "xent" in median)
+                                   if n not in ("xent", FLOOR) and "xent" in median)
                 log(f"timing {loss:16s} {shape_str(shape):>10s} {dtype_name:9s} "
                     + "  ".join(f"{n} {m:.2f} ms" for n, m in median.items()) + (f"  | {ratios}" if ratios else "")
                     + "".join(f"  [{n}: {e}]" for n, e in errors.items()))

@@ -1527,5 +1527,6 @@ def test_benchmark_script_quick(tmp_path, restore_num_threads):
     data = json.loads((out / "results.json").read_text())
     assert len(data["correctness"]) == len(data["results"]) == len(bench.LOSSES) * 2 * 2
     for entry in data["results"]:
-        assert set(entry["median_ms"]) == {"xent", "eager"} and not entry["errors"]
+        assert set(entry["median_ms"]) == {"xent", "eager", bench.FLOOR} and not entry["errors"]
     assert "| loss | shape | dtype |" in (out / "results.md").read_text()
+    assert "eager / floor" in (out / "results.md").read_text()
