@@ -29,6 +29,7 @@ from bitwise import assert_bitwise
 from conftest import cpu_has_flag
 from inputs import fixed_rng, keep_first_target, layouts, make_target, make_weight
 from reference import cross_entropy_reference, cross_entropy_reference_chunked
+from reference_focal import softmax_focal_loss_reference
 
 F32, F64, BF16, F16 = torch.float32, torch.float64, torch.bfloat16, torch.float16
 DTYPES = [F32, F64, BF16, F16]
@@ -897,6 +898,30 @@ def test_float32_gradient_with_large_logits_cpu(offset, reduction):
     (g64,) = torch.autograd.grad(exact.sum() if reduction == "none" else exact, x64)
     err = ((g.double() - g64).abs() / g64.abs().max()).max().item()
     assert err <= 1e-6, f"float32 gradient error {err:.3e} (of the largest element) at logits ~{offset}"
+
+
+@pytest.mark.parametrize("loss_fn", ["cross_entropy", "softmax_focal_loss"])
+@pytest.mark.parametrize("targets", ["uniform", "softmax"])
+def test_float32_probability_targets_over_many_classes_cpu(loss_fn, targets):
+    """Probability targets in the lanes layout ((N, C, S) with the spatial stride 1) over 5000 classes: each
+    position's sums over the classes (sum w q, sum w q x, sum exp) must not drift. As one running float sum
+    of 5000 equal-sized terms, cross-entropy's loss was off by 6e-4 (eager: 1e-7) and softmax focal's by
+    2e-5; the kernels sum blocks of classes into doubles. Bound: an ulp of the float32 result, or twice
+    eager's error when that is larger."""
+    with fixed_rng(7):
+        x64 = torch.randn(2, 5000, 64, dtype=torch.float64) * 2
+        t64 = torch.full_like(x64, 1 / 5000) if targets == "uniform" else torch.softmax(torch.randn_like(x64) * 3, 1)
+    x, t = x64.float(), t64.float()
+    if loss_fn == "cross_entropy":
+        exact = F.cross_entropy(x.double(), t.double()).item()
+        eager_err = abs(F.cross_entropy(x, t).item() - exact)
+        ours = xent.cross_entropy(x, t).item()
+    else:
+        exact = softmax_focal_loss_reference(x.double(), t.double(), gamma=2.0).item()
+        eager_err = 0.0
+        ours = xent.softmax_focal_loss(x, t, gamma=2.0).item()
+    bound = max(2 * eager_err, abs(exact) * 2**-23)
+    assert abs(ours - exact) <= bound, f"{loss_fn} loss error {abs(ours - exact):.3e} > {bound:.3e} (loss {exact:.4f})"
 
 
 # ================================================================================================

@@ -518,13 +518,14 @@ struct FocalLanes {
     for (int i = 0; i < W; ++i)
       if (mb[i] == -static_cast<acc>(kFocalInf)) mb[i] = 0;  // as FocalRows::row_shift
     const V mv = V::load(mb);
-    V sum = V::set1(0);
-    for (int64_t c = 0; c < a.C; ++c) sum = sum + V::exp(load_lanes(x + c * a.stride_c, lanes) - mv);
-    acc sb[W], out[W];
+    const LaneSums<V> sum = sum_over_class_blocks<V>(a.C, [&](int64_t c0, int64_t c1) {
+      V part = V::set1(0);
+      for (int64_t c = c0; c < c1; ++c) part = part + V::exp(load_lanes(x + c * a.stride_c, lanes) - mv);
+      return part;
+    });
+    acc out[W];
     V::store(mb, m);
-    V::store(sb, sum);
-    for (int i = 0; i < W; ++i)
-      out[i] = static_cast<acc>(static_cast<double>(mb[i]) + __builtin_log(static_cast<double>(sb[i])));
+    for (int i = 0; i < W; ++i) out[i] = static_cast<acc>(static_cast<double>(mb[i]) + __builtin_log(sum.v[i]));
     return V::load(out);
   }
 
@@ -540,6 +541,22 @@ struct FocalLanes {
     return V::set1(eoc) * wc;
   }
 
+  // Per lane, sum_c a_c pick(f_c, h_c) over the tile's classes (a_c: coef_lanes; f, h: the focal terms
+  // of x_c - lse), in LaneSums.
+  template <class Pick>
+  static LaneSums<V> coef_sum(const FocalArgs& a, const FocalTerms<V>& terms, const T* x, const T* tq, V lse_v,
+                              int64_t lanes, Pick pick) {
+    return sum_over_class_blocks<V>(a.C, [&](int64_t c0, int64_t c1) {
+      V part = V::set1(0);
+      for (int64_t c = c0; c < c1; ++c) {
+        V p, om, f, h;
+        terms(load_lanes(x + c * a.stride_c, lanes) - lse_v, p, om, f, h);
+        part = V::fma(coef_lanes(a, tq, c, lanes), pick(f, h), part);
+      }
+      return part;
+    });
+  }
+
   static void forward(const FocalArgs& a, int64_t p_begin, int64_t p_end) {
     const FocalTerms<V> terms(a.gamma);
     const acc* w = static_cast<const acc*>(a.weight);
@@ -551,17 +568,10 @@ struct FocalLanes {
       const T* x = static_cast<const T*>(a.logits) + n * a.stride_n + s;
       const T* tq = prob ? static_cast<const T*>(a.prob_target) + n * a.target_stride_n + s : nullptr;
       const V lse_v = tile_lse(a, x, lanes);
-      V sum = V::set1(0);
-      if (dense) {
-        for (int64_t c = 0; c < a.C; ++c) {
-          V p, om, f, h;
-          terms(load_lanes(x + c * a.stride_c, lanes) - lse_v, p, om, f, h);
-          sum = V::fma(coef_lanes(a, tq, c, lanes), f, sum);
-        }
-      }
-      acc lse[W], dense_sum[W], l_t[W];
+      LaneSums<V> dense_sum;  // sum_c a_c f_c per lane
+      if (dense) dense_sum = coef_sum(a, terms, x, tq, lse_v, lanes, [](V f, V) { return f; });
+      acc lse[W], l_t[W];
       V::store(lse, lse_v);
-      V::store(dense_sum, sum);
       for (int i = 0; i < W; ++i) l_t[i] = 0;
       const int64_t p0 = n * a.S + s;
       if (!prob)
@@ -574,7 +584,7 @@ struct FocalLanes {
         const int64_t p = p0 + i;
         if (prob) {
           lse_out[p] = lse[i];
-          loss_out[p] = dense_sum[i];
+          loss_out[p] = static_cast<acc>(dense_sum.v[i]);
           continue;
         }
         const int64_t y = a.target[p];
@@ -586,7 +596,7 @@ struct FocalLanes {
         lse_out[p] = lse[i];
         const double w_y = w ? static_cast<double>(w[y]) : 1.0;
         double loss = (1.0 - a.label_smoothing) * w_y * static_cast<double>(t.f[i]);
-        if (dense) loss = static_cast<double>(dense_sum[i]) + loss;
+        if (dense) loss = dense_sum.v[i] + loss;
         loss_out[p] = static_cast<acc>(loss);
       }
     });
@@ -629,14 +639,8 @@ struct FocalLanes {
         const V k_v = V::load(k);
         for (int64_t c = 0; c < a.C; ++c) store_class(c, k_v * V::exp(load_lanes(x + c * a.stride_c, lanes) - lse_v));
       } else {
-        V hsum = V::set1(0);
-        for (int64_t c = 0; c < a.C; ++c) {
-          V p, om, f, h;
-          terms(load_lanes(x + c * a.stride_c, lanes) - lse_v, p, om, f, h);
-          hsum = V::fma(coef_lanes(a, tq, c, lanes), h, hsum);
-        }
-        V::store(H, hsum);
-        for (int i = 0; i < W; ++i) H[i] = static_cast<acc>(static_cast<double>(H[i]) + static_cast<double>(a_y[i]) * t.h[i]);
+        const LaneSums<V> hsum = coef_sum(a, terms, x, tq, lse_v, lanes, [](V, V h) { return h; });
+        for (int i = 0; i < W; ++i) H[i] = static_cast<acc>(hsum.v[i] + static_cast<double>(a_y[i]) * t.h[i]);
         const V H_v = V::load(H);
         for (int64_t c = 0; c < a.C; ++c) {
           V p, om, f, h;

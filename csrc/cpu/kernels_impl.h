@@ -714,32 +714,42 @@ struct LanesLayout {
     for_each_tile(a, p_begin, p_end, [&](int64_t n, int64_t s, int64_t lanes) {
       const T* x = static_cast<const T*>(a.logits) + n * a.stride_n + s;
       const T* tq = prob ? static_cast<const T*>(a.prob_target) + n * a.target_stride_n + s : nullptr;
-      V m = V::set1(-static_cast<acc>(kInf)), dot = V::set1(0), weight_dot = V::set1(0);
+      V m = V::set1(-static_cast<acc>(kInf));
+      // Per-lane sums in double over blocks of classes (LaneSums): sum w q x (index targets: sum w x),
+      // sum w q, sum exp(x - m).
+      LaneSums<V> dot, weight_dot;
       const V ome = V::set1(static_cast<acc>(1.0 - coef.eps)), eoc = V::set1(static_cast<acc>(coef.eps_over_c));
-      for (int64_t c = 0; c < a.C; ++c) {
-        const V xv = load_lanes(x + c * a.stride_c, lanes);
-        m = V::max(m, xv);
-        if (!want_dot) continue;
-        const V wc = V::set1(w ? w[c] : acc(1));
-        if (prob) {
-          const V wq = V::fma(load_lanes(tq + c * a.target_stride_c, lanes), ome, eoc) * wc;
-          dot = V::fma(wq, xv, dot);
-          weight_dot = weight_dot + wq;
-        } else {
-          dot = V::fma(wc, xv, dot);
+      for (int64_t c0 = 0; c0 < a.C; c0 += kLaneSumBlock) {
+        const int64_t c1 = a.C - c0 < kLaneSumBlock ? a.C : c0 + kLaneSumBlock;
+        V dot_part = V::set1(0), weight_dot_part = V::set1(0);
+        for (int64_t c = c0; c < c1; ++c) {
+          const V xv = load_lanes(x + c * a.stride_c, lanes);
+          m = V::max(m, xv);
+          if (!want_dot) continue;
+          const V wc = V::set1(w ? w[c] : acc(1));
+          if (prob) {
+            const V wq = V::fma(load_lanes(tq + c * a.target_stride_c, lanes), ome, eoc) * wc;
+            dot_part = V::fma(wq, xv, dot_part);
+            weight_dot_part = weight_dot_part + wq;
+          } else {
+            dot_part = V::fma(wc, xv, dot_part);
+          }
         }
+        if (!want_dot) continue;
+        dot.add(dot_part);
+        weight_dot.add(weight_dot_part);
       }
-      acc mb[W], sb[W], db[W], wdb[W];
+      acc mb[W];
       V::store(mb, m);
       for (int i = 0; i < W; ++i)
         if (mb[i] == -static_cast<acc>(kInf)) mb[i] = 0;  // see RowsLayout::chunk_partial, pass 2
       const V mv = V::load(mb);
-      V sum = V::set1(0);
-      for (int64_t c = 0; c < a.C; ++c) sum = sum + V::exp(load_lanes(x + c * a.stride_c, lanes) - mv);
+      const LaneSums<V> sum = sum_over_class_blocks<V>(a.C, [&](int64_t c0, int64_t c1) {
+        V part = V::set1(0);
+        for (int64_t c = c0; c < c1; ++c) part = part + V::exp(load_lanes(x + c * a.stride_c, lanes) - mv);
+        return part;
+      });
       V::store(mb, m);
-      V::store(sb, sum);
-      V::store(db, dot);
-      V::store(wdb, weight_dot);
       for (int64_t i = 0; i < lanes; ++i) {
         const int64_t p = n * a.S + s + i;
         if (!prob && a.target[p] == a.ignore_index) {
@@ -747,13 +757,13 @@ struct LanesLayout {
           loss_out[p] = 0;
           continue;
         }
-        const double lse = static_cast<double>(mb[i]) + __builtin_log(static_cast<double>(sb[i]));
+        const double lse = static_cast<double>(mb[i]) + __builtin_log(sum.v[i]);
         lse_out[p] = static_cast<acc>(lse);
         if (prob) {
-          loss_out[p] = static_cast<acc>(lse * wdb[i] - db[i]);
+          loss_out[p] = static_cast<acc>(lse * weight_dot.v[i] - dot.v[i]);
         } else {
           const int64_t t = a.target[p];
-          loss_out[p] = static_cast<acc>(coef.index_loss(lse, to_acc(x[t * a.stride_c + i]), t, db[i]));
+          loss_out[p] = static_cast<acc>(coef.index_loss(lse, to_acc(x[t * a.stride_c + i]), t, dot.v[i]));
         }
       }
     });
@@ -772,18 +782,21 @@ struct LanesLayout {
       acc soft[W], scale[W], lse[W];
       for (int i = 0; i < W; ++i) soft[i] = scale[i] = lse[i] = 0;
       const V ome = V::set1(static_cast<acc>(1.0 - coef.eps)), eoc = V::set1(static_cast<acc>(coef.eps_over_c));
+      LaneSums<V> weight_dot;  // sum w q, as forward_tiles sums it
       if (prob) {
-        V weight_dot = V::set1(0);
-        for (int64_t c = 0; c < a.C; ++c)
-          weight_dot = weight_dot + V::fma(load_lanes(tq + c * a.target_stride_c, lanes), ome, eoc) * V::set1(w ? w[c] : acc(1));
-        V::store(soft, weight_dot);
+        weight_dot = sum_over_class_blocks<V>(a.C, [&](int64_t c0, int64_t c1) {
+          V part = V::set1(0);
+          for (int64_t c = c0; c < c1; ++c)
+            part = part + V::fma(load_lanes(tq + c * a.target_stride_c, lanes), ome, eoc) * V::set1(w ? w[c] : acc(1));
+          return part;
+        });
       }
       for (int64_t i = 0; i < lanes; ++i) {
         const int64_t p = n * a.S + s + i;
         const double sc = grad_scale<acc>(a, p);
         scale[i] = static_cast<acc>(sc);
         lse[i] = lse_in[p];
-        if (prob) soft[i] = static_cast<acc>(sc * soft[i]);
+        if (prob) soft[i] = static_cast<acc>(sc * weight_dot.v[i]);
         else if (a.target[p] != a.ignore_index) soft[i] = static_cast<acc>(sc * coef.index_softmax_coef(a.target[p]));
       }
       const V soft_v = V::load(soft), scale_v = V::load(scale), lse_v = V::load(lse);
