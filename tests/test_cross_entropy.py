@@ -902,25 +902,30 @@ def test_float32_gradient_with_large_logits_cpu(offset, reduction):
 
 @pytest.mark.parametrize("loss_fn", ["cross_entropy", "softmax_focal_loss"])
 @pytest.mark.parametrize("targets", ["uniform", "softmax"])
-def test_float32_probability_targets_over_many_classes_cpu(loss_fn, targets):
+def test_float32_probability_targets_over_many_classes(backend, loss_fn, targets):
     """Probability targets in the lanes layout ((N, C, S) with the spatial stride 1) over 5000 classes: each
     position's sums over the classes (sum w q, sum w q x, sum exp) must not drift. As one running float sum
-    of 5000 equal-sized terms, cross-entropy's loss was off by 6e-4 (eager: 1e-7) and softmax focal's by
-    2e-5; the kernels sum blocks of classes into doubles. Bound: an ulp of the float32 result, or twice
-    eager's error when that is larger."""
+    of 5000 equal-sized terms, cross-entropy's loss was off by 6e-4 (eager: 1e-7) on the CPU and in the
+    CUDA kernels (emulated), softmax focal's by 2e-5 on the CPU; the kernels add blocks of classes into
+    doubles. Bound: two ulps of the float32 result (the CUDA kernels finish each position in float:
+    lse = m + log(s), then lse * sum(w q) - sum(w q x), each rounded), or twice eager's error when that is
+    larger."""
     with fixed_rng(7):
         x64 = torch.randn(2, 5000, 64, dtype=torch.float64) * 2
         t64 = torch.full_like(x64, 1 / 5000) if targets == "uniform" else torch.softmax(torch.randn_like(x64) * 3, 1)
     x, t = x64.float(), t64.float()
+    xd, td = x.to(backend.device), t.to(backend.device)
     if loss_fn == "cross_entropy":
         exact = F.cross_entropy(x.double(), t.double()).item()
         eager_err = abs(F.cross_entropy(x, t).item() - exact)
-        ours = xent.cross_entropy(x, t).item()
+        with backend.active():
+            ours = xent.cross_entropy(xd, td).item()
     else:
         exact = softmax_focal_loss_reference(x.double(), t.double(), gamma=2.0).item()
         eager_err = 0.0
-        ours = xent.softmax_focal_loss(x, t, gamma=2.0).item()
-    bound = max(2 * eager_err, abs(exact) * 2**-23)
+        with backend.active():
+            ours = xent.softmax_focal_loss(xd, td, gamma=2.0).item()
+    bound = max(2 * eager_err, abs(exact) * 2**-22)
     assert abs(ours - exact) <= bound, f"{loss_fn} loss error {abs(ours - exact):.3e} > {bound:.3e} (loss {exact:.4f})"
 
 
