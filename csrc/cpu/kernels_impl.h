@@ -141,7 +141,6 @@ struct RowsLayout {
       }
       dot_sums.add(dot);
       weight_dot_sums.add(weight_dot);
-      dot = weight_dot = zero;
       // Scalar tail: padding lanes would add eps / C to weight_dot.
       for (; i < n; ++i) {
         const acc xi = to_acc(x[i]);
@@ -738,8 +737,7 @@ struct LanesLayout {
       // sum w q, sum exp(x - m).
       LaneSums<V> dot, weight_dot;
       const V ome = V::set1(static_cast<acc>(1.0 - coef.eps)), eoc = V::set1(static_cast<acc>(coef.eps_over_c));
-      for (int64_t c0 = 0; c0 < a.C; c0 += kLaneSumBlock) {
-        const int64_t c1 = a.C - c0 < kLaneSumBlock ? a.C : c0 + kLaneSumBlock;
+      for_each_class_block(a.C, [&](int64_t c0, int64_t c1) {
         V dot_part = V::set1(0), weight_dot_part = V::set1(0);
         for (int64_t c = c0; c < c1; ++c) {
           const V xv = load_lanes(x + c * a.stride_c, lanes);
@@ -754,10 +752,10 @@ struct LanesLayout {
             dot_part = V::fma(wc, xv, dot_part);
           }
         }
-        if (!want_dot) continue;
+        if (!want_dot) return;
         dot.add(dot_part);
         weight_dot.add(weight_dot_part);
-      }
+      });
       acc mb[W];
       V::store(mb, m);
       for (int i = 0; i < W; ++i)

@@ -439,12 +439,17 @@ struct LaneSums {
   }
 };
 
-// Calls block_partial(c0, c1) -> V for the fixed blocks [c0, c1) of kLaneSumBlock classes of [0, C) and
-// returns the per-lane double sums of the partials.
+// Calls f(c0, c1) for the fixed blocks [c0, c1) of kLaneSumBlock classes of [0, C), in order.
+template <class F>
+inline void for_each_class_block(int64_t C, F&& f) {
+  for (int64_t c0 = 0; c0 < C; c0 += kLaneSumBlock) f(c0, C - c0 < kLaneSumBlock ? C : c0 + kLaneSumBlock);
+}
+
+// The per-lane double sums of block_partial(c0, c1) -> V over the class blocks (for_each_class_block).
 template <class V, class F>
 inline LaneSums<V> sum_over_class_blocks(int64_t C, F&& block_partial) {
   LaneSums<V> sums;
-  for (int64_t c0 = 0; c0 < C; c0 += kLaneSumBlock) sums.add(block_partial(c0, C - c0 < kLaneSumBlock ? C : c0 + kLaneSumBlock));
+  for_each_class_block(C, [&](int64_t c0, int64_t c1) { sums.add(block_partial(c0, c1)); });
   return sums;
 }
 
