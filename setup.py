@@ -13,6 +13,7 @@ Environment variables:
 import glob
 import os
 import shutil
+import subprocess
 
 from setuptools import find_packages, setup
 
@@ -41,6 +42,15 @@ from torch.utils.cpp_extension import (  # noqa: E402
 
 
 
+def _compiler_is_gcc():
+    """Whether the C++ compiler the extension is built with (CXX, else c++) is GCC."""
+    try:
+        version = subprocess.run([os.environ.get("CXX", "c++"), "--version"], capture_output=True, text=True)
+    except OSError:
+        return False
+    return "Free Software Foundation" in version.stdout
+
+
 def _truthy(name):
     return os.environ.get(name, "0").lower() in ("1", "true", "yes", "on")
 
@@ -66,6 +76,12 @@ COMMON_CXX = [
     # Linked as libgomp.so.1, it resolves to the libgomp torch has already loaded: one thread pool.
     "-fopenmp",
 ]
+if _compiler_is_gcc():
+    # Each per-ISA file compiles every loss's kernels (csrc/cpu/kernel_tables.h). GCC caps the inlining of a
+    # large translation unit by its size; inlining decides which products g++ contracts into fmas, so with the
+    # cap one loss's results would depend on the size of the others' kernels. Without it they depend on
+    # their own source only.
+    COMMON_CXX.append("--param=large-unit-insns=1000000000")
 LINK_ARGS = ["-fopenmp"]
 
 host_sources = rel(

@@ -3,12 +3,21 @@
 // csrc/cuda/binary_losses.cu raise the same exceptions with the same messages.
 #pragma once
 
+#include "binary_loss_kind.h"
+
 #include <ATen/core/Tensor.h>
 
 #include <cstdint>
 #include <optional>
 
 namespace xent {
+
+// The options of a binary-loss op, gathered from its schema's arguments (csrc/ops.cpp) by binary_loss_ops.h.
+struct BinaryLossOptions {
+  BinaryLossKind kind;
+  int64_t reduction;        // at::Reduction
+  double alpha = 0, gamma = 0;  // sigmoid focal loss
+};
 
 // Exception types follow PyTorch's: NotImplementedError for a non-floating input, ValueError for a target
 // of another size or a bad reduction, RuntimeError for a weight / pos_weight that does not broadcast to the

@@ -384,10 +384,10 @@ def _cpu_variants():
     return out
 
 
-def run(backend):
+def run(backend, only=None, isa=None):
     results = {}
     if backend == "cpu":
-        variants = _cpu_variants()
+        variants = [v for v in _cpu_variants() if isa is None or v[0] == isa]
         ops = torch.ops.xent
     else:
         variants = [("emulated", lambda: xent.testing.emulated_cuda("forward", 0))]
@@ -396,6 +396,8 @@ def run(backend):
         start = time.time()
         with ctx():
             for name, thunk in configurations(backend != "cpu"):
+                if only and only not in name:
+                    continue
                 results[f"{label}|{name}"] = _digest(thunk(ops))
         print(f"[output_hashes] {label}: {sum(k.startswith(label + '|') for k in results)} configurations in "
               f"{time.time() - start:.0f} s", file=sys.stderr)
@@ -407,8 +409,10 @@ def main():
     parser.add_argument("--backend", choices=["cpu", "emulated"], default="cpu")
     parser.add_argument("--out", help="write the hashes (JSON) here")
     parser.add_argument("--compare", help="compare with hashes written earlier; exit 1 on any difference")
+    parser.add_argument("--only", help="run only the configurations whose name contains this text")
+    parser.add_argument("--isa", help="CPU: run only this kernel table (avx512, avx512_bf16, avx2, generic)")
     args = parser.parse_args()
-    results = run(args.backend)
+    results = run(args.backend, args.only, args.isa)
     total = hashlib.sha256(json.dumps(results, sort_keys=True).encode()).hexdigest()[:16]
     print(f"{len(results)} configurations, total hash {total}")
     if args.out:
@@ -418,8 +422,10 @@ def main():
         with open(args.compare) as f:
             before = json.load(f)["configurations"]
         differ = sorted(k for k in results if k in before and before[k] != results[k])
-        missing = sorted(set(before) ^ set(results))
-        for k in differ[:50]:
+        missing = sorted(set(results) - set(before))
+        if not (args.only or args.isa):
+            missing = sorted(set(before) ^ set(results))
+        for k in differ:
             print(f"DIFFERS {k}")
         for k in missing[:20]:
             print(f"ONLY IN ONE {k}")

@@ -7,8 +7,8 @@
 // a merely misaligned one (storage offset 1) is used as is. The unreduced loss and the gradient are
 // contiguous, as the fake kernels in xent/_binary_ops.py promise. The `*_fwd_grad` ops (Note [Fused
 // gradient], xent/_fused.py) run the reduced forward and the gradient for grad_loss = 1 in one pass.
+#include "binary_loss_ops.h"
 #include "binary_losses_host.h"
-#include "cpu/binary_kernels.h"
 #include "cpu/grad_buffer.h"
 #include "cpu/isa.h"
 
@@ -31,24 +31,7 @@ namespace {
 // Blocks per parallel task: 16 x 2048 elements, so small inputs stay on one thread.
 constexpr int64_t kGrainBlocks = 16;
 
-const BinaryKernelTable& binary_kernels() {
-  const std::string& isa = active_cpu_isa();
-  const BinaryKernelTable* t =
-      isa == "avx512" ? (use_avx512_bf16() ? binary_kernels_avx512_bf16() : binary_kernels_avx512())
-      : isa == "avx2" ? binary_kernels_avx2()
-                      : nullptr;
-  return t ? *t : *binary_kernels_generic();
-}
-
-DType kernel_dtype(at::ScalarType t) {
-  switch (t) {
-    case at::kFloat: return DType::f32;
-    case at::kDouble: return DType::f64;
-    case at::kBFloat16: return DType::bf16;
-    case at::kHalf: return DType::f16;
-    default: TORCH_CHECK(false, "xent: unsupported dtype ", t);
-  }
-}
+const BinaryLossKernels& binary_kernels() { return kernel_tables().binary; }
 
 at::ScalarType acc_of(at::ScalarType t) { return t == at::kDouble ? at::kDouble : at::kFloat; }
 
@@ -67,19 +50,10 @@ std::vector<int64_t> contiguous_strides(c10::IntArrayRef sizes) {
 // ---------------------------------------------------------------------------------------------------
 // Checks: shared with the CUDA ops (csrc/binary_losses_host.h).
 
-struct OpSpec {
-  const char* name;  // for messages: the PyTorch function the op mirrors
-  BinaryLoss kind;
-};
-
-constexpr OpSpec kBce{"binary_cross_entropy", BinaryLoss::bce};
-constexpr OpSpec kLogits{"binary_cross_entropy_with_logits", BinaryLoss::bce_with_logits};
-constexpr OpSpec kFocal{"sigmoid_focal_loss", BinaryLoss::sigmoid_focal};
-
-void check_inputs(const OpSpec& op, const at::Tensor& input, const at::Tensor& target,
-                  const std::optional<at::Tensor>& weight, const std::optional<at::Tensor>& pos_weight,
-                  int64_t reduction) {
-  check_binary_loss_inputs(op.name, op.kind == BinaryLoss::bce, input, target, weight, pos_weight, reduction);
+void check_inputs(const BinaryLossOptions& o, const at::Tensor& input, const at::Tensor& target,
+                  const std::optional<at::Tensor>& weight, const std::optional<at::Tensor>& pos_weight) {
+  check_binary_loss_inputs(binary_loss_name(o.kind), o.kind == BinaryLossKind::bce, input, target, weight, pos_weight,
+                           o.reduction);
   TORCH_CHECK(input.device().is_cpu(), "xent: the CPU kernel got input on ", input.device());
 }
 
@@ -186,31 +160,44 @@ struct Prepared {
   int64_t blocks = 0;
 };
 
-Prepared prepare(const OpSpec& op, const at::Tensor& input, const at::Tensor& target,
-                 const std::optional<at::Tensor>& weight, const std::optional<at::Tensor>& pos_weight,
-                 int64_t reduction, double alpha, double gamma) {
-  check_inputs(op, input, target, weight, pos_weight, reduction);
+Prepared prepare(const at::Tensor& input, const at::Tensor& target, const std::optional<at::Tensor>& weight,
+                 const std::optional<at::Tensor>& pos_weight, const BinaryLossOptions& o) {
+  check_inputs(o, input, target, weight, pos_weight);
   Prepared pr;
   pr.input = input.contiguous();
   pr.target = target.contiguous();
   BinaryArgs& a = pr.args;
-  a.kind = op.kind;
+  a.kind = o.kind;
   a.dtype = kernel_dtype(input.scalar_type());
   a.numel = input.numel();
   a.input = pr.input.const_data_ptr();
   a.target = pr.target.const_data_ptr();
   a.weight = describe_operand(weight.value_or(at::Tensor()), pr.input, pr.keep);
   a.pos_weight = describe_operand(pos_weight.value_or(at::Tensor()), pr.input, pr.keep);
-  a.alpha = alpha;
-  a.gamma = gamma;
+  a.alpha = o.alpha;
+  a.gamma = o.gamma;
   pr.blocks = (a.numel + kBinaryBlock - 1) / kBinaryBlock;
   return pr;
 }
 
-at::Tensor forward(const OpSpec& op, const at::Tensor& input, const at::Tensor& target,
-                   const std::optional<at::Tensor>& weight, const std::optional<at::Tensor>& pos_weight,
-                   int64_t reduction, double alpha = 0, double gamma = 0) {
-  Prepared pr = prepare(op, input, target, weight, pos_weight, reduction, alpha, gamma);
+// The ops (binary_loss_ops.h registers them): forward, the fused forward + gradient, backward.
+struct BinaryLossesOnCpu {
+  static at::Tensor forward(const at::Tensor& input, const at::Tensor& target, const std::optional<at::Tensor>& weight,
+                            const std::optional<at::Tensor>& pos_weight, const BinaryLossOptions& o);
+  static std::tuple<at::Tensor, at::Tensor> forward_grad(const at::Tensor& input, const at::Tensor& target,
+                                                         const std::optional<at::Tensor>& weight,
+                                                         const std::optional<at::Tensor>& pos_weight,
+                                                         const BinaryLossOptions& o);
+  static at::Tensor backward(const at::Tensor& grad_loss, const at::Tensor& input, const at::Tensor& target,
+                             const std::optional<at::Tensor>& weight, const std::optional<at::Tensor>& pos_weight,
+                             const BinaryLossOptions& o);
+};
+
+at::Tensor BinaryLossesOnCpu::forward(const at::Tensor& input, const at::Tensor& target,
+                                      const std::optional<at::Tensor>& weight,
+                                      const std::optional<at::Tensor>& pos_weight, const BinaryLossOptions& o) {
+  Prepared pr = prepare(input, target, weight, pos_weight, o);
+  const int64_t reduction = o.reduction;
   BinaryArgs& a = pr.args;
   at::Tensor loss;
   std::vector<double> block_sums;
@@ -222,11 +209,11 @@ at::Tensor forward(const OpSpec& op, const at::Tensor& input, const at::Tensor& 
     block_sums.assign(pr.blocks, 0.0);
     a.block_sums = block_sums.data();
   }
-  if (op.kind == BinaryLoss::bce) {
+  if (o.kind == BinaryLossKind::bce) {
     block_flags.assign(pr.blocks, 0);
     a.block_flags = block_flags.data();
   }
-  const BinaryKernelTable& k = binary_kernels();
+  const BinaryLossKernels& k = binary_kernels();
   at::parallel_for(0, pr.blocks, kGrainBlocks, [&](int64_t b0, int64_t b1) { k.forward(a, b0, b1); });
 
   check_range_flags(block_flags);
@@ -237,37 +224,39 @@ at::Tensor forward(const OpSpec& op, const at::Tensor& input, const at::Tensor& 
 // The forward (reduction mean or sum) and the gradient for grad_loss = 1, in one pass over the input
 // (Note [Fused gradient], xent/_fused.py). The loss is accumulated in the forward's block sums, so it is
 // bitwise the forward op's; the gradient's scale is exactly the one backward() derives from grad_loss = 1.
-std::tuple<at::Tensor, at::Tensor> forward_grad(const OpSpec& op, const at::Tensor& input, const at::Tensor& target,
-                                                const std::optional<at::Tensor>& weight,
-                                                const std::optional<at::Tensor>& pos_weight, int64_t reduction,
-                                                double alpha = 0, double gamma = 0) {
-  TORCH_CHECK(reduction == at::Reduction::Mean || reduction == at::Reduction::Sum, op.name,
+std::tuple<at::Tensor, at::Tensor> BinaryLossesOnCpu::forward_grad(const at::Tensor& input, const at::Tensor& target,
+                                                                   const std::optional<at::Tensor>& weight,
+                                                                   const std::optional<at::Tensor>& pos_weight,
+                                                                   const BinaryLossOptions& o) {
+  const int64_t reduction = o.reduction;
+  TORCH_CHECK(reduction == at::Reduction::Mean || reduction == at::Reduction::Sum, binary_loss_name(o.kind),
               "_fwd_grad: reduction must be mean (1) or sum (2), got ", reduction);
-  Prepared pr = prepare(op, input, target, weight, pos_weight, reduction, alpha, gamma);
+  Prepared pr = prepare(input, target, weight, pos_weight, o);
   BinaryArgs& a = pr.args;
   at::Tensor grad = empty_grad_buffer(input.sizes(), contiguous_strides(input.sizes()), input.scalar_type());
   std::vector<double> block_sums(pr.blocks, 0.0);
   std::vector<uint8_t> block_flags;
   a.block_sums = block_sums.data();
-  if (op.kind == BinaryLoss::bce) {
+  if (o.kind == BinaryLossKind::bce) {
     block_flags.assign(pr.blocks, 0);
     a.block_flags = block_flags.data();
   }
   if (a.numel > 0) a.grad = grad.data_ptr();
   a.grad_scale.kind = BinaryOperand::scalar;
   a.grad_scale.value = reduction == at::Reduction::Mean ? 1.0 / static_cast<double>(a.numel) : 1.0;
-  const BinaryKernelTable& k = binary_kernels();
+  const BinaryLossKernels& k = binary_kernels();
   at::parallel_for(0, pr.blocks, kGrainBlocks, [&](int64_t b0, int64_t b1) { k.forward_grad(a, b0, b1); });
 
   check_range_flags(block_flags);
   return {reduced_loss(block_sums, reduction, a.numel, input), grad};
 }
 
-at::Tensor backward(const OpSpec& op, const at::Tensor& grad_loss, const at::Tensor& input, const at::Tensor& target,
-                    const std::optional<at::Tensor>& weight, const std::optional<at::Tensor>& pos_weight,
-                    int64_t reduction, double alpha = 0, double gamma = 0) {
-  Prepared pr = prepare(op, input, target, weight, pos_weight, reduction, alpha, gamma);
-  check_binary_loss_grad(op.name, grad_loss, input, reduction);
+at::Tensor BinaryLossesOnCpu::backward(const at::Tensor& grad_loss, const at::Tensor& input, const at::Tensor& target,
+                                       const std::optional<at::Tensor>& weight,
+                                       const std::optional<at::Tensor>& pos_weight, const BinaryLossOptions& o) {
+  const int64_t reduction = o.reduction;
+  Prepared pr = prepare(input, target, weight, pos_weight, o);
+  check_binary_loss_grad(binary_loss_name(o.kind), grad_loss, input, reduction);
   BinaryArgs& a = pr.args;
   at::Tensor grad = empty_grad_buffer(input.sizes(), contiguous_strides(input.sizes()), input.scalar_type());
   if (a.numel == 0) return grad;
@@ -279,79 +268,13 @@ at::Tensor backward(const OpSpec& op, const at::Tensor& grad_loss, const at::Ten
     a.grad_scale.value = grad_loss.item<double>();  // a CPU scalar: no device synchronization
     if (reduction == at::Reduction::Mean) a.grad_scale.value /= static_cast<double>(a.numel);
   }
-  const BinaryKernelTable& k = binary_kernels();
+  const BinaryLossKernels& k = binary_kernels();
   at::parallel_for(0, pr.blocks, kGrainBlocks, [&](int64_t b0, int64_t b1) { k.backward(a, b0, b1); });
   return grad;
 }
 
-// ---------------------------------------------------------------------------------------------------
-// The ops (schemas in csrc/ops.cpp).
-
-at::Tensor binary_cross_entropy_fwd(const at::Tensor& input, const at::Tensor& target,
-                                    const std::optional<at::Tensor>& weight, int64_t reduction) {
-  return forward(kBce, input, target, weight, std::nullopt, reduction);
-}
-
-at::Tensor binary_cross_entropy_bwd(const at::Tensor& grad_loss, const at::Tensor& input, const at::Tensor& target,
-                                    const std::optional<at::Tensor>& weight, int64_t reduction) {
-  return backward(kBce, grad_loss, input, target, weight, std::nullopt, reduction);
-}
-
-std::tuple<at::Tensor, at::Tensor> binary_cross_entropy_fwd_grad(const at::Tensor& input, const at::Tensor& target,
-                                                                 const std::optional<at::Tensor>& weight,
-                                                                 int64_t reduction) {
-  return forward_grad(kBce, input, target, weight, std::nullopt, reduction);
-}
-
-at::Tensor binary_cross_entropy_with_logits_fwd(const at::Tensor& input, const at::Tensor& target,
-                                                const std::optional<at::Tensor>& weight,
-                                                const std::optional<at::Tensor>& pos_weight, int64_t reduction) {
-  return forward(kLogits, input, target, weight, pos_weight, reduction);
-}
-
-at::Tensor binary_cross_entropy_with_logits_bwd(const at::Tensor& grad_loss, const at::Tensor& input,
-                                                const at::Tensor& target, const std::optional<at::Tensor>& weight,
-                                                const std::optional<at::Tensor>& pos_weight, int64_t reduction) {
-  return backward(kLogits, grad_loss, input, target, weight, pos_weight, reduction);
-}
-
-std::tuple<at::Tensor, at::Tensor> binary_cross_entropy_with_logits_fwd_grad(
-    const at::Tensor& input, const at::Tensor& target, const std::optional<at::Tensor>& weight,
-    const std::optional<at::Tensor>& pos_weight, int64_t reduction) {
-  return forward_grad(kLogits, input, target, weight, pos_weight, reduction);
-}
-
-at::Tensor sigmoid_focal_loss_fwd(const at::Tensor& input, const at::Tensor& target,
-                                  const std::optional<at::Tensor>& weight, const std::optional<at::Tensor>& pos_weight,
-                                  double alpha, double gamma, int64_t reduction) {
-  return forward(kFocal, input, target, weight, pos_weight, reduction, alpha, gamma);
-}
-
-at::Tensor sigmoid_focal_loss_bwd(const at::Tensor& grad_loss, const at::Tensor& input, const at::Tensor& target,
-                                  const std::optional<at::Tensor>& weight, const std::optional<at::Tensor>& pos_weight,
-                                  double alpha, double gamma, int64_t reduction) {
-  return backward(kFocal, grad_loss, input, target, weight, pos_weight, reduction, alpha, gamma);
-}
-
-std::tuple<at::Tensor, at::Tensor> sigmoid_focal_loss_fwd_grad(const at::Tensor& input, const at::Tensor& target,
-                                                               const std::optional<at::Tensor>& weight,
-                                                               const std::optional<at::Tensor>& pos_weight,
-                                                               double alpha, double gamma, int64_t reduction) {
-  return forward_grad(kFocal, input, target, weight, pos_weight, reduction, alpha, gamma);
-}
-
 } // namespace
 
-TORCH_LIBRARY_IMPL(xent, CPU, m) {
-  m.impl("binary_cross_entropy_fwd", &binary_cross_entropy_fwd);
-  m.impl("binary_cross_entropy_bwd", &binary_cross_entropy_bwd);
-  m.impl("binary_cross_entropy_with_logits_fwd", &binary_cross_entropy_with_logits_fwd);
-  m.impl("binary_cross_entropy_with_logits_bwd", &binary_cross_entropy_with_logits_bwd);
-  m.impl("sigmoid_focal_loss_fwd", &sigmoid_focal_loss_fwd);
-  m.impl("sigmoid_focal_loss_bwd", &sigmoid_focal_loss_bwd);
-  m.impl("binary_cross_entropy_fwd_grad", &binary_cross_entropy_fwd_grad);
-  m.impl("binary_cross_entropy_with_logits_fwd_grad", &binary_cross_entropy_with_logits_fwd_grad);
-  m.impl("sigmoid_focal_loss_fwd_grad", &sigmoid_focal_loss_fwd_grad);
-}
+TORCH_LIBRARY_IMPL(xent, CPU, m) { register_binary_losses<BinaryLossesOnCpu>(m); }
 
 } // namespace xent::cpu

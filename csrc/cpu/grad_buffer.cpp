@@ -1,5 +1,7 @@
 #include "cpu/grad_buffer.h"
 
+#include <torch/library.h>
+
 #include <ATen/ops/empty_strided.h>
 #include <ATen/ops/from_blob.h>
 #include <c10/util/Exception.h>
@@ -133,8 +135,15 @@ at::Tensor empty_grad_buffer(c10::IntArrayRef sizes, c10::IntArrayRef strides, a
       at::TensorOptions().dtype(dtype).device(at::kCPU));
 }
 
-std::vector<int64_t> grad_cache_control(int64_t capacity) {
-  return GradBufferCache::instance().control(capacity);
-}
+namespace {
+
+// _cpu_grad_cache(int capacity=-1) -> int[]: sets the cache's capacity in bytes when capacity >= 0 (0 frees
+// what it holds) and returns [capacity, bytes held now].
+std::vector<int64_t> cpu_grad_cache(int64_t capacity) { return GradBufferCache::instance().control(capacity); }
+
+} // namespace
+
+// An op without tensor arguments has nothing to dispatch on: registered for every key.
+TORCH_LIBRARY_IMPL(xent, CompositeExplicitAutograd, m) { m.impl("_cpu_grad_cache", &cpu_grad_cache); }
 
 } // namespace xent::cpu

@@ -1,5 +1,9 @@
 #include "cpu/isa.h"
 
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty_like.h>
+#include <torch/library.h>
+
 #include <c10/util/Exception.h>
 
 #include <atomic>
@@ -71,5 +75,47 @@ bool use_avx512_bf16() {
   return false;
 #endif
 }
+
+const KernelTables& kernel_tables() {
+  const std::string& isa = active_cpu_isa();
+  const KernelTables* t = isa == "avx512" ? (use_avx512_bf16() ? kernel_tables_avx512_bf16() : kernel_tables_avx512())
+                          : isa == "avx2" ? kernel_tables_avx2()
+                                          : nullptr;
+  return t ? *t : *kernel_tables_generic();
+}
+
+DType kernel_dtype(at::ScalarType t) {
+  switch (t) {
+    case at::kFloat: return DType::f32;
+    case at::kDouble: return DType::f64;
+    case at::kBFloat16: return DType::bf16;
+    case at::kHalf: return DType::f16;
+    default: TORCH_CHECK(false, "xent: unsupported dtype ", t);
+  }
+}
+
+namespace {
+
+// _cpu_isa(str isa="") -> str: selects the instruction set ("" keeps it) and returns the one in use.
+std::string cpu_isa(c10::string_view isa) {
+  if (!isa.empty()) set_cpu_isa(std::string(isa));
+  return active_cpu_isa();
+}
+
+// _cpu_exp(Tensor x) -> Tensor: the kernels' vectorized exp of a float32 tensor (tests its accuracy).
+at::Tensor cpu_exp(const at::Tensor& x) {
+  TORCH_CHECK(x.scalar_type() == at::kFloat && x.device().is_cpu(), "_cpu_exp expects a float32 CPU tensor");
+  at::Tensor xc = x.contiguous();
+  at::Tensor y = at::empty_like(xc);
+  kernel_tables().exp_f32(xc.const_data_ptr<float>(), y.data_ptr<float>(), xc.numel());
+  return y;
+}
+
+} // namespace
+
+TORCH_LIBRARY_IMPL(xent, CPU, m) { m.impl("_cpu_exp", &cpu_exp); }
+
+// An op without tensor arguments has nothing to dispatch on: registered for every key.
+TORCH_LIBRARY_IMPL(xent, CompositeExplicitAutograd, m) { m.impl("_cpu_isa", &cpu_isa); }
 
 } // namespace xent::cpu

@@ -1,6 +1,10 @@
-// Run-time choice of the CPU kernels' instruction set, shared by every CPU op: each op family compiles
-// its kernels once per ISA and picks the table named by active_cpu_isa().
+// Run-time choice of the CPU kernels' instruction set, shared by every CPU op: the kernels are compiled once
+// per instruction set (kernel_tables.h) and the ops take the table of the active one.
 #pragma once
+
+#include "cpu/kernel_tables.h"
+
+#include <c10/core/ScalarType.h>
 
 #include <string>
 
@@ -18,5 +22,11 @@ void set_cpu_isa(const std::string& isa);
 // environment variable XENT_CPU_AVX512_BF16 is "0" (read at every call, so tests can compare both tables
 // in one process).
 bool use_avx512_bf16();
+
+// The kernels of the active instruction set (and of AVX512_BF16 where use_avx512_bf16()).
+const KernelTables& kernel_tables();
+
+// The kernels' code of a floating dtype (float32, float64, bfloat16, float16; others raise).
+DType kernel_dtype(at::ScalarType t);
 
 } // namespace xent::cpu

@@ -1,17 +1,7 @@
-// The CPU kernels compiled for AVX2 with FMA and F16C (see kernels_avx512.cpp).
-#if defined(__x86_64__) || defined(_M_X64)
-#if defined(__clang__)
-#pragma clang attribute push(__attribute__((target("avx2,fma,f16c"))), apply_to = function)
-#else
-#pragma GCC target("avx2,fma,f16c")
-#endif
+// Every CPU kernel compiled for AVX2 with FMA and F16C; selected at run time when the CPU has them and lacks
+// AVX-512, or by XENT_CPU_ISA=avx2 (isa.h).
 #define XENT_CPU_ISA_AVX2
 #define XENT_CPU_ISA_NAME "avx2"
-#include "kernels_impl.h"
-#if defined(__clang__)
-#pragma clang attribute pop
-#endif
-const xent::cpu::KernelTable* xent::cpu::kernels_avx2() { return &kTable; }
-#else
-const xent::cpu::KernelTable* xent::cpu::kernels_avx2() { return nullptr; }
-#endif
+#define XENT_CPU_TARGET "avx2,fma,f16c"
+#define XENT_CPU_TABLES kernel_tables_avx2
+#include "cpu/kernels_instantiate.h"

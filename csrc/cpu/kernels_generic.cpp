@@ -1,5 +1,5 @@
-// The CPU kernels in portable C++, one lane wide: for CPUs without AVX2 and non-x86 targets.
+// Every CPU kernel in portable C++, one lane wide: for CPUs without AVX2 and non-x86 targets.
 #define XENT_CPU_ISA_GENERIC
 #define XENT_CPU_ISA_NAME "generic"
-#include "kernels_impl.h"
-const xent::cpu::KernelTable* xent::cpu::kernels_generic() { return &kTable; }
+#define XENT_CPU_TABLES kernel_tables_generic
+#include "cpu/kernels_instantiate.h"

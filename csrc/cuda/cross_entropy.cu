@@ -9,7 +9,7 @@
 // weight total of label smoothing and the mean's denominator in the backward are all reduced on the device
 // in a fixed order (finish_kernel).
 #include "cross_entropy.cuh"
-#include "cross_entropy_host.h"
+#include "class_losses_host.h"
 
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>

@@ -11,7 +11,7 @@
 // total_weight on the device.
 #include "nll_loss.cuh"
 #include "host_compat.h"
-#include "cross_entropy_host.h"
+#include "class_losses_host.h"
 
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>

@@ -7,7 +7,7 @@
 // No host synchronisation: the reductions and the mean's denominators are computed on the device in a fixed
 // order (cross-entropy's finish_kernel and target_weight_kernel).
 #include "softmax_focal.cuh"
-#include "cross_entropy_host.h"
+#include "class_losses_host.h"
 #include "host_compat.h"
 
 #include <ATen/core/Tensor.h>

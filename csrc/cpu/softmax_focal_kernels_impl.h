@@ -1,19 +1,29 @@
-// The CPU softmax focal loss kernels, written once and compiled per instruction set by
-// focal_kernels_{avx512,avx2,generic}.cpp (interface and formulas: focal_kernels.h, Note [Focal loss
-// formula]). Each position is computed by one thread in a fixed order, and vector lanes never mix
-// positions' arithmetic in the lanes layout, so results do not depend on the thread count.
+// The CPU softmax focal loss kernels, written once and compiled per instruction set (kernels_instantiate.h;
+// interface and layouts: softmax_loss_kernels.h). Each position is computed by one thread in a fixed order,
+// and vector lanes never mix positions' arithmetic in the lanes layout, so results do not depend on the
+// thread count. Per-ISA header (Note [Per-ISA headers] in simd/vec.h).
+//
+// Note [Focal loss formula]
+// -------------------------
+// Per position, with p = softmax(x), q the target distribution (class index y: q_c = (1 - eps) [c == y]
+// + eps / C; probabilities t: q_c = (1 - eps) t_c + eps / C), a_c = w_c q_c and
+// f(p) = -(1 - p)^gamma log p:
+//     loss = sum_c a_c f(p_c)
+//     dloss/dx_j = a_j h_j - p_j sum_c a_c h_c,   h_c = p_c f'(p_c) = (1 - p_c)^(gamma - 1) (gamma p_c log p_c - (1 - p_c))
+// log p_c = x_c - lse as in cross-entropy; 1 - p_c = -expm1(log p_c), accurate when p_c is near 1 (the
+// confident predictions the focal term is about) for the log p it is given: 1 - exp(log p) would add an
+// error of an ulp of 1. What remains is cross-entropy's own limit, the absolute error of log p = x - lse
+// (a few ulp of |lse|, lse being rounded to the accumulation dtype), which bounds the relative accuracy
+// of 1 - p once 1 - p is below it. Both terms of h are <= 0, so h has no cancellation; at p_c == 1, h is
+// its limit: 0 for gamma > 0, -1 for gamma == 0.
+// For class-index targets without smoothing only p_y enters, and the gradient is cross-entropy's shape
+// times a per-position factor: dx_j = -w_y h_y p_j (j != y), dx_y = w_y h_y (1 - p_y).
 #pragma once
 
-#include "focal_kernels.h"
-#include "simd.h"
+#include "cpu/softmax_layouts_impl.h"
 
 namespace xent::cpu {
 namespace {
-
-template <class T> struct FocalVecFor { using type = VecF; };
-template <> struct FocalVecFor<double> { using type = VecD1; };
-
-constexpr double kFocalInf = __builtin_inf();
 
 // 1 - p = -expm1(l) for l = log p <= 0. float: exp(l) - 1 loses relative accuracy only as p nears 1,
 // where |l| is small and the Taylor series of expm1 converges fast: up to l^8 / 8! it is within 7e-10
@@ -72,12 +82,6 @@ struct FocalTerms {
   }
 };
 
-template <class acc>
-inline double focal_grad_scale(const FocalArgs& a, int64_t p) {
-  return a.grad_scale_per_position ? static_cast<double>(static_cast<const acc*>(a.grad_scale_per_position)[p])
-                                   : a.grad_scale_value;
-}
-
 // Terms of W gathered log-probabilities (one per position): the per-position factor of the class-index
 // path, vectorized across positions.
 template <class V>
@@ -98,32 +102,26 @@ struct GatheredTerms {
 // Rows layout: the class stride is 1.
 
 template <class T>
-struct FocalRows {
-  using V = typename FocalVecFor<T>::type;
-  using acc = typename V::scalar;
+struct SoftmaxFocalRows : SoftmaxRows<T> {
+  using Base = SoftmaxRows<T>;
+  using typename Base::V;
+  using typename Base::acc;
   static constexpr int W = V::kWidth;
-
-  static const T* logits_row(const FocalArgs& a, int64_t row) {
-    return static_cast<const T*>(a.logits) + position_offset(row, a.S, a.stride_n, a.stride_s);
-  }
-  static const T* target_row(const FocalArgs& a, int64_t row) {
-    return static_cast<const T*>(a.prob_target) + position_offset(row, a.S, a.target_stride_n, a.target_stride_s);
-  }
-  static T* grad_row(const FocalArgs& a, int64_t row) {
-    return static_cast<T*>(a.grad) + position_offset(row, a.S, a.grad_stride_n, a.grad_stride_s);
-  }
-  static bool ignored(const FocalArgs& a, int64_t row) { return !a.prob_target && a.target[row] == a.ignore_index; }
+  using Base::grad_row;
+  using Base::ignored;
+  using Base::logits_row;
+  using Base::target_row;
 
   // How many rows ahead to prefetch logits: kStreamPrefetchBytes of them, at least the next row. One row
   // ahead is too close for short rows (320 bytes at C = 80 fp32): the data arrives after it is needed.
   // Computed once per kernel call (prefetch_row is called for every row).
-  static int64_t rows_ahead(const FocalArgs& a) {
+  static int64_t rows_ahead(const SoftmaxLossArgs& a) {
     const int64_t row_bytes = a.C * static_cast<int64_t>(sizeof(T));
     return row_bytes >= kStreamPrefetchBytes ? 1 : kStreamPrefetchBytes / (row_bytes > 0 ? row_bytes : 1);
   }
 
   // The row whose logits to prefetch while working on `row`, `ahead` (rows_ahead) rows on; null past row_end.
-  static const T* prefetch_row(const FocalArgs& a, int64_t row, int64_t ahead, int64_t row_end) {
+  static const T* prefetch_row(const SoftmaxLossArgs& a, int64_t row, int64_t ahead, int64_t row_end) {
     return row + ahead < row_end ? logits_row(a, row + ahead) : nullptr;
   }
 
@@ -132,7 +130,7 @@ struct FocalRows {
   // row ahead to prefetch meanwhile (prefetch_row), for callers that take the max of consecutive rows back
   // to back.
   static acc row_shift(const T* x, int64_t C, const T* next = nullptr) {
-    const V neg_inf = V::set1(-static_cast<acc>(kFocalInf));
+    const V neg_inf = V::set1(-static_cast<acc>(kInf));
     V m0 = neg_inf, m1 = neg_inf, m2 = neg_inf, m3 = neg_inf;
     constexpr int64_t kLineElems = 64 / sizeof(T);
     int64_t i = 0;
@@ -150,10 +148,10 @@ struct FocalRows {
     }
     if (i < C) {
       if (next) prefetch(next + i);
-      m0 = V::max(m0, load_partial<V>(x + i, C - i, -static_cast<acc>(kFocalInf)));
+      m0 = V::max(m0, load_partial<V>(x + i, C - i, -static_cast<acc>(kInf)));
     }
     const acc m = V::max(V::max(m0, m1), V::max(m2, m3)).reduce_max();
-    return m == -static_cast<acc>(kFocalInf) ? acc(0) : m;
+    return m == -static_cast<acc>(kInf) ? acc(0) : m;
   }
 
   // The sum of exp(x - m) over one row, m = row_shift(x, C), four accumulators (block_lse takes its log).
@@ -186,7 +184,7 @@ struct FocalRows {
     }
     if (i < C) {
       if (next) prefetch(next + i);
-      s0 = s0 + term(i, load_partial<V>(x + i, C - i, -static_cast<acc>(kFocalInf)));
+      s0 = s0 + term(i, load_partial<V>(x + i, C - i, -static_cast<acc>(kInf)));
     }
     return ((s0 + s1) + (s2 + s3)).reduce_add();
   }
@@ -201,7 +199,7 @@ struct FocalRows {
   // `ahead`: rows_ahead(a), for the prefetches. `between_rows()` is called after each row's exp pass (the
   // fused kernel steps the previous block's gradient copy-out there).
   template <class F>
-  static void block_exp_sums(const FocalArgs& a, int64_t r0, int64_t rows, int64_t row_end, int64_t ahead, acc* m,
+  static void block_exp_sums(const SoftmaxLossArgs& a, int64_t r0, int64_t rows, int64_t row_end, int64_t ahead, acc* m,
                              acc* sum, acc* e, int64_t e_stride, F&& between_rows) {
     constexpr int64_t kMaxesFirstBytes = int64_t(32) << 10;
     const bool maxes_first =
@@ -228,7 +226,7 @@ struct FocalRows {
       for (int i = 0; i < W; ++i)
         lse[i] = static_cast<acc>(static_cast<double>(m[i]) + log_of_exp_sum(static_cast<double>(sum[i])));
       for (int i = 0; i < W; ++i)  // an all -inf row (sum 0): lse -inf; NaN logits: NaN
-        if (!(sum[i] > 0)) lse[i] = sum[i] == 0 ? -static_cast<acc>(kFocalInf) : sum[i];
+        if (!(sum[i] > 0)) lse[i] = sum[i] == 0 ? -static_cast<acc>(kInf) : sum[i];
     }
   }
 
@@ -240,7 +238,7 @@ struct FocalRows {
   // Calls body(c, n, lanes_valid, xv, tv, wv) over classes [0, C) of a row in vectors of W; the tail
   // vector has its padding lanes' x set to `x_fill`, t and w to 0, and `valid` 0 there (1 elsewhere).
   template <class F>
-  static void for_each_vector(const FocalArgs& a, const T* x, const T* tq, acc x_fill, F&& body) {
+  static void for_each_vector(const SoftmaxLossArgs& a, const T* x, const T* tq, acc x_fill, F&& body) {
     const acc* w = static_cast<const acc*>(a.weight);
     const V one = V::set1(1);
     int64_t c = 0;
@@ -257,15 +255,15 @@ struct FocalRows {
 
   // a_c = w_c q_c over a vector: probability targets q = (1 - eps) t + eps / C; class-index targets the
   // smoothing part eps / C only (the target's (1 - eps) w_y is added by the caller).
-  static V coef_vector(const FocalArgs& a, V tv, V wv, V valid) {
+  static V coef_vector(const SoftmaxLossArgs& a, V tv, V wv, V valid) {
     const acc eoc = static_cast<acc>(a.label_smoothing / static_cast<double>(a.C));
     if (a.prob_target) return V::fma(tv, V::set1(static_cast<acc>(1.0 - a.label_smoothing)), V::set1(eoc)) * wv * valid;
     return V::set1(eoc) * wv;  // wv is 0 in padding lanes
   }
 
-  static bool dense_path(const FocalArgs& a) { return a.prob_target || a.label_smoothing > 0; }
+  static bool dense_path(const SoftmaxLossArgs& a) { return a.prob_target || a.label_smoothing > 0; }
 
-  static void forward_rows(const FocalArgs& a, int64_t row_begin, int64_t row_end) {
+  static void forward_rows(const SoftmaxLossArgs& a, int64_t row_begin, int64_t row_end) {
     const FocalTerms<V> terms(a.gamma);
     const int64_t ahead = rows_ahead(a);
     const acc* w = static_cast<const acc*>(a.weight);
@@ -305,7 +303,7 @@ struct FocalRows {
   }
 
   // base + sum_c a_c f(p_c) over the row (a_c as coef_vector).
-  static double dense_loss(const FocalArgs& a, const FocalTerms<V>& terms, int64_t row, acc lse, double base) {
+  static double dense_loss(const SoftmaxLossArgs& a, const FocalTerms<V>& terms, int64_t row, acc lse, double base) {
     const T* x = logits_row(a, row);
     const T* tq = a.prob_target ? target_row(a, row) : nullptr;
     const V lse_v = V::set1(lse);
@@ -326,10 +324,10 @@ struct FocalRows {
   // the same bits.
   // h_y, om_y: the target's focal terms (GatheredTerms of x_y - lse). `next`: a row ahead to prefetch, or null
   // (see row_exp_sum).
-  static void sparse_grad_row(const FocalArgs& a, int64_t row, const T* x, T* g, acc m, acc shift_to_p, acc h_y,
+  static void sparse_grad_row(const SoftmaxLossArgs& a, int64_t row, const T* x, T* g, acc m, acc shift_to_p, acc h_y,
                               acc om_y, const acc* e, const T* next) {
     const acc* w = static_cast<const acc*>(a.weight);
-    const double s = focal_grad_scale<acc>(a, row);
+    const double s = grad_scale<acc>(a, row);
     const int64_t y = a.target[row];
     const double swh = s * (w ? static_cast<double>(w[y]) : 1.0) * static_cast<double>(h_y);
     const V k = V::set1(static_cast<acc>(-swh) * shift_to_p);
@@ -341,13 +339,13 @@ struct FocalRows {
       V::store(g + c, k * (e ? V::load(e + c) : V::exp(V::load(x + c) - mv)));
     }
     if (c < a.C) {
-      const V ev = e ? V::load(e + c) : V::exp(load_partial<V>(x + c, a.C - c, -static_cast<acc>(kFocalInf)) - mv);
+      const V ev = e ? V::load(e + c) : V::exp(load_partial<V>(x + c, a.C - c, -static_cast<acc>(kInf)) - mv);
       store_partial(g + c, a.C - c, k * ev);
     }
     from_acc(g + y, static_cast<acc>(swh * static_cast<double>(om_y)));
   }
 
-  static void zero_row(const FocalArgs& a, T* g) {
+  static void zero_row(const SoftmaxLossArgs& a, T* g) {
     const V zero = V::set1(0);
     int64_t c = 0;
     for (; c + W <= a.C; c += W) V::store(g + c, zero);
@@ -358,7 +356,7 @@ struct FocalRows {
   // a.grad_scale_value: per block of W rows, forward_rows' lse and loss (same arithmetic, same bits), the
   // exponentials exp(x - m) kept in an L1/L2 buffer, then backward_rows' gradient from them
   // (sparse_grad_row). Rows too long for the buffer recompute the exponentials (the same bits).
-  static void forward_grad_rows(const FocalArgs& a, int64_t row_begin, int64_t row_end) {
+  static void forward_grad_rows(const SoftmaxLossArgs& a, int64_t row_begin, int64_t row_end) {
     constexpr int64_t kBufferElems = (int64_t(64) << 10) / sizeof(acc);
     alignas(64) acc e_buf[kBufferElems];
     const FocalTerms<V> terms(a.gamma);
@@ -414,7 +412,7 @@ struct FocalRows {
     if (staged) stream_fence();
   }
 
-  static void backward_rows(const FocalArgs& a, int64_t row_begin, int64_t row_end) {
+  static void backward_rows(const SoftmaxLossArgs& a, int64_t row_begin, int64_t row_end) {
     const FocalTerms<V> terms(a.gamma);
     const int64_t ahead = rows_ahead(a);
     const acc* w = static_cast<const acc*>(a.weight);
@@ -451,7 +449,7 @@ struct FocalRows {
           continue;
         }
         // Dense: H = sum_c a_c h_c, then dx_j = s (a_j h_j - p_j H).
-        const double s = focal_grad_scale<acc>(a, row);
+        const double s = grad_scale<acc>(a, row);
         const V lse_v = V::set1(lse_in[row]);
         const T* tq = a.prob_target ? target_row(a, row) : nullptr;
         V hsum = V::set1(0);
@@ -489,48 +487,27 @@ struct FocalRows {
 // row, and the kernel walks the classes with stride stride_c (no transposed copy).
 
 template <class T>
-struct FocalLanes {
-  using V = typename FocalVecFor<T>::type;
-  using acc = typename V::scalar;
-  static constexpr int W = V::kWidth;
-
-  static V load_lanes(const T* p, int64_t lanes) { return lanes == W ? V::load(p) : load_partial<V>(p, lanes, 0); }
-
-  template <class F>
-  static void for_each_tile(const FocalArgs& a, int64_t p_begin, int64_t p_end, F&& f) {
-    int64_t p = p_begin;
-    while (p < p_end) {
-      const int64_t n = p / a.S, s = p % a.S;
-      int64_t lanes = a.S - s;
-      if (lanes > W) lanes = W;
-      if (lanes > p_end - p) lanes = p_end - p;
-      f(n, s, lanes);
-      p += lanes;
-    }
-  }
+struct SoftmaxFocalLanes : SoftmaxLanes<T> {
+  using Base = SoftmaxLanes<T>;
+  using typename Base::V;
+  using typename Base::acc;
+  using Base::W;
+  using Base::for_each_tile;
+  using Base::load_lanes;
 
   // Per-lane lse of the tile at x (lanes of padding get lse 0 from 0 logits... their results are unused).
-  static V tile_lse(const FocalArgs& a, const T* x, int64_t lanes) {
-    V m = V::set1(-static_cast<acc>(kFocalInf));
+  static V tile_lse(const SoftmaxLossArgs& a, const T* x, int64_t lanes) {
+    V m = V::set1(-static_cast<acc>(kInf));
     for (int64_t c = 0; c < a.C; ++c) m = V::max(m, load_lanes(x + c * a.stride_c, lanes));
-    acc mb[W];
-    V::store(mb, m);
-    for (int i = 0; i < W; ++i)
-      if (mb[i] == -static_cast<acc>(kFocalInf)) mb[i] = 0;  // as FocalRows::row_shift
-    const V mv = V::load(mb);
-    const LaneSums<V> sum = sum_over_class_blocks<V>(a.C, [&](int64_t c0, int64_t c1) {
-      V part = V::set1(0);
-      for (int64_t c = c0; c < c1; ++c) part = part + V::exp(load_lanes(x + c * a.stride_c, lanes) - mv);
-      return part;
-    });
-    acc out[W];
+    const LaneSums<V> sum = Base::exp_sums(a, x, lanes, m);
+    acc mb[W], out[W];
     V::store(mb, m);
     for (int i = 0; i < W; ++i) out[i] = static_cast<acc>(static_cast<double>(mb[i]) + __builtin_log(sum.v[i]));
     return V::load(out);
   }
 
-  // a_c of every lane (see FocalRows::coef_vector).
-  static V coef_lanes(const FocalArgs& a, const T* tq, int64_t c, int64_t lanes) {
+  // a_c of every lane (see SoftmaxFocalRows::coef_vector).
+  static V coef_lanes(const SoftmaxLossArgs& a, const T* tq, int64_t c, int64_t lanes) {
     const acc* w = static_cast<const acc*>(a.weight);
     const V wc = V::set1(w ? w[c] : acc(1));
     const acc eoc = static_cast<acc>(a.label_smoothing / static_cast<double>(a.C));
@@ -544,7 +521,7 @@ struct FocalLanes {
   // Per lane, sum_c a_c pick(f_c, h_c) over the tile's classes (a_c: coef_lanes; f, h: the focal terms
   // of x_c - lse), in LaneSums.
   template <class Pick>
-  static LaneSums<V> coef_sum(const FocalArgs& a, const FocalTerms<V>& terms, const T* x, const T* tq, V lse_v,
+  static LaneSums<V> coef_sum(const SoftmaxLossArgs& a, const FocalTerms<V>& terms, const T* x, const T* tq, V lse_v,
                               int64_t lanes, Pick pick) {
     return sum_over_class_blocks<V>(a.C, [&](int64_t c0, int64_t c1) {
       V part = V::set1(0);
@@ -557,7 +534,7 @@ struct FocalLanes {
     });
   }
 
-  static void forward(const FocalArgs& a, int64_t p_begin, int64_t p_end) {
+  static void forward(const SoftmaxLossArgs& a, int64_t p_begin, int64_t p_end) {
     const FocalTerms<V> terms(a.gamma);
     const acc* w = static_cast<const acc*>(a.weight);
     acc* lse_out = static_cast<acc*>(a.lse);
@@ -565,8 +542,8 @@ struct FocalLanes {
     const bool prob = a.prob_target != nullptr;
     const bool dense = prob || a.label_smoothing > 0;
     for_each_tile(a, p_begin, p_end, [&](int64_t n, int64_t s, int64_t lanes) {
-      const T* x = static_cast<const T*>(a.logits) + n * a.stride_n + s;
-      const T* tq = prob ? static_cast<const T*>(a.prob_target) + n * a.target_stride_n + s : nullptr;
+      const T* x = Base::tile_logits(a, n, s);
+      const T* tq = prob ? Base::tile_target(a, n, s) : nullptr;
       const V lse_v = tile_lse(a, x, lanes);
       LaneSums<V> dense_sum;  // sum_c a_c f_c per lane
       if (dense) dense_sum = coef_sum(a, terms, x, tq, lse_v, lanes, [](V f, V) { return f; });
@@ -602,22 +579,22 @@ struct FocalLanes {
     });
   }
 
-  static void backward(const FocalArgs& a, int64_t p_begin, int64_t p_end) {
+  static void backward(const SoftmaxLossArgs& a, int64_t p_begin, int64_t p_end) {
     const FocalTerms<V> terms(a.gamma);
     const acc* w = static_cast<const acc*>(a.weight);
     const acc* lse_in = static_cast<const acc*>(a.lse_in);
     const bool prob = a.prob_target != nullptr;
     const bool dense = prob || a.label_smoothing > 0;
     for_each_tile(a, p_begin, p_end, [&](int64_t n, int64_t s, int64_t lanes) {
-      const T* x = static_cast<const T*>(a.logits) + n * a.stride_n + s;
-      const T* tq = prob ? static_cast<const T*>(a.prob_target) + n * a.target_stride_n + s : nullptr;
-      T* g = static_cast<T*>(a.grad) + n * a.grad_stride_n + s;
+      const T* x = Base::tile_logits(a, n, s);
+      const T* tq = prob ? Base::tile_target(a, n, s) : nullptr;
+      T* g = Base::tile_grad(a, n, s);
       const int64_t p0 = n * a.S + s;
       acc lse[W], scale[W], l_t[W], a_y[W];
       for (int i = 0; i < W; ++i) lse[i] = scale[i] = l_t[i] = a_y[i] = 0;
       for (int64_t i = 0; i < lanes; ++i) {
         lse[i] = lse_in[p0 + i];
-        scale[i] = static_cast<acc>(focal_grad_scale<acc>(a, p0 + i));
+        scale[i] = static_cast<acc>(grad_scale<acc>(a, p0 + i));
         if (prob) continue;
         const int64_t y = a.target[p0 + i];
         if (y == a.ignore_index) continue;
@@ -670,39 +647,8 @@ struct FocalLanes {
   }
 };
 
-// ---------------------------------------------------------------------------------------------------
-// Dtype dispatch and the table.
-
-template <template <class> class Layout, class F>
-inline void focal_dispatch(DType d, F&& f) {
-  switch (d) {
-    case DType::f32: f(Layout<float>{}); break;
-    case DType::f64: f(Layout<double>{}); break;
-    case DType::bf16: f(Layout<bf16_t>{}); break;
-    case DType::f16: f(Layout<f16_t>{}); break;
-  }
-}
-
-void focal_forward_rows(const FocalArgs& a, int64_t r0, int64_t r1) {
-  focal_dispatch<FocalRows>(a.dtype, [&](auto L) { decltype(L)::forward_rows(a, r0, r1); });
-}
-void focal_backward_rows(const FocalArgs& a, int64_t r0, int64_t r1) {
-  focal_dispatch<FocalRows>(a.dtype, [&](auto L) { decltype(L)::backward_rows(a, r0, r1); });
-}
-void focal_forward_grad_rows(const FocalArgs& a, int64_t r0, int64_t r1) {
-  focal_dispatch<FocalRows>(a.dtype, [&](auto L) { decltype(L)::forward_grad_rows(a, r0, r1); });
-}
-void focal_forward_lanes(const FocalArgs& a, int64_t p0, int64_t p1) {
-  focal_dispatch<FocalLanes>(a.dtype, [&](auto L) { decltype(L)::forward(a, p0, p1); });
-}
-void focal_backward_lanes(const FocalArgs& a, int64_t p0, int64_t p1) {
-  focal_dispatch<FocalLanes>(a.dtype, [&](auto L) { decltype(L)::backward(a, p0, p1); });
-}
-
-constexpr FocalKernelTable kFocalTable = {
-    XENT_CPU_ISA_NAME, focal_forward_rows, focal_backward_rows, focal_forward_grad_rows, focal_forward_lanes,
-    focal_backward_lanes,
-};
+// Every row is computed whole: no split-row entries.
+constexpr SoftmaxLossKernels kSoftmaxFocalKernels = softmax_loss_kernels<SoftmaxFocalRows, SoftmaxFocalLanes>();
 
 } // namespace
 } // namespace xent::cpu

@@ -1,5 +1,5 @@
-// The CPU cross-entropy kernels, written once and compiled per instruction set by kernels_avx512.cpp,
-// kernels_avx2.cpp and kernels_generic.cpp (see kernels.h for the interface and the layout notes).
+// The CPU cross-entropy kernels, written once and compiled per instruction set (kernels_instantiate.h;
+// interface and layout notes: softmax_loss_kernels.h). Per-ISA header (Note [Per-ISA headers] in simd/vec.h).
 //
 // Notation: x = logits, t = class-index target, q_c = (1 - eps) t_c + eps / C the smoothed probability
 // target, w = class weight (1 when absent), W_all = sum_c w_c, lse = log sum_c exp(x_c).
@@ -11,19 +11,10 @@
 // where s is the upstream gradient of the position (already divided by the mean's denominator).
 #pragma once
 
-#include "kernels.h"
-#include "simd.h"
+#include "cpu/softmax_layouts_impl.h"
 
 namespace xent::cpu {
 namespace {
-
-template <class T> struct VecFor { using type = VecF; };
-template <> struct VecFor<double> { using type = VecD1; };
-
-constexpr double kInf = __builtin_inf();
-
-inline float scalar_exp(float x) { return __builtin_expf(x); }
-inline double scalar_exp(double x) { return __builtin_exp(x); }
 
 // ---------------------------------------------------------------------------------------------------
 // Per-position coefficients shared by both layouts.
@@ -34,7 +25,7 @@ struct Coefficients {
   double eps, eps_over_c, weight_sum;
   int64_t C;
 
-  explicit Coefficients(const CrossEntropyArgs& a)
+  explicit Coefficients(const SoftmaxLossArgs& a)
       : weight(static_cast<const acc*>(a.weight)),
         eps(a.label_smoothing),
         eps_over_c(a.label_smoothing / static_cast<double>(a.C)),
@@ -55,12 +46,6 @@ struct Coefficients {
   // order as index_softmax_coef so that a single class (C = 1, softmax = 1) gives exactly 0.
   double target_term(int64_t t) const { return (1.0 - eps) * w(t) + eps_over_c * w(t); }
 };
-
-template <class acc>
-inline double grad_scale(const CrossEntropyArgs& a, int64_t p) {
-  return a.grad_scale_per_position ? static_cast<double>(static_cast<const acc*>(a.grad_scale_per_position)[p])
-                                   : a.grad_scale_value;
-}
 
 // Merges partial b into a (Note [Deterministic chunks]).
 inline void merge_partial(RowPartial& a, const RowPartial& b) {
@@ -84,27 +69,22 @@ inline void merge_partial(RowPartial& a, const RowPartial& b) {
 // Rows layout: the class stride is 1.
 
 template <class T>
-struct RowsLayout {
-  using V = typename VecFor<T>::type;
-  using acc = typename V::scalar;
-
-  static const T* logits_row(const CrossEntropyArgs& a, int64_t row) {
-    return static_cast<const T*>(a.logits) + position_offset(row, a.S, a.stride_n, a.stride_s);
-  }
-  static const T* target_row(const CrossEntropyArgs& a, int64_t row) {
-    return static_cast<const T*>(a.prob_target) + position_offset(row, a.S, a.target_stride_n, a.target_stride_s);
-  }
-  static T* grad_row(const CrossEntropyArgs& a, int64_t row) {
-    return static_cast<T*>(a.grad) + position_offset(row, a.S, a.grad_stride_n, a.grad_stride_s);
-  }
+struct CrossEntropyRows : SoftmaxRows<T> {
+  using Base = SoftmaxRows<T>;
+  using typename Base::V;
+  using typename Base::acc;
+  using Base::grad_row;
+  using Base::ignored;
+  using Base::logits_row;
+  using Base::target_row;
 
   // The hot path: index targets without smoothing, whose rows need only max and sum exp (no dots).
-  static bool hot_path(const CrossEntropyArgs& a) { return !a.prob_target && !(a.label_smoothing > 0); }
+  static bool hot_path(const SoftmaxLossArgs& a) { return !a.prob_target && !(a.label_smoothing > 0); }
 
   // (max, sum exp(x - max), dots) of x[0, n): the classes [c0, c0 + n) of one row (tq: its probability
   // targets, set exactly when a.prob_target). Pass 1 reads the chunk from memory for its max; pass 2
   // re-reads it from L1 for the exponentials.
-  static RowPartial chunk_partial(const CrossEntropyArgs& a, const T* x, const T* tq, int64_t c0, int64_t n) {
+  static RowPartial chunk_partial(const SoftmaxLossArgs& a, const T* x, const T* tq, int64_t c0, int64_t n) {
     if (hot_path(a)) {
       const acc m = chunk_max(x, n);
       return max_only_partial(m, chunk_exp_sum(x, n, m, prefetch_ahead_of(x, n)));
@@ -117,7 +97,7 @@ struct RowsLayout {
     acc tail_max = -static_cast<acc>(kInf), tail_dot = 0, tail_weight_dot = 0;
     int64_t i = 0;
     // Probability targets: each lane's dot products over up to kChunk / W classes, added to doubles every
-    // kLaneSumBlock vectors (LaneSums, simd.h): as plain float running sums of equal-sized terms they put
+    // kLaneSumBlock vectors (LaneSums, simd/accumulate.h): as plain float running sums of equal-sized terms they put
     // the loss at C = 5000 and 32000 about 1.2e-5 off (ten ulps; eager 4e-7).
     LaneSums<V> dot_sums, weight_dot_sums;
     if (tq) {  // probability targets: dot = sum w q x, weight_dot = sum w q
@@ -187,7 +167,7 @@ struct RowsLayout {
     return p;
   }
 
-  // The running max of pass 1, four independent accumulators fed in pairs (simd.h). Pass 1 and the exp
+  // The running max of pass 1, four independent accumulators fed in pairs (simd/memory.h). Pass 1 and the exp
   // pass that carries the next row's max (chunk_exp_sum<true>) feed it in the same order: same max, bits
   // included (NaN lanes too: maxps keeps its second operand).
   struct MaxAccumulator {
@@ -234,8 +214,8 @@ struct RowsLayout {
   // reads them next (otherwise a pure memory stall). Prefetches past the end of the row or the tensor are
   // harmless: they never fault.
   // With kNextMax, the loop also runs pass 1 of `next`, the next row of the same length, into *next_max:
-  // its loads then overlap these exponentials, where a separate pass 1 would wait for them alone (4096 x
-  // 1000 float32 with the logits in L3, 2 threads: forward op 0.51 -> 0.43-0.45 ms).
+  // its loads then overlap these exponentials, where a separate pass 1 would wait for them alone (the
+  // forward op at 4096 x 1000 float32, logits in L3, about 15% faster).
   // With `e` (not null), the exponentials exp(x - m) are also stored there, padded_to_vectors<V>(n) of
   // them, in the lanes order of the loop (pairs as load_pair puts them, padding lanes 0):
   // grad_row_from_exps reads them back in the same order.
@@ -289,18 +269,14 @@ struct RowsLayout {
   // (every term is then exp(-inf) = 0, or NaN from NaN logits, which must survive).
   static acc exp_shift(acc m) { return m == -static_cast<acc>(kInf) ? acc(0) : m; }
 
-  static RowPartial row_chunk(const CrossEntropyArgs& a, int64_t row, int64_t chunk) {
+  static RowPartial row_chunk(const SoftmaxLossArgs& a, int64_t row, int64_t chunk) {
     const int64_t c0 = chunk * kChunk;
     const int64_t n = a.C - c0 < kChunk ? a.C - c0 : kChunk;
     return chunk_partial(a, logits_row(a, row) + c0, a.prob_target ? target_row(a, row) + c0 : nullptr, c0, n);
   }
 
-  static bool ignored(const CrossEntropyArgs& a, int64_t row) {
-    return !a.prob_target && a.target[row] == a.ignore_index;
-  }
-
   // The loss of a non-ignored row from its merged partial and its lse.
-  static void finish(const CrossEntropyArgs& a, const Coefficients<acc>& coef, int64_t row, const RowPartial& p,
+  static void finish(const SoftmaxLossArgs& a, const Coefficients<acc>& coef, int64_t row, const RowPartial& p,
                      double lse) {
     acc* lse_out = static_cast<acc*>(a.lse);
     acc* loss_out = static_cast<acc*>(a.loss);
@@ -315,7 +291,7 @@ struct RowsLayout {
   }
 
   // Ignored positions are not read at all: loss 0, lse 0 (their gradient is 0 whatever lse is).
-  static void finish_ignored(const CrossEntropyArgs& a, int64_t row) {
+  static void finish_ignored(const SoftmaxLossArgs& a, int64_t row) {
     static_cast<acc*>(a.lse)[row] = 0;
     static_cast<acc*>(a.loss)[row] = 0;
   }
@@ -339,7 +315,7 @@ struct RowsLayout {
   // Finishes rows [r0, r0 + rows), rows <= kLseRows, from their merged partials (those of ignored rows are
   // not read). lse = max + log(sum_exp): every path computes a row's lse here, with the row in some lane
   // of the same loop, so it does not depend on how rows are grouped or split over threads.
-  static void finish_block(const CrossEntropyArgs& a, const Coefficients<acc>& coef, int64_t r0, int64_t rows,
+  static void finish_block(const SoftmaxLossArgs& a, const Coefficients<acc>& coef, int64_t r0, int64_t rows,
                            const RowPartial* part) {
     bool skip[kLseRows];
     double max[kLseRows], sum[kLseRows], lse[kLseRows];
@@ -363,20 +339,20 @@ struct RowsLayout {
     }
   }
 
-  static int64_t num_chunks(const CrossEntropyArgs& a) { return (a.C + kChunk - 1) / kChunk; }
+  static int64_t num_chunks(const SoftmaxLossArgs& a) { return (a.C + kChunk - 1) / kChunk; }
 
   // Whether forward_rows takes the maxes of a block's rows first: the hot path (index targets, no
   // smoothing) with the block's logits small enough to be read again from L1 (C up to 512 fp32). The
   // horizontal reductions of the rows' maxes then overlap one another, where each row's exp pass would
   // otherwise wait for its own: at C = 80 they are a large part of a row's work. Same arithmetic per row.
-  static bool maxes_first(const CrossEntropyArgs& a) {
+  static bool maxes_first(const SoftmaxLossArgs& a) {
     constexpr int64_t kMaxesFirstBytes = int64_t(32) << 10;
     return hot_path(a) && a.C * static_cast<int64_t>(sizeof(T)) * kLseRows <= kMaxesFirstBytes;
   }
 
   // With `kept` (keeps_exps(a) must hold; at most kLseRows rows), each non-ignored row's exponentials, their
   // shift and their sum are also kept there (KeptExps): the fused kernel computes the gradient from them.
-  static void forward_rows(const CrossEntropyArgs& a, int64_t row_begin, int64_t row_end, KeptExps* kept = nullptr) {
+  static void forward_rows(const SoftmaxLossArgs& a, int64_t row_begin, int64_t row_end, KeptExps* kept = nullptr) {
     const int64_t chunks = num_chunks(a);
     const Coefficients<acc> coef(a);
     RowPartial part[kLseRows];
@@ -453,11 +429,11 @@ struct RowsLayout {
     }
   }
 
-  static void forward_row_partials(const CrossEntropyArgs& a, int64_t row, int64_t k0, int64_t k1, RowPartial* out) {
+  static void forward_row_partials(const SoftmaxLossArgs& a, int64_t row, int64_t k0, int64_t k1, RowPartial* out) {
     for (int64_t k = k0; k < k1; ++k) out[k - k0] = row_chunk(a, row, k);
   }
 
-  static void forward_row_finish(const CrossEntropyArgs& a, int64_t row, const RowPartial* partials, int64_t n) {
+  static void forward_row_finish(const SoftmaxLossArgs& a, int64_t row, const RowPartial* partials, int64_t n) {
     RowPartial merged = partials[0];
     if (!ignored(a, row))
       for (int64_t k = 1; k < n; ++k) merge_partial(merged, partials[k]);
@@ -465,7 +441,7 @@ struct RowsLayout {
   }
 
   // sum_c w_c q_c of a probability-target row, in chunks merged in order like the forward's.
-  static double prob_weight_dot(const CrossEntropyArgs& a, int64_t row) {
+  static double prob_weight_dot(const SoftmaxLossArgs& a, int64_t row) {
     constexpr int W = V::kWidth;
     const T* tq = target_row(a, row);
     const acc* w = static_cast<const acc*>(a.weight);
@@ -499,7 +475,7 @@ struct RowsLayout {
       store_partial(g + c, n, grad_of(load_partial<V>(x + c, n, 0), w ? load_partial<V>(w + c, n, 0) : one));
       c += n;
     };
-    // Pairs of vectors (simd.h): the weights are loaded in the same lane order as the logits.
+    // Pairs of vectors (simd/memory.h): the weights are loaded in the same lane order as the logits.
     auto pair_grad = [&](V& ga, V& gb) {
       V xa, xb, wa = one, wb = one;
       load_pair(x + c, xa, xb);
@@ -542,7 +518,8 @@ struct RowsLayout {
   // ops thus write every gradient element through the same out-of-line function with ordinary stores
   // (backward_row, or grad_row_from_exps for the hot path's rows of one chunk), so the compiler's fma
   // contraction cannot differ between them. Longer rows stream from the exp loop when a.stream_grad.
-  static void backward_rows(const CrossEntropyArgs& a, int64_t row_begin, int64_t row_end, int64_t c0, int64_t c1) {
+  // Classes [c0, c1) of rows [row_begin, row_end).
+  static void backward_rows(const SoftmaxLossArgs& a, int64_t row_begin, int64_t row_end, int64_t c0, int64_t c1) {
     const Coefficients<acc> coef(a);
     if (fused_rows_fit(a.C, sizeof(T)) && c0 == 0 && c1 == a.C) {
       alignas(64) T stage[kFusedStageBytes / sizeof(T)];
@@ -555,12 +532,18 @@ struct RowsLayout {
     }
     if (a.stream_grad) stream_fence();
   }
+  static void backward_rows(const SoftmaxLossArgs& a, int64_t row_begin, int64_t row_end) {
+    backward_rows(a, row_begin, row_end, 0, a.C);
+  }
+  static void backward_row_classes(const SoftmaxLossArgs& a, int64_t row, int64_t c0, int64_t c1) {
+    backward_rows(a, row, row + 1, c0, c1);
+  }
 
   // The gradient rows [r0, r0 + rows) of short rows (Note [Short rows' gradient]); `stage` holds
   // kFusedStageBytes. The caller fences. When keeps_exps(a), non-ignored rows take grad_row_from_exps, from
   // the exponentials the fused kernel's forward kept (`kept`) or, for the backward op (kept null), from
   // exponentials it recomputes.
-  static void grad_block(const CrossEntropyArgs& a, const Coefficients<acc>& coef, int64_t r0, int64_t rows, T* stage,
+  static void grad_block(const SoftmaxLossArgs& a, const Coefficients<acc>& coef, int64_t r0, int64_t rows, T* stage,
                          const KeptExps* kept = nullptr) {
     const bool from_exps = keeps_exps(a);
     for (int64_t i = 0; i < rows; ++i) {
@@ -583,7 +566,7 @@ struct RowsLayout {
 
   // Whether short rows' gradients are computed from their exponentials and their sum (grad_row_from_exps):
   // the hot path with rows of one chunk, whose exponentials forward_rows can keep.
-  static bool keeps_exps(const CrossEntropyArgs& a) { return hot_path(a) && num_chunks(a) == 1; }
+  static bool keeps_exps(const SoftmaxLossArgs& a) { return hot_path(a) && num_chunks(a) == 1; }
 
   // The gradient row of a non-ignored hot-path short row (keeps_exps), from the row's exponentials
   // e_j = exp(x_j - m) (chunk_exp_sum's lanes order) and their sum:
@@ -594,7 +577,7 @@ struct RowsLayout {
   // The fused kernel passes the exponentials its forward kept and takes one exp per logit instead of two;
   // the backward op recomputes them with the forward's own exp pass, so both ops write the same bits.
   // Out of line, as backward_row (Note [Short rows' gradient]).
-  __attribute__((noinline)) static void grad_row_from_exps(const CrossEntropyArgs& a, const Coefficients<acc>& coef,
+  __attribute__((noinline)) static void grad_row_from_exps(const SoftmaxLossArgs& a, const Coefficients<acc>& coef,
                                                            int64_t row, T* g, const acc* e, acc m, acc sum) {
     constexpr int W = V::kWidth;
     const int64_t C = a.C;
@@ -617,7 +600,7 @@ struct RowsLayout {
   // The gradient of classes [c0, c1) of one row into g (that row's gradient, or a staging buffer), with
   // non-temporal stores in the body when `stream`. Out of line: one compiled copy serves the backward op
   // and the fused kernel (Note [Short rows' gradient]).
-  __attribute__((noinline)) static void backward_row(const CrossEntropyArgs& a, const Coefficients<acc>& coef,
+  __attribute__((noinline)) static void backward_row(const SoftmaxLossArgs& a, const Coefficients<acc>& coef,
                                                      int64_t row, T* g, int64_t c0, int64_t c1, bool stream) {
     constexpr int W = V::kWidth;
     const acc* lse_in = static_cast<const acc*>(a.lse_in);
@@ -675,7 +658,7 @@ struct RowsLayout {
   // The fused forward + gradient (Note [Fused gradient], xent/_fused.py) of short rows (fused_rows_fit):
   // per block of fused_block_rows rows, forward_rows and then grad_block on the same rows while their
   // logits are in L1. The same kernels as the separate ops, so the same bits.
-  static void forward_grad_rows(const CrossEntropyArgs& a, int64_t row_begin, int64_t row_end) {
+  static void forward_grad_rows(const SoftmaxLossArgs& a, int64_t row_begin, int64_t row_end) {
     alignas(64) T stage[kFusedStageBytes / sizeof(T)];
     // The block's exponentials when keeps_exps(a): its logits fit kFusedStageBytes, each row padded to
     // whole vectors.
@@ -699,30 +682,17 @@ struct RowsLayout {
 // neighbours, so a position's result does not depend on how positions are grouped into vectors.
 
 template <class T>
-struct LanesLayout {
-  using V = typename VecFor<T>::type;
-  using acc = typename V::scalar;
-  static constexpr int W = V::kWidth;
-
-  static V load_lanes(const T* p, int64_t lanes) { return lanes == W ? V::load(p) : load_partial<V>(p, lanes, 0); }
-
-  // Calls f(n, s, lanes) for every tile of up to W positions of [p_begin, p_end) within one batch row.
-  template <class F>
-  static void for_each_tile(const CrossEntropyArgs& a, int64_t p_begin, int64_t p_end, F&& f) {
-    int64_t p = p_begin;
-    while (p < p_end) {
-      const int64_t n = p / a.S, s = p % a.S;
-      int64_t lanes = a.S - s;
-      if (lanes > W) lanes = W;
-      if (lanes > p_end - p) lanes = p_end - p;
-      f(n, s, lanes);
-      p += lanes;
-    }
-  }
+struct CrossEntropyLanes : SoftmaxLanes<T> {
+  using Base = SoftmaxLanes<T>;
+  using typename Base::V;
+  using typename Base::acc;
+  using Base::W;
+  using Base::for_each_tile;
+  using Base::load_lanes;
 
   // ---- Tiles of up to W positions: probability targets (and C > 2^24) ----
 
-  static void forward_tiles(const CrossEntropyArgs& a, int64_t p_begin, int64_t p_end) {
+  static void forward_tiles(const SoftmaxLossArgs& a, int64_t p_begin, int64_t p_end) {
     const Coefficients<acc> coef(a);
     const acc* w = coef.weight;
     acc* lse_out = static_cast<acc*>(a.lse);
@@ -730,8 +700,8 @@ struct LanesLayout {
     const bool prob = a.prob_target != nullptr;
     const bool want_dot = prob || a.label_smoothing > 0;
     for_each_tile(a, p_begin, p_end, [&](int64_t n, int64_t s, int64_t lanes) {
-      const T* x = static_cast<const T*>(a.logits) + n * a.stride_n + s;
-      const T* tq = prob ? static_cast<const T*>(a.prob_target) + n * a.target_stride_n + s : nullptr;
+      const T* x = Base::tile_logits(a, n, s);
+      const T* tq = prob ? Base::tile_target(a, n, s) : nullptr;
       V m = V::set1(-static_cast<acc>(kInf));
       // Per-lane sums in double over blocks of classes (LaneSums): sum w q x (index targets: sum w x),
       // sum w q, sum exp(x - m).
@@ -756,16 +726,8 @@ struct LanesLayout {
         dot.add(dot_part);
         weight_dot.add(weight_dot_part);
       });
+      const LaneSums<V> sum = Base::exp_sums(a, x, lanes, m);
       acc mb[W];
-      V::store(mb, m);
-      for (int i = 0; i < W; ++i)
-        if (mb[i] == -static_cast<acc>(kInf)) mb[i] = 0;  // see RowsLayout::chunk_partial, pass 2
-      const V mv = V::load(mb);
-      const LaneSums<V> sum = sum_over_class_blocks<V>(a.C, [&](int64_t c0, int64_t c1) {
-        V part = V::set1(0);
-        for (int64_t c = c0; c < c1; ++c) part = part + V::exp(load_lanes(x + c * a.stride_c, lanes) - mv);
-        return part;
-      });
       V::store(mb, m);
       for (int64_t i = 0; i < lanes; ++i) {
         const int64_t p = n * a.S + s + i;
@@ -786,15 +748,15 @@ struct LanesLayout {
     });
   }
 
-  static void backward_tiles(const CrossEntropyArgs& a, int64_t p_begin, int64_t p_end) {
+  static void backward_tiles(const SoftmaxLossArgs& a, int64_t p_begin, int64_t p_end) {
     const Coefficients<acc> coef(a);
     const acc* w = coef.weight;
     const acc* lse_in = static_cast<const acc*>(a.lse_in);
     const bool prob = a.prob_target != nullptr;
     for_each_tile(a, p_begin, p_end, [&](int64_t n, int64_t s, int64_t lanes) {
-      const T* x = static_cast<const T*>(a.logits) + n * a.stride_n + s;
-      const T* tq = prob ? static_cast<const T*>(a.prob_target) + n * a.target_stride_n + s : nullptr;
-      T* g = static_cast<T*>(a.grad) + n * a.grad_stride_n + s;
+      const T* x = Base::tile_logits(a, n, s);
+      const T* tq = prob ? Base::tile_target(a, n, s) : nullptr;
+      T* g = Base::tile_grad(a, n, s);
       // Per-lane coefficients: grad = soft_coef * exp(x - lse) - scale * w_c * (eps / C  or  q_c).
       acc soft[W], scale[W], lse[W];
       for (int i = 0; i < W; ++i) soft[i] = scale[i] = lse[i] = 0;
@@ -854,12 +816,12 @@ struct LanesLayout {
   static constexpr int kBlockVecs = 8;
 
   // Class indices are compared as floats: exact for C <= 2^24 (larger C takes the tile path).
-  static bool index_blocks(const CrossEntropyArgs& a) { return !a.prob_target && a.C <= (int64_t(1) << 24); }
+  static bool index_blocks(const SoftmaxLossArgs& a) { return !a.prob_target && a.C <= (int64_t(1) << 24); }
 
   // Calls f.template operator()<NV>(n, s, lanes) over the blocks covering [p_begin, p_end): blocks of
   // kBlockVecs full vectors, then single vectors (the last one with `lanes` < W lanes).
   template <class F>
-  static void for_each_block(const CrossEntropyArgs& a, int64_t p_begin, int64_t p_end, F&& f) {
+  static void for_each_block(const SoftmaxLossArgs& a, int64_t p_begin, int64_t p_end, F&& f) {
     int64_t p = p_begin;
     while (p < p_end) {
       const int64_t n = p / a.S;
@@ -877,7 +839,7 @@ struct LanesLayout {
     return (j == NV - 1 && lanes < W) ? load_partial<V>(p + j * W, lanes, 0) : V::load(p + j * W);
   }
 
-  // Loads the NV vectors of one class row of a block: in pairs (simd.h) when NV is even (full vectors),
+  // Loads the NV vectors of one class row of a block: in pairs (simd/memory.h) when NV is even (full vectors),
   // else one by one (the last with `lanes` lanes).
   template <int NV>
   static void load_block_row(const T* xc, int64_t lanes, V* out) {
@@ -910,10 +872,10 @@ struct LanesLayout {
   }
 
   template <int NV>
-  static void forward_index_block(const CrossEntropyArgs& a, const Coefficients<acc>& coef, int64_t n, int64_t s,
+  static void forward_index_block(const SoftmaxLossArgs& a, const Coefficients<acc>& coef, int64_t n, int64_t s,
                                   int64_t lanes) {
     constexpr int kLanes = NV * W;
-    const T* x = static_cast<const T*>(a.logits) + n * a.stride_n + s;
+    const T* x = Base::tile_logits(a, n, s);
     const acc* w = coef.weight;
     const bool smoothing = coef.eps > 0;
     const V neg_inf = V::set1(-static_cast<acc>(kInf)), zero = V::set1(0);
@@ -926,7 +888,7 @@ struct LanesLayout {
         if (smoothing) dot[j] = V::fma(V::set1(w ? w[c] : acc(1)), xv[j], dot[j]);
       }
     }
-    // See RowsLayout::chunk_partial, pass 2: a max of -inf is replaced by 0.
+    // See CrossEntropyRows::chunk_partial, pass 2: a max of -inf is replaced by 0.
     V mv[NV];
     for (int j = 0; j < NV; ++j) mv[j] = vselect(veq(m[j], neg_inf), zero, m[j]);
     for (int64_t c = 0; c < a.C; ++c) {
@@ -977,12 +939,12 @@ struct LanesLayout {
   }
 
   // grad_c = soft * exp(x_c - lse) - (c == t ? target_term : smooth w_c), zero at ignored positions, with
-  // soft, target_term and smooth per lane as in RowsLayout::backward_rows.
+  // soft, target_term and smooth per lane as in CrossEntropyRows::backward_rows.
   template <int NV>
-  static void backward_index_block(const CrossEntropyArgs& a, const Coefficients<acc>& coef, int64_t n, int64_t s,
+  static void backward_index_block(const SoftmaxLossArgs& a, const Coefficients<acc>& coef, int64_t n, int64_t s,
                                    int64_t lanes) {
-    const T* x = static_cast<const T*>(a.logits) + n * a.stride_n + s;
-    T* g = static_cast<T*>(a.grad) + n * a.grad_stride_n + s;
+    const T* x = Base::tile_logits(a, n, s);
+    T* g = Base::tile_grad(a, n, s);
     const acc* w = coef.weight;
     const acc* lse_in = static_cast<const acc*>(a.lse_in);
     const bool smoothing = coef.eps > 0;
@@ -1004,7 +966,7 @@ struct LanesLayout {
       soft_b[i] = static_cast<acc>(sc * coef.index_softmax_coef(t));
       term_b[i] = static_cast<acc>(sc * coef.target_term(t));
     }
-    // A block of an even number of (full) vectors is processed in pairs (simd.h), whose lane order the
+    // A block of an even number of (full) vectors is processed in pairs (simd/memory.h), whose lane order the
     // per-lane values follow (load_pair_as); a single vector as is.
     constexpr bool kPairs = NV % 2 == 0;
     V lse[NV], soft[NV], target_term[NV], target_class[NV], smooth[NV], keep[NV];
@@ -1049,7 +1011,7 @@ struct LanesLayout {
     }
   }
 
-  static void forward(const CrossEntropyArgs& a, int64_t p_begin, int64_t p_end) {
+  static void forward(const SoftmaxLossArgs& a, int64_t p_begin, int64_t p_end) {
     if (!index_blocks(a)) return forward_tiles(a, p_begin, p_end);
     const Coefficients<acc> coef(a);
     for_each_block(a, p_begin, p_end, [&]<int NV>(int64_t n, int64_t s, int64_t lanes) {
@@ -1057,7 +1019,7 @@ struct LanesLayout {
     });
   }
 
-  static void backward(const CrossEntropyArgs& a, int64_t p_begin, int64_t p_end) {
+  static void backward(const SoftmaxLossArgs& a, int64_t p_begin, int64_t p_end) {
     if (!index_blocks(a)) return backward_tiles(a, p_begin, p_end);
     const Coefficients<acc> coef(a);
     for_each_block(a, p_begin, p_end, [&]<int NV>(int64_t n, int64_t s, int64_t lanes) {
@@ -1067,50 +1029,7 @@ struct LanesLayout {
   }
 };
 
-// ---------------------------------------------------------------------------------------------------
-// Dtype dispatch and the table.
-
-template <template <class> class Layout, class F>
-inline void dispatch(DType d, F&& f) {
-  switch (d) {
-    case DType::f32: f(Layout<float>{}); break;
-    case DType::f64: f(Layout<double>{}); break;
-    case DType::bf16: f(Layout<bf16_t>{}); break;
-    case DType::f16: f(Layout<f16_t>{}); break;
-  }
-}
-
-void forward_rows(const CrossEntropyArgs& a, int64_t r0, int64_t r1) {
-  dispatch<RowsLayout>(a.dtype, [&](auto L) { decltype(L)::forward_rows(a, r0, r1); });
-}
-void forward_row_partials(const CrossEntropyArgs& a, int64_t row, int64_t k0, int64_t k1, RowPartial* out) {
-  dispatch<RowsLayout>(a.dtype, [&](auto L) { decltype(L)::forward_row_partials(a, row, k0, k1, out); });
-}
-void forward_row_finish(const CrossEntropyArgs& a, int64_t row, const RowPartial* partials, int64_t n) {
-  dispatch<RowsLayout>(a.dtype, [&](auto L) { decltype(L)::forward_row_finish(a, row, partials, n); });
-}
-void backward_rows(const CrossEntropyArgs& a, int64_t r0, int64_t r1, int64_t c0, int64_t c1) {
-  dispatch<RowsLayout>(a.dtype, [&](auto L) { decltype(L)::backward_rows(a, r0, r1, c0, c1); });
-}
-void forward_grad_rows(const CrossEntropyArgs& a, int64_t r0, int64_t r1) {
-  dispatch<RowsLayout>(a.dtype, [&](auto L) { decltype(L)::forward_grad_rows(a, r0, r1); });
-}
-void forward_lanes(const CrossEntropyArgs& a, int64_t p0, int64_t p1) {
-  dispatch<LanesLayout>(a.dtype, [&](auto L) { decltype(L)::forward(a, p0, p1); });
-}
-void backward_lanes(const CrossEntropyArgs& a, int64_t p0, int64_t p1) {
-  dispatch<LanesLayout>(a.dtype, [&](auto L) { decltype(L)::backward(a, p0, p1); });
-}
-void exp_f32(const float* x, float* y, int64_t n) {
-  int64_t i = 0;
-  for (; i + VecF::kWidth <= n; i += VecF::kWidth) VecF::store(y + i, VecF::exp(VecF::load(x + i)));
-  if (i < n) store_partial(y + i, n - i, VecF::exp(load_partial<VecF>(x + i, n - i, 0.0f)));
-}
-
-constexpr KernelTable kTable = {
-    XENT_CPU_ISA_NAME, forward_rows,   forward_row_partials, forward_row_finish, backward_rows, forward_grad_rows,
-    forward_lanes,     backward_lanes, exp_f32,              VecF::kWidth,
-};
+constexpr SoftmaxLossKernels kCrossEntropyKernels = softmax_loss_kernels<CrossEntropyRows, CrossEntropyLanes>();
 
 } // namespace
 } // namespace xent::cpu

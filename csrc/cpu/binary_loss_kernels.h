@@ -1,10 +1,8 @@
 // The CPU binary-loss kernels' interface (binary_cross_entropy, binary_cross_entropy_with_logits,
 // sigmoid_focal_loss): plain structs and function pointers, no torch headers.
 //
-// Like the cross-entropy kernels (kernels.h), the kernels are compiled once per instruction set
-// (binary_kernels_avx512.cpp, binary_kernels_avx2.cpp, binary_kernels_generic.cpp, each including
-// binary_kernels_impl.h) and binary_losses.cpp picks the table of the active ISA (isa.h). Those files must
-// not include torch or standard-library templates (the ODR hazard described in kernels.h).
+// Compiled once per instruction set with every loss's kernels (kernel_tables.h); binary_losses.cpp takes the
+// table of the active one.
 //
 // Note [Binary loss blocks]
 // -------------------------
@@ -34,7 +32,8 @@
 // the host as a `full` operand.
 #pragma once
 
-#include "kernels.h"  // DType
+#include "binary_loss_kind.h"
+#include "cpu/dtype.h"
 
 #include <cstdint>
 
@@ -43,8 +42,6 @@ namespace xent::cpu {
 // Elements per block (Note [Binary loss blocks]). 2048 keeps a block's operand scratch buffers (three
 // of them, up to 16 KiB each in float64) in L1/L2.
 constexpr int64_t kBinaryBlock = 2048;
-
-enum class BinaryLoss : int { bce = 0, bce_with_logits = 1, sigmoid_focal = 2 };
 
 struct BinaryOperand {
   enum Kind : int { one = 0, scalar = 1, periodic = 2, rows = 3, full = 4 };
@@ -57,7 +54,7 @@ struct BinaryOperand {
 
 // Everything a kernel needs, by raw pointer. acc_t is double for f64 inputs, float otherwise.
 struct BinaryArgs {
-  BinaryLoss kind;
+  BinaryLossKind kind;
   DType dtype;            // of input, target, the unreduced loss and the gradient
   int64_t numel;
   const void* input;      // (numel) contiguous, `dtype`
@@ -77,21 +74,13 @@ struct BinaryArgs {
   void* grad;
 };
 
-struct BinaryKernelTable {
-  const char* name;
+struct BinaryLossKernels {
   // Blocks [block_begin, block_end) of the forward / backward (Note [Binary loss blocks]).
   void (*forward)(const BinaryArgs&, int64_t block_begin, int64_t block_end);
   void (*backward)(const BinaryArgs&, int64_t block_begin, int64_t block_end);
   // The fused forward + gradient (Note [Fused gradient], xent/_fused.py): per block, the reduced forward's
   // block_sums (and block_flags), and the gradient for the scalar grad_scale, in one pass over the block.
   void (*forward_grad)(const BinaryArgs&, int64_t block_begin, int64_t block_end);
-  int vector_width;  // float lanes
 };
-
-// One table per instruction set; null when this build has no such table (non-x86 targets).
-const BinaryKernelTable* binary_kernels_avx512();
-const BinaryKernelTable* binary_kernels_avx512_bf16();  // the AVX-512 kernels with AVX512_BF16 (isa.h)
-const BinaryKernelTable* binary_kernels_avx2();
-const BinaryKernelTable* binary_kernels_generic();
 
 } // namespace xent::cpu

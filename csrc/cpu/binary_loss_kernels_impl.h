@@ -1,6 +1,5 @@
-// The CPU binary-loss kernels, written once and compiled per instruction set by binary_kernels_avx512.cpp,
-// binary_kernels_avx2.cpp and binary_kernels_generic.cpp (interface and block/operand notes in
-// binary_kernels.h). Everything is computed in acc_t (float, or double for float64 inputs) and rounded
+// The CPU binary-loss kernels, written once and compiled per instruction set (kernels_instantiate.h;
+// interface and block/operand notes in binary_loss_kernels.h; Note [Per-ISA headers] in simd/vec.h). Everything is computed in acc_t (float, or double for float64 inputs) and rounded
 // once to the output dtype.
 //
 // Notation, per element: x = input, y = target, w = weight, pw = pos_weight (1 when absent),
@@ -33,7 +32,7 @@
 // and a does not depend on x:
 //   grad = s a w ((d ce_u / dx) f + ce_u gamma m^(gamma - 1) p q (1 - 2 y)).
 // Integer gamma (0, 1, 2, ... the usual 2 included) uses products, m^k = m * ... * m (as torch's pow does
-// for 2 and 3); other gamma use exp(gamma log m) (simd.h: vpow).
+// for 2 and 3); other gamma use exp(gamma log m) (simd/math.h: vpow).
 //
 // The fused forward + gradient (forward_grad_blocks, for the `*_fwd_grad` ops) calls each loss's
 // loss_grad(), which computes both from shared terms with exactly the operations of loss() and grad(), so
@@ -41,26 +40,23 @@
 // contraction (-ffp-contract=fast) could break that: tests/test_binary_losses.py checks it per ISA, dtype
 // and operand kind, tests/test_fused_grad.py through the API.
 //
-// float32 math (simd.h): exp about 1 ulp, log 1-2 ulp, log1p(exp(-|x|)) by vlog1p_unit_poly about 1.5 ulp,
+// float32 math (simd/math.h): exp about 1 ulp, log 1-2 ulp, log1p(exp(-|x|)) by vlog1p_unit_poly about 1.5 ulp,
 // reciprocals by rcp + one Newton step (vrecip) about 1-2 ulp instead of divisions, whose throughput
 // would otherwise dominate these kernels. float64 uses libm throughout.
 #pragma once
 
-#include "binary_kernels.h"
-#include "simd.h"
+#include "cpu/binary_loss_kernels.h"
+#include "cpu/simd/accumulate.h"
+#include "cpu/simd/math.h"
+#include "cpu/simd/memory.h"
+#include "cpu/simd/vec.h"
 
 namespace xent::cpu {
 namespace {
 
-template <class T> struct BinaryVec { using type = VecF; };
-template <> struct BinaryVec<double> { using type = VecD1; };
-
 template <class acc> constexpr DType kAccDType = DType::f32;
 template <> constexpr DType kAccDType<double> = DType::f64;
 
-// Float lanes are added into the block's double total every kFlushVectors vectors: each lane sums at most
-// 8 losses in float (a few ulp of their sum), everything after that is summed in double.
-constexpr int kFlushVectors = 8;
 // Focal: gamma = k integer up to this is computed by products.
 constexpr double kMaxIntegerGamma = 64;
 
@@ -70,35 +66,14 @@ constexpr double kMaxIntegerGamma = 64;
 // BCE-with-logits reads bfloat16 inputs 2 * W at a time with load_pair, which splits one 512-bit (or
 // 256-bit) load into the even and odd elements with a shift and a mask, and writes gradients back with
 // store_pair: fewer shuffle-port uops per element than widening W at a time (vpmovzxwd) and narrowing W
-// at a time. The loss's lane sums then hold other elements than with single vectors, so the forward op
-// and the fused op pair alike and their sums stay bitwise equal; the gradient is elementwise and
-// unchanged. Measured (2 threads, inputs evicted from cache between calls, alternating builds): the
-// fused op at 4096 x 1000 bfloat16 1.74-1.86 -> 1.62-1.69 ms, the API's forward + backward 1.95-2.08 ->
-// 1.83-1.90 ms; at 65536 x 80 2.23 -> 2.09-2.11 ms. The other two losses stay on single vectors
-// (their Op::kPairs): paired, BCE measured 5% slower (1.63-1.64 -> 1.71-1.74 ms), and sigmoid focal's
-// fused gradient lost its bitwise equality with the backward op's in float32 (the compiler, with
-// loss_grad() called twice more per loop, contracted its products into fmas differently;
-// test_isa_fused_op_is_bitwise_the_separate_ops).
+// at a time (the fused op at 4096 x 1000 bfloat16 about 7% faster). The loss's lane sums then hold other
+// elements than with single vectors, so the forward op and the fused op pair alike and their sums stay
+// bitwise equal; the gradient is elementwise and unchanged. The other two losses stay on single vectors
+// (their Op::kPairs): paired, BCE was slower, and sigmoid focal's fused gradient lost its bitwise equality
+// with the backward op's in float32 (the compiler, with loss_grad() called twice more per loop, contracted
+// its products into fmas differently; test_isa_fused_op_is_bitwise_the_separate_ops).
 template <class T, class Op> constexpr bool kPairedLoads = false;
 template <class Op> constexpr bool kPairedLoads<bf16_t, Op> = Op::kPairs;
-
-// A block's loss sum (Note [Binary loss blocks]): vectors added into float lanes, flushed into a double
-// every kFlushVectors vectors.
-template <class V>
-struct BlockSum {
-  V run = V::set1(0);
-  int in_run = 0;
-  double total = 0;
-  void add(V l) {
-    run = run + l;
-    if (++in_run == kFlushVectors) {
-      total += static_cast<double>(run.reduce_add());
-      run = V::set1(0);
-      in_run = 0;
-    }
-  }
-  double result() const { return total + static_cast<double>(run.reduce_add()); }
-};
 
 // One block's view of an operand: its acc_t values for the block's elements [0, n), or a constant.
 template <class V>
@@ -250,7 +225,7 @@ struct BceOp {
     const VecF floor = VecF::set1(-100.0f);
     return vselect(vlt(VecF::set1(0.0f), x), VecF::max(floor, vlog_positive(x)), floor);
   }
-  static VecF clamped_log1p_neg(VecF x) {  // log(u) + rounding correction (simd.h: vlog1p), u = 1 - x
+  static VecF clamped_log1p_neg(VecF x) {  // log(u) + rounding correction (simd/math.h: vlog1p), u = 1 - x
     const VecF one = VecF::set1(1.0f), floor = VecF::set1(-100.0f);
     const VecF u = one - x;
     const VecF l = vlog_positive(u) + (VecF::set1(0.0f) - x - (u - one)) * vrecip(u);
@@ -431,9 +406,27 @@ struct FocalOp {
 // ---------------------------------------------------------------------------------------------------
 // Block drivers (Note [Binary loss blocks]).
 
+// Block b's elements [i0, i0 + n) of the flat input and target, and its weight and pos_weight operands
+// (expanded into the caller's scratch buffers where needed).
+template <class T, class V>
+struct BinaryBlock {
+  using acc = typename V::scalar;
+  int64_t i0, n;
+  const T* x;
+  const T* y;
+  OperandBlock<V> w, pw;
+  BinaryBlock(const BinaryArgs& a, int64_t b, acc* wbuf, acc* pbuf)
+      : i0(b * kBinaryBlock),
+        n(a.numel - i0 < kBinaryBlock ? a.numel - i0 : kBinaryBlock),
+        x(static_cast<const T*>(a.input) + i0),
+        y(static_cast<const T*>(a.target) + i0),
+        w(operand_block<T, V>(a.weight, i0, n, wbuf)),
+        pw(operand_block<T, V>(a.pos_weight, i0, n, pbuf)) {}
+};
+
 template <class T, class Op, bool kReduce>
 void forward_blocks(const BinaryArgs& a, int64_t b0, int64_t b1) {
-  using V = typename BinaryVec<T>::type;
+  using V = typename VecFor<T>::type;
   using acc = typename V::scalar;
   using M = MaskOf<V>;
   constexpr int W = V::kWidth;
@@ -441,13 +434,11 @@ void forward_blocks(const BinaryArgs& a, int64_t b0, int64_t b1) {
   const acc half = acc(0.5);  // tail padding: a valid probability for every loss
   acc wbuf[kBinaryBlock], pbuf[kBinaryBlock];
   for (int64_t b = b0; b < b1; ++b) {
-    const int64_t i0 = b * kBinaryBlock;
-    const int64_t n = a.numel - i0 < kBinaryBlock ? a.numel - i0 : kBinaryBlock;
-    const OperandBlock<V> w = operand_block<T, V>(a.weight, i0, n, wbuf);
-    const OperandBlock<V> pw = operand_block<T, V>(a.pos_weight, i0, n, pbuf);
-    const T* x = static_cast<const T*>(a.input) + i0;
-    const T* y = static_cast<const T*>(a.target) + i0;
-    T* out = kReduce ? nullptr : static_cast<T*>(a.loss) + i0;
+    const BinaryBlock<T, V> blk(a, b, wbuf, pbuf);
+    const int64_t n = blk.n;
+    const T *x = blk.x, *y = blk.y;
+    const OperandBlock<V>&w = blk.w, &pw = blk.pw;
+    T* out = kReduce ? nullptr : static_cast<T*>(a.loss) + blk.i0;
     M bad_x = vlt(V::set1(0), V::set1(0)), bad_y = bad_x;  // all false
     BlockSum<V> sum;
     int64_t j = 0;
@@ -485,9 +476,7 @@ void forward_blocks(const BinaryArgs& a, int64_t b0, int64_t b1) {
       const V l = Op::loss(c, load_partial<V>(x + j, r, half), load_partial<V>(y + j, r, half), w.tail(j, r),
                            pw.tail(j, r), bad_x, bad_y);
       if constexpr (kReduce) {
-        acc buf[W];
-        V::store(buf, l);
-        for (int64_t i = 0; i < r; ++i) sum.total += static_cast<double>(buf[i]);
+        sum.add_first(l, r);
       } else {
         store_partial(out + j, r, l);
       }
@@ -499,21 +488,19 @@ void forward_blocks(const BinaryArgs& a, int64_t b0, int64_t b1) {
 
 template <class T, class Op>
 void backward_blocks(const BinaryArgs& a, int64_t b0, int64_t b1) {
-  using V = typename BinaryVec<T>::type;
+  using V = typename VecFor<T>::type;
   using acc = typename V::scalar;
   constexpr int W = V::kWidth;
   const LossParams<V> c(a);
   const acc half = acc(0.5);
   acc wbuf[kBinaryBlock], pbuf[kBinaryBlock], sbuf[kBinaryBlock];
   for (int64_t b = b0; b < b1; ++b) {
-    const int64_t i0 = b * kBinaryBlock;
-    const int64_t n = a.numel - i0 < kBinaryBlock ? a.numel - i0 : kBinaryBlock;
-    const OperandBlock<V> w = operand_block<T, V>(a.weight, i0, n, wbuf);
-    const OperandBlock<V> pw = operand_block<T, V>(a.pos_weight, i0, n, pbuf);
-    const OperandBlock<V> s = operand_block<T, V>(a.grad_scale, i0, n, sbuf);
-    const T* x = static_cast<const T*>(a.input) + i0;
-    const T* y = static_cast<const T*>(a.target) + i0;
-    T* g = static_cast<T*>(a.grad) + i0;
+    const BinaryBlock<T, V> blk(a, b, wbuf, pbuf);
+    const int64_t n = blk.n;
+    const T *x = blk.x, *y = blk.y;
+    const OperandBlock<V>&w = blk.w, &pw = blk.pw;
+    const OperandBlock<V> s = operand_block<T, V>(a.grad_scale, blk.i0, n, sbuf);
+    T* g = static_cast<T*>(a.grad) + blk.i0;
     int64_t j = 0;
     if constexpr (kPairedLoads<T, Op>) {
       for (; j + 2 * W <= n; j += 2 * W) {
@@ -550,7 +537,7 @@ void backward_blocks(const BinaryArgs& a, int64_t b0, int64_t b1) {
 // their loads, pointer tests and multiplications (x * 1 is exact, so the results do not change).
 template <class T, class Op, bool kPlain>
 void forward_grad_blocks(const BinaryArgs& a, int64_t b0, int64_t b1) {
-  using V = typename BinaryVec<T>::type;
+  using V = typename VecFor<T>::type;
   using acc = typename V::scalar;
   using M = MaskOf<V>;
   constexpr int W = V::kWidth;
@@ -560,13 +547,11 @@ void forward_grad_blocks(const BinaryArgs& a, int64_t b0, int64_t b1) {
   const V s = V::set1(static_cast<acc>(a.grad_scale.value));  // the host passes a scalar grad_scale
   acc wbuf[kBinaryBlock], pbuf[kBinaryBlock];
   for (int64_t b = b0; b < b1; ++b) {
-    const int64_t i0 = b * kBinaryBlock;
-    const int64_t n = a.numel - i0 < kBinaryBlock ? a.numel - i0 : kBinaryBlock;
-    const OperandBlock<V> w = operand_block<T, V>(a.weight, i0, n, wbuf);
-    const OperandBlock<V> pw = operand_block<T, V>(a.pos_weight, i0, n, pbuf);
-    const T* x = static_cast<const T*>(a.input) + i0;
-    const T* y = static_cast<const T*>(a.target) + i0;
-    T* g = static_cast<T*>(a.grad) + i0;
+    const BinaryBlock<T, V> blk(a, b, wbuf, pbuf);
+    const int64_t n = blk.n;
+    const T *x = blk.x, *y = blk.y;
+    const OperandBlock<V>&w = blk.w, &pw = blk.pw;
+    T* g = static_cast<T*>(a.grad) + blk.i0;
     M bad_x = vlt(V::set1(0), V::set1(0)), bad_y = bad_x;  // all false
     BlockSum<V> sum;
     int64_t j = 0;
@@ -605,10 +590,7 @@ void forward_grad_blocks(const BinaryArgs& a, int64_t b0, int64_t b1) {
       const V xv = load_partial<V>(x + j, r, half), yv = load_partial<V>(y + j, r, half);
       const V wv = kPlain ? V::set1(1) : w.tail(j, r), pwv = kPlain ? V::set1(1) : pw.tail(j, r);
       store_partial(g + j, r, Op::grad(c, xv, yv, wv, pwv, s));
-      const V l = Op::loss(c, xv, yv, wv, pwv, bad_x, bad_y);
-      acc buf[W];
-      V::store(buf, l);
-      for (int64_t i = 0; i < r; ++i) sum.total += static_cast<double>(buf[i]);
+      sum.add_first(Op::loss(c, xv, yv, wv, pwv, bad_x, bad_y), r);
     }
     a.block_sums[b] = sum.result();
     if constexpr (Op::kChecksRange) a.block_flags[b] = (mask_any(bad_x) ? 1 : 0) | (mask_any(bad_y) ? 2 : 0);
@@ -619,21 +601,11 @@ void forward_grad_blocks(const BinaryArgs& a, int64_t b0, int64_t b1) {
 // Dispatch and the table.
 
 template <class F>
-inline void dispatch_dtype(DType d, F&& f) {
-  switch (d) {
-    case DType::f32: f(float{}); break;
-    case DType::f64: f(double{}); break;
-    case DType::bf16: f(bf16_t{}); break;
-    case DType::f16: f(f16_t{}); break;
-  }
-}
-
-template <class F>
-inline void dispatch_loss(BinaryLoss k, F&& f) {
+inline void dispatch_loss(BinaryLossKind k, F&& f) {
   switch (k) {
-    case BinaryLoss::bce: f(BceOp{}); break;
-    case BinaryLoss::bce_with_logits: f(LogitsOp{}); break;
-    case BinaryLoss::sigmoid_focal: f(FocalOp{}); break;
+    case BinaryLossKind::bce: f(BceOp{}); break;
+    case BinaryLossKind::bce_with_logits: f(LogitsOp{}); break;
+    case BinaryLossKind::sigmoid_focal: f(FocalOp{}); break;
   }
 }
 
@@ -670,8 +642,7 @@ void binary_forward_grad(const BinaryArgs& a, int64_t b0, int64_t b1) {
   });
 }
 
-constexpr BinaryKernelTable kBinaryTable = {XENT_CPU_ISA_NAME, binary_forward, binary_backward, binary_forward_grad,
-                                            VecF::kWidth};
+constexpr BinaryLossKernels kBinaryLossKernels = {binary_forward, binary_backward, binary_forward_grad};
 
 } // namespace
 } // namespace xent::cpu

@@ -1,7 +1,8 @@
-#include "cross_entropy_host.h"
+#include "class_losses_host.h"
 
 #include <ATen/ops/empty.h>
 
+#include <cmath>
 #include <vector>
 
 namespace xent {
@@ -114,6 +115,23 @@ void check_label_smoothing(double label_smoothing) {
   TORCH_CHECK(
       label_smoothing >= 0.0 && label_smoothing <= 1.0,
       "label_smoothing must be between 0.0 and 1.0. Got: ", label_smoothing);
+}
+
+void check_gamma(double gamma) {
+  TORCH_CHECK_VALUE(gamma >= 0.0 && std::isfinite(gamma), "softmax_focal_loss: gamma must be a finite number >= 0, got ",
+                    gamma);
+}
+
+void check_softmax_loss_args(const char* op, const at::Tensor& logits, const at::Tensor& target,
+                             const std::optional<at::Tensor>& weight, const SoftmaxLossOptions& options,
+                             bool has_gamma) {
+  check_logits(logits, op);
+  if (options.prob) check_prob_target(logits, target);
+  else check_index_target(logits, target);
+  check_weight(logits, weight);
+  check_reduction(options.reduction);
+  check_label_smoothing(options.label_smoothing);
+  if (has_gamma) check_gamma(options.gamma);
 }
 
 void check_same_device(const at::Tensor& logits, const at::Tensor& other, const char* name) {

@@ -1,4 +1,5 @@
-// Host-side argument checking and shape canonicalization shared by the CPU and CUDA cross-entropy ops.
+// Host-side argument checks, shapes and options of the losses over a class dimension (cross-entropy,
+// softmax focal loss, NLL), shared by their CPU and CUDA ops.
 //
 // Every kernel sees the logits as a 3-d view (N, C, S): N batch rows, C classes, S = d1 * ... * dk spatial
 // positions (S = 1 for 2-d logits). A "position" is one (n, s) pair; there are N * S of them and each has
@@ -15,6 +16,16 @@
 #include <optional>
 
 namespace xent {
+
+// The options of a softmax-loss op (cross-entropy, softmax focal), gathered from its schema's arguments
+// (csrc/ops.cpp) by softmax_loss_ops.h.
+struct SoftmaxLossOptions {
+  bool prob = false;         // probability targets (the `*_prob_*` ops); else class indices
+  int64_t reduction = 1;     // at::Reduction
+  int64_t ignore_index = -100;
+  double label_smoothing = 0;
+  double gamma = 0;          // softmax focal loss: the focusing exponent
+};
 
 // A (N, C, S) strided view of a tensor of shape (N, C, d1, ..., dk), in elements.
 struct NCSView {
@@ -54,6 +65,13 @@ void check_weight(const at::Tensor& logits, const std::optional<at::Tensor>& wei
 void check_reduction(int64_t reduction);
 void check_label_smoothing(double label_smoothing);
 void check_same_device(const at::Tensor& logits, const at::Tensor& other, const char* name);
+// gamma of the softmax focal loss: finite and >= 0 (ValueError).
+void check_gamma(double gamma);
+// Every check above of a softmax-loss op's arguments; `op` names the loss in messages ("cross_entropy",
+// "softmax_focal_loss"), `has_gamma` says whether options.gamma is one of them.
+void check_softmax_loss_args(const char* op, const at::Tensor& logits, const at::Tensor& target,
+                             const std::optional<at::Tensor>& weight, const SoftmaxLossOptions& options,
+                             bool has_gamma);
 // grad_loss must have the forward loss's shape; lse must be (N, *) in the accumulation dtype.
 void check_backward_inputs(
     const at::Tensor& grad_loss,
