@@ -8,9 +8,7 @@ The operators live in ``torch.ops.xent`` (see ``csrc/ops.cpp``); this package ad
 autograd formulas and the PyTorch-compatible functional and module APIs.
 """
 
-from . import _ops  # noqa: F401  (loads the kernels, registers fake kernels and autograd)
-from . import _binary_ops  # noqa: F401  (the binary losses' fake kernels and autograd)
-from . import _focal_ops  # noqa: F401  (the softmax focal loss' fake kernels and autograd)
+from . import _ops  # noqa: F401  (loads the kernels, registers every op's fake kernel and autograd)
 from . import nn, testing
 from .functional import (
     binary_cross_entropy,

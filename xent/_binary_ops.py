@@ -1,10 +1,11 @@
-"""Fake (meta) kernels and autograd formulas of the binary losses' ops.
+"""The binary losses' ops: their entries in the op table (xent/_registrar.py), their fake kernels' checks
+and outputs, and their formulas written with PyTorch ops.
 
 Ops (schemas in csrc/ops.cpp): ``binary_cross_entropy_{fwd,bwd,fwd_grad}``,
 ``binary_cross_entropy_with_logits_{fwd,bwd,fwd_grad}`` and ``sigmoid_focal_loss_{fwd,bwd,fwd_grad}`` (the
-``*_fwd_grad`` ops: Note [Fused gradient] in xent/_fused.py). The forward ops
-return the loss only; their backward calls the ``*_bwd`` op for the input's gradient and computes the
-(rare) target gradient here with PyTorch ops. The ``*_bwd`` ops are differentiable too (double backward,
+``*_fwd_grad`` ops: Note [Fused gradient] in xent/_fused.py). The forward ops return the loss only; their
+backward calls the ``*_bwd`` op for the input's gradient and computes the (rare) target gradient here with
+PyTorch ops. The ``*_bwd`` ops are differentiable too (double backward,
 e.g. for gradient penalties) through the second-derivative formulas below.
 
 Gradients with respect to ``weight`` and ``pos_weight`` are not defined, as in PyTorch (whose ops raise
@@ -16,11 +17,14 @@ q = sigmoid(-x), L = 1 + (pw - 1) y. G(x, y) denotes the gradient w.r.t. x for a
 so that grad_input = s * G; the double backward needs dG/dx and dG/dy.
 """
 
+import functools
+
 import torch
 import torch.nn.functional as F
 
-from . import _fused
-from ._ops import NAMESPACES, REDUCTION_MEAN, REDUCTION_NONE, REDUCTION_SUM, acc_dtype
+from ._common import acc_dtype, fake_loss, reduce_like_loss, upstream_scale
+from ._library import REDUCTION_NONE
+from ._registrar import LossOps
 
 FLOAT_DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
 # ATen's EPSILON of binary_cross_entropy_backward: the float 1e-12 (also for float64 inputs).
@@ -58,68 +62,26 @@ def _check_args(name, input, target, weight, pos_weight, reduction):
     torch._check_value(reduction in (0, 1, 2), lambda: f"{name}: reduction must be 0, 1 or 2, got {reduction}")
 
 
-def _fake_loss(input, reduction):
-    return input.new_empty(tuple(input.shape) if reduction == REDUCTION_NONE else ())
+def _weights(options):
+    """(weight, pos_weight) from an op's options (weight[, pos_weight]); pos_weight None where it has none."""
+    return options[0], (options[1] if len(options) == 2 else None)
+
+
+def _check(name):
+    """The fake kernels' check of the loss `name`'s ops (LossOps.check)."""
+
+    def check(input, target, options, kw, tensors):
+        _check_args(name, input, target, *_weights(options), kw["reduction"])
+
+    return check
+
+
+def _fake_outputs(input, kw):
+    return (fake_loss(input, kw["reduction"], tuple(input.shape)),)
 
 
 def _fake_grad(input):
     return input.new_empty(tuple(input.shape))
-
-
-def _fake_fwd_grad(name, input, reduction):
-    """The outputs of a fused ``*_fwd_grad`` op: the reduced loss () and grad_input (the input's shape)."""
-    torch._check(
-        reduction in (REDUCTION_MEAN, REDUCTION_SUM),
-        lambda: f"{name}_fwd_grad: reduction must be mean (1) or sum (2), got {reduction}",
-    )
-    return _fake_loss(input, reduction), _fake_grad(input)
-
-
-def _register_fakes(ns):
-    @torch.library.register_fake(f"{ns}::binary_cross_entropy_fwd")
-    def _(input, target, weight=None, *, reduction=1):
-        _check_args("binary_cross_entropy", input, target, weight, None, reduction)
-        return _fake_loss(input, reduction)
-
-    @torch.library.register_fake(f"{ns}::binary_cross_entropy_bwd")
-    def _(grad_loss, input, target, weight, *, reduction=1):
-        _check_args("binary_cross_entropy", input, target, weight, None, reduction)
-        return _fake_grad(input)
-
-    @torch.library.register_fake(f"{ns}::binary_cross_entropy_fwd_grad")
-    def _(input, target, weight=None, *, reduction=1):
-        _check_args("binary_cross_entropy", input, target, weight, None, reduction)
-        return _fake_fwd_grad("binary_cross_entropy", input, reduction)
-
-    @torch.library.register_fake(f"{ns}::binary_cross_entropy_with_logits_fwd")
-    def _(input, target, weight=None, pos_weight=None, *, reduction=1):
-        _check_args("binary_cross_entropy_with_logits", input, target, weight, pos_weight, reduction)
-        return _fake_loss(input, reduction)
-
-    @torch.library.register_fake(f"{ns}::binary_cross_entropy_with_logits_bwd")
-    def _(grad_loss, input, target, weight, pos_weight, *, reduction=1):
-        _check_args("binary_cross_entropy_with_logits", input, target, weight, pos_weight, reduction)
-        return _fake_grad(input)
-
-    @torch.library.register_fake(f"{ns}::binary_cross_entropy_with_logits_fwd_grad")
-    def _(input, target, weight=None, pos_weight=None, *, reduction=1):
-        _check_args("binary_cross_entropy_with_logits", input, target, weight, pos_weight, reduction)
-        return _fake_fwd_grad("binary_cross_entropy_with_logits", input, reduction)
-
-    @torch.library.register_fake(f"{ns}::sigmoid_focal_loss_fwd")
-    def _(input, target, weight=None, pos_weight=None, *, alpha=0.25, gamma=2.0, reduction=0):
-        _check_args("sigmoid_focal_loss", input, target, weight, pos_weight, reduction)
-        return _fake_loss(input, reduction)
-
-    @torch.library.register_fake(f"{ns}::sigmoid_focal_loss_bwd")
-    def _(grad_loss, input, target, weight, pos_weight, *, alpha=0.25, gamma=2.0, reduction=0):
-        _check_args("sigmoid_focal_loss", input, target, weight, pos_weight, reduction)
-        return _fake_grad(input)
-
-    @torch.library.register_fake(f"{ns}::sigmoid_focal_loss_fwd_grad")
-    def _(input, target, weight=None, pos_weight=None, *, alpha=0.25, gamma=2.0, reduction=1):
-        _check_args("sigmoid_focal_loss", input, target, weight, pos_weight, reduction)
-        return _fake_fwd_grad("sigmoid_focal_loss", input, reduction)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -128,22 +90,6 @@ def _register_fakes(ns):
 
 def _acc(t, acc):
     return None if t is None else t.to(acc)
-
-
-def _upstream(grad_loss, reduction, input, acc):
-    """s: the upstream gradient per element, broadcastable to the input."""
-    s = grad_loss.to(acc)
-    if reduction == REDUCTION_MEAN:
-        s = s / input.numel()
-    return s
-
-
-def _reduce_like_loss(per_element, reduction, input):
-    """The adjoint of _upstream: per-element values to grad_loss's shape."""
-    if reduction == REDUCTION_NONE:
-        return per_element
-    total = per_element.sum()
-    return total / input.numel() if reduction == REDUCTION_MEAN else total
 
 
 def _weighted(t, w):
@@ -238,8 +184,7 @@ def _grad_terms(kind, x, y, w, pw, kw):
 
 def _target_grad(kind, grad_loss, x, y, w, pw, kw):
     """d loss / d target (acc dtype), as PyTorch's autograd gives it (torchvision's for focal)."""
-    reduction = kw.get("reduction", REDUCTION_MEAN)
-    s = _upstream(grad_loss, reduction, x, x.dtype)
+    s = upstream_scale(grad_loss, kw["reduction"], x.numel(), x.dtype)
     if kind == "bce":
         # ATen's binary_cross_entropy_target_backward: -grad * w * logit(x) (no clamping).
         return -s * _weighted(torch.logit(x), w)
@@ -257,75 +202,49 @@ def _target_grad(kind, grad_loss, x, y, w, pw, kw):
 # Autograd.
 
 
-def _register_autograd(ns, kind, name, has_pos_weight):
-    ops = getattr(torch.ops, ns)
-    bwd_op = getattr(ops, f"{name}_bwd")
-    n_options = 2 if has_pos_weight else 1  # weight (and pos_weight) after input, target
-
-    def split(inputs):
-        input, target, *options = inputs
-        weight = options[0]
-        pos_weight = options[1] if has_pos_weight else None
-        return input, target, weight, pos_weight
-
-    def setup_fwd(ctx, inputs, keyword_only_inputs, output):
-        ctx.save_for_backward(*inputs)
-        ctx.kw = keyword_only_inputs
-
-    def backward_fwd(ctx, grad_loss):
-        input, target, weight, pos_weight = split(ctx.saved_tensors)
-        options = (weight, pos_weight) if has_pos_weight else (weight,)
-        grad_input = grad_target = None
-        if ctx.needs_input_grad[0]:
-            grad_input = bwd_op(grad_loss, input, target, *options, **ctx.kw)
-        if ctx.needs_input_grad[1]:
-            acc = acc_dtype(input.dtype)
-            g = _target_grad(kind, grad_loss, input.to(acc), target.to(acc), _acc(weight, acc), _acc(pos_weight, acc),
-                             ctx.kw)
-            grad_target = g.to(target.dtype)
-        return (grad_input, grad_target) + (None,) * n_options
-
-    torch.library.register_autograd(f"{ns}::{name}_fwd", backward_fwd, setup_context=setup_fwd)
-
-    # The fused forward + gradient (Note [Fused gradient] in xent/_fused.py): taken only when the input alone
-    # is differentiated, so its backward returns the saved grad_input; create_graph and a second backward
-    # take the `*_bwd` op, as backward_fwd does.
-    def separate_backward(grad_loss, inputs, outputs, kw):
-        input, target, *options = inputs
-        return bwd_op(grad_loss, input, target, *options, **kw)
-
-    _fused.register_fused_autograd(ns, f"{name}_fwd_grad", separate_backward)
-
-    def setup_bwd(ctx, inputs, keyword_only_inputs, output):
-        ctx.save_for_backward(*inputs)
-        ctx.kw = keyword_only_inputs
-
-    def backward_bwd(ctx, v):
-        # grad_input = s * G(x, y), linear in grad_loss: d/d grad_loss = reduce(v G), d/dx = v s dG/dx,
-        # d/dy = v s dG/dy.
-        grad_loss, *rest = ctx.saved_tensors
-        input, target, weight, pos_weight = split(rest)
-        reduction = ctx.kw.get("reduction", REDUCTION_MEAN)
-        acc = acc_dtype(input.dtype)
-        G, dG_dx, dG_dy = _grad_terms(kind, input.to(acc), target.to(acc), _acc(weight, acc), _acc(pos_weight, acc),
-                                      ctx.kw)
-        v = v.to(acc)
-        s = _upstream(grad_loss, reduction, input, acc)
-        grad_grad_loss = grad_input = grad_target = None
-        if ctx.needs_input_grad[0]:
-            per_element = (v * G).expand(input.shape) if reduction == REDUCTION_NONE else v * G
-            grad_grad_loss = _reduce_like_loss(per_element, reduction, input).to(grad_loss.dtype)
-        if ctx.needs_input_grad[1]:
-            grad_input = (v * s * dG_dx).expand(input.shape).to(input.dtype)
-        if ctx.needs_input_grad[2]:
-            grad_target = (v * s * dG_dy).expand(input.shape).to(target.dtype)
-        return (grad_grad_loss, grad_input, grad_target) + (None,) * n_options
-
-    torch.library.register_autograd(f"{ns}::{name}_bwd", backward_bwd, setup_context=setup_bwd)
+def _weights_in(options, acc):
+    """(weight, pos_weight) in `acc`, None where absent."""
+    weight, pos_weight = _weights(options)
+    return _acc(weight, acc), _acc(pos_weight, acc)
 
 
-for _ns in NAMESPACES:
-    _register_fakes(_ns)
-    _register_autograd(_ns, "bce", "binary_cross_entropy", has_pos_weight=False)
-    _register_autograd(_ns, "logits", "binary_cross_entropy_with_logits", has_pos_weight=True)
-    _register_autograd(_ns, "focal", "sigmoid_focal_loss", has_pos_weight=True)
+def _target_grad_of(kind, grad_loss, input, target, options, saved, kw):
+    acc = acc_dtype(input.dtype)
+    g = _target_grad(kind, grad_loss, input.to(acc), target.to(acc), *_weights_in(options, acc), kw)
+    return g.to(target.dtype)
+
+
+def _double_backward(kind, grad_loss, input, target, options, saved, kw, v, needs_input_grad):
+    # grad_input = s * G(x, y), linear in grad_loss: d/d grad_loss = reduce(v G), d/dx = v s dG/dx,
+    # d/dy = v s dG/dy.
+    reduction = kw["reduction"]
+    acc = acc_dtype(input.dtype)
+    G, dG_dx, dG_dy = _grad_terms(kind, input.to(acc), target.to(acc), *_weights_in(options, acc), kw)
+    v = v.to(acc)
+    s = upstream_scale(grad_loss, reduction, input.numel(), acc)
+    grad_grad_loss = grad_input = grad_target = None
+    if needs_input_grad[0]:
+        per_element = (v * G).expand(input.shape) if reduction == REDUCTION_NONE else v * G
+        grad_grad_loss = reduce_like_loss(per_element, reduction, input.numel()).to(grad_loss.dtype)
+    if needs_input_grad[1]:
+        grad_input = (v * s * dG_dx).expand(input.shape).to(input.dtype)
+    if needs_input_grad[2]:
+        grad_target = (v * s * dG_dy).expand(input.shape).to(target.dtype)
+    return grad_grad_loss, grad_input, grad_target
+
+
+def _entry(kind, name):
+    return LossOps(
+        name,
+        check=_check(name),
+        fake_outputs=_fake_outputs,
+        fake_grad=_fake_grad,
+        double_backward=functools.partial(_double_backward, kind),
+        target_grad=functools.partial(_target_grad_of, kind),
+        fused=True,
+    )
+
+
+BINARY_CROSS_ENTROPY = _entry("bce", "binary_cross_entropy")
+BINARY_CROSS_ENTROPY_WITH_LOGITS = _entry("logits", "binary_cross_entropy_with_logits")
+SIGMOID_FOCAL_LOSS = _entry("focal", "sigmoid_focal_loss")

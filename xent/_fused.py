@@ -49,13 +49,14 @@ def use_fused_grad(ops, reduction: int, input: torch.Tensor, *others) -> bool:
     )
 
 
-def register_fused_autograd(ns: str, op_name: str, separate_backward) -> None:
+def register_fused_autograd(ns: str, op_name: str, separate_backward_op) -> None:
     """Autograd of a `*_fwd_grad` op ``ns::op_name`` whose last output is the unit gradient of its first
     tensor argument (the input) and whose other outputs are not differentiable.
 
-    ``separate_backward(grad_loss, inputs, outputs, kw)`` returns the input's gradient through the separate,
-    differentiable backward op; ``inputs`` are the op's positional arguments, ``outputs`` its outputs after
-    the loss (the last is the saved gradient), ``kw`` its keyword-only arguments.
+    ``separate_backward_op`` is the separate, differentiable backward op, called as
+    ``separate_backward_op(grad_loss, *inputs, *outputs, **kw)``: ``inputs`` are the fused op's positional
+    arguments, ``outputs`` its outputs between the loss and the gradient (lse for the softmax losses),
+    ``kw`` its keyword-only arguments (the convention of xent/_registrar.py).
     """
 
     def setup_context(ctx, inputs, keyword_only_inputs, output):
@@ -74,7 +75,7 @@ def register_fused_autograd(ns: str, op_name: str, separate_backward) -> None:
         saved = ctx.saved_tensors
         inputs, outputs = saved[: ctx.num_inputs], saved[ctx.num_inputs :]
         if ctx.gradient_used or torch.is_grad_enabled():
-            grad_input = separate_backward(grad_loss, inputs, outputs, ctx.kw)
+            grad_input = separate_backward_op(grad_loss, *inputs, *outputs[:-1], **ctx.kw)
         else:
             ctx.gradient_used = True
             grad_input = outputs[-1]

@@ -1,6 +1,5 @@
 """The functional API: drop-in replacements for torch.nn.functional's losses."""
 
-import math
 from typing import Optional
 
 import torch
@@ -8,25 +7,16 @@ from torch import Tensor
 from torch.nn import _reduction as _Reduction
 from torch.overrides import handle_torch_function, has_torch_function_variadic
 
-from . import _binary_ops, _focal_ops, _fused, _ops, testing  # noqa: F401  (_binary_ops, _focal_ops: fakes/autograd)
-
-_REDUCTIONS = {"none": _ops.REDUCTION_NONE, "mean": _ops.REDUCTION_MEAN, "sum": _ops.REDUCTION_SUM}
+from . import _cross_entropy_ops, _fused, _library, _ops, _softmax_focal_ops  # noqa: F401  (_ops: registrations)
+from ._common import check_label_smoothing, check_same_device
+from ._library import REDUCTION_CODES, REDUCTION_NONE
 
 
 def _reduction_code(reduction: str) -> int:
     try:
-        return _REDUCTIONS[reduction]
+        return REDUCTION_CODES[reduction]
     except (KeyError, TypeError):
         raise ValueError(f"{reduction} is not a valid value for reduction") from None
-
-
-def _check_devices(input: Tensor, *others: Optional[Tensor]) -> None:
-    # Checked here because a tensor on the meta device would send the op to its fake kernel.
-    for other in others:
-        if other is not None and other.device != input.device:
-            raise RuntimeError(
-                f"Expected all tensors to be on the same device, but found {input.device} and {other.device}"
-            )
 
 
 def _check_weight_grad(weight: Optional[Tensor]) -> None:
@@ -37,7 +27,13 @@ def _check_weight_grad(weight: Optional[Tensor]) -> None:
         )
 
 
-def _cross_entropy_arguments(
+# The op table's entries of the softmax losses, by target kind: (class indices, class probabilities).
+_CROSS_ENTROPY_OPS = (_cross_entropy_ops.INDEX, _cross_entropy_ops.PROB)
+_SOFTMAX_FOCAL_OPS = (_softmax_focal_ops.INDEX, _softmax_focal_ops.PROB)
+
+
+def _softmax_loss(
+    entries,
     input: Tensor,
     target: Tensor,
     weight: Optional[Tensor],
@@ -46,20 +42,21 @@ def _cross_entropy_arguments(
     reduce: Optional[bool],
     reduction: str,
     label_smoothing: float,
-) -> "tuple[Tensor, Tensor, int, bool, bool]":
-    """cross_entropy's argument handling, shared by softmax_focal_loss: legacy reduction arguments,
-    validation with PyTorch's exception types, probability targets recognised by shape, unbatched (C)
-    input. Returns (input, target, reduction code, probabilities, unbatched), input batched."""
+    options: dict,
+) -> Tensor:
+    """cross_entropy's argument handling and op call, shared by softmax_focal_loss: legacy reduction
+    arguments, validation with PyTorch's exception types, probability targets recognised by shape,
+    unbatched (C) input. `entries` are the loss's op-table entries by target kind, `options` its own
+    keyword arguments (gamma)."""
     if size_average is not None or reduce is not None:
         reduction = _Reduction.legacy_get_string(size_average, reduce)
     code = _reduction_code(reduction)
-    if not (0.0 <= label_smoothing <= 1.0):
-        raise RuntimeError(f"label_smoothing must be between 0.0 and 1.0. Got: {label_smoothing}")
+    check_label_smoothing(label_smoothing)
     if input.dim() < 1:
         # PyTorch's error types for a 0-d input: IndexError (probabilities), RuntimeError (class indices).
         error = IndexError if target.is_floating_point() else RuntimeError
         raise error(f"cross_entropy: expected an input with 1 or more dimensions (got {input.dim()})")
-    _check_devices(input, target, weight)
+    check_same_device(input, target, weight)
     _check_weight_grad(weight)
 
     # Probability targets are recognised as PyTorch does: by having the input's shape.
@@ -84,7 +81,20 @@ def _cross_entropy_arguments(
         raise ValueError(
             f"Expected input batch_size ({input.shape[0]}) to match target batch_size ({target.shape[0]})."
         )
-    return input, target, code, probabilities, unbatched
+
+    ops = _library.active_ops()
+    entry = entries[probabilities]
+    forward = entry.fwd
+    # The *_fwd_grad ops also compute the gradient when it will be needed (Note [Fused gradient]).
+    if entry.fwd_grad is not None and _fused.use_fused_grad(ops, code, input, target, weight):
+        forward = entry.fwd_grad
+    keywords = {"reduction": code, "label_smoothing": float(label_smoothing), **options}
+    if not probabilities:
+        keywords["ignore_index"] = int(ignore_index)
+    loss = getattr(ops, forward)(input, target, weight, **keywords)[0]
+    if unbatched and code == REDUCTION_NONE:
+        loss = loss.squeeze(0)
+    return loss
 
 
 def cross_entropy(
@@ -132,28 +142,9 @@ def cross_entropy(
             reduction=reduction,
             label_smoothing=label_smoothing,
         )
-    input, target, code, probabilities, unbatched = _cross_entropy_arguments(
-        input, target, weight, size_average, ignore_index, reduce, reduction, label_smoothing
+    return _softmax_loss(
+        _CROSS_ENTROPY_OPS, input, target, weight, size_average, ignore_index, reduce, reduction, label_smoothing, {}
     )
-    ops = testing._active_ops()
-    # The *_fwd_grad ops also compute the gradient when it will be needed (Note [Fused gradient]).
-    fused = _fused.use_fused_grad(ops, code, input, target, weight)
-    if probabilities:
-        forward = ops.cross_entropy_prob_fwd_grad if fused else ops.cross_entropy_prob_fwd
-        loss = forward(input, target, weight, reduction=code, label_smoothing=float(label_smoothing))[0]
-    else:
-        forward = ops.cross_entropy_fwd_grad if fused else ops.cross_entropy_fwd
-        loss = forward(
-            input,
-            target,
-            weight,
-            reduction=code,
-            ignore_index=int(ignore_index),
-            label_smoothing=float(label_smoothing),
-        )[0]
-    if unbatched and code == _ops.REDUCTION_NONE:
-        loss = loss.squeeze(0)
-    return loss
 
 
 def softmax_focal_loss(
@@ -216,42 +207,22 @@ def softmax_focal_loss(
     if isinstance(gamma, Tensor):
         raise TypeError("softmax_focal_loss: gamma must be a Python number, not a tensor")
     gamma = float(gamma)
-    if not (gamma >= 0 and math.isfinite(gamma)):
-        raise ValueError(f"softmax_focal_loss: gamma must be a finite number >= 0, got {gamma}")
+    _softmax_focal_ops.check_gamma(gamma)
     if gamma == 0:
         # Cross-entropy exactly: its kernels, so the two agree bit for bit.
         return cross_entropy(input, target, weight, size_average, ignore_index, reduce, reduction, label_smoothing)
-    input, target, code, probabilities, unbatched = _cross_entropy_arguments(
-        input, target, weight, size_average, ignore_index, reduce, reduction, label_smoothing
+    return _softmax_loss(
+        _SOFTMAX_FOCAL_OPS,
+        input,
+        target,
+        weight,
+        size_average,
+        ignore_index,
+        reduce,
+        reduction,
+        label_smoothing,
+        {"gamma": gamma},
     )
-    ops = testing._active_ops()
-    if probabilities:
-        loss, _ = ops.softmax_focal_loss_prob_fwd(
-            input, target, weight, gamma=float(gamma), reduction=code, label_smoothing=float(label_smoothing)
-        )
-    elif _fused.use_fused_grad(ops, code, input, target, weight):
-        loss, _, _ = ops.softmax_focal_loss_fwd_grad(
-            input,
-            target,
-            weight,
-            gamma=float(gamma),
-            reduction=code,
-            ignore_index=int(ignore_index),
-            label_smoothing=float(label_smoothing),
-        )
-    else:
-        loss, _ = ops.softmax_focal_loss_fwd(
-            input,
-            target,
-            weight,
-            gamma=float(gamma),
-            reduction=code,
-            ignore_index=int(ignore_index),
-            label_smoothing=float(label_smoothing),
-        )
-    if unbatched and code == _ops.REDUCTION_NONE:
-        loss = loss.squeeze(0)
-    return loss
 
 
 def nll_loss(
@@ -284,7 +255,7 @@ def nll_loss(
     code = _reduction_code(reduction)
     if input.dim() < 1:
         raise ValueError(f"Expected 1 or more dimensions (got {input.dim()})")
-    _check_devices(input, target, weight)
+    check_same_device(input, target, weight)
     _check_weight_grad(weight)
     if input.dim() == 1 and target.dim() == 1 and target.numel() != 1:
         raise ValueError(f"For 1D input, 1D target must have size 1, but got target size: {target.numel()}")
@@ -296,8 +267,8 @@ def nll_loss(
         raise ValueError(
             f"Expected input batch_size ({input.shape[0]}) to match target batch_size ({target.shape[0]})."
         )
-    loss, _ = testing._active_ops().nll_loss_fwd(input, target, weight, reduction=code, ignore_index=int(ignore_index))
-    if unbatched and code == _ops.REDUCTION_NONE:
+    loss, _ = _library.active_ops().nll_loss_fwd(input, target, weight, reduction=code, ignore_index=int(ignore_index))
+    if unbatched and code == REDUCTION_NONE:
         loss = loss.squeeze(0)
     return loss
 
@@ -325,6 +296,15 @@ def _reduction_enum(size_average: Optional[bool], reduce: Optional[bool], reduct
     if size_average is not None or reduce is not None:
         return _Reduction.legacy_get_enum(size_average, reduce)
     return _Reduction.get_enum(reduction)
+
+
+def _torchvision_reduction_code(reduction: str) -> int:
+    """torchvision's reduction argument (no legacy names), with its error."""
+    if reduction not in ("none", "mean", "sum"):
+        raise ValueError(
+            f"Invalid Value for arg 'reduction': '{reduction} \n Supported reduction modes: 'none', 'mean', 'sum'"
+        )
+    return REDUCTION_CODES[reduction]
 
 
 def _logits_dtypes(function: str, input: Tensor, target: Tensor, result_dtype) -> "tuple[Tensor, Tensor]":
@@ -385,7 +365,7 @@ def binary_cross_entropy(
             "deprecated. Please ensure they have the same size."
         )
     _check_not_differentiable("binary_cross_entropy", "weight", weight)
-    ops = testing._active_ops()
+    ops = _library.active_ops()
     if _fused.use_fused_grad(ops, code, input, target, weight):
         loss, _ = ops.binary_cross_entropy_fwd_grad(input, target, weight, reduction=code)
         return loss
@@ -436,7 +416,7 @@ def binary_cross_entropy_with_logits(
     _check_not_differentiable("binary_cross_entropy_with_logits", "weight", weight)
     _check_not_differentiable("binary_cross_entropy_with_logits", "pos_weight", pos_weight)
     input, target = _logits_dtypes("binary_cross_entropy_with_logits", input, target, lambda a, b: b)
-    ops = testing._active_ops()
+    ops = _library.active_ops()
     if _fused.use_fused_grad(ops, code, input, target, weight, pos_weight):
         loss, _ = ops.binary_cross_entropy_with_logits_fwd_grad(input, target, weight, pos_weight, reduction=code)
         return loss
@@ -482,17 +462,13 @@ def sigmoid_focal_loss(
             weight=weight,
             pos_weight=pos_weight,
         )
-    if reduction not in ("none", "mean", "sum"):
-        raise ValueError(
-            f"Invalid Value for arg 'reduction': '{reduction} \n Supported reduction modes: 'none', 'mean', 'sum'"
-        )
-    code = _REDUCTIONS[reduction]
+    code = _torchvision_reduction_code(reduction)
     if not (targets.size() == inputs.size()):
         raise ValueError(f"Target size ({targets.size()}) must be the same as input size ({inputs.size()})")
     _check_not_differentiable("sigmoid_focal_loss", "weight", weight)
     _check_not_differentiable("sigmoid_focal_loss", "pos_weight", pos_weight)
     inputs, targets = _logits_dtypes("sigmoid_focal_loss", inputs, targets, torch.promote_types)
-    ops = testing._active_ops()
+    ops = _library.active_ops()
     if _fused.use_fused_grad(ops, code, inputs, targets, weight, pos_weight):
         loss, _ = ops.sigmoid_focal_loss_fwd_grad(
             inputs, targets, weight, pos_weight, alpha=float(alpha), gamma=float(gamma), reduction=code

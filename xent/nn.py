@@ -1,6 +1,5 @@
 """Loss modules: drop-in replacements for torch.nn's."""
 
-import math
 from typing import Optional
 
 from torch import Tensor
@@ -8,12 +7,19 @@ from torch.nn import Module
 from torch.nn.modules.loss import _Loss, _WeightedLoss
 
 from . import functional
+from ._softmax_focal_ops import check_gamma
 
 
-class CrossEntropyLoss(_WeightedLoss):
-    """:class:`torch.nn.CrossEntropyLoss` with xent's kernels: same constructor arguments and results."""
+def _register_weight_buffers(module: Module, weight: Optional[Tensor], pos_weight: Optional[Tensor]) -> None:
+    """``weight`` and ``pos_weight`` of a binary loss, as buffers (None allowed)."""
+    module.register_buffer("weight", weight)
+    module.register_buffer("pos_weight", pos_weight)
 
-    __constants__ = ["ignore_index", "reduction", "label_smoothing"]
+
+class _SoftmaxLoss(_WeightedLoss):
+    """The constructor arguments of :class:`torch.nn.CrossEntropyLoss` (``weight`` is a buffer), shared by
+    CrossEntropyLoss and SoftmaxFocalLoss."""
+
     ignore_index: int
     label_smoothing: float
 
@@ -29,6 +35,12 @@ class CrossEntropyLoss(_WeightedLoss):
         super().__init__(weight, size_average, reduce, reduction)
         self.ignore_index = ignore_index
         self.label_smoothing = label_smoothing
+
+
+class CrossEntropyLoss(_SoftmaxLoss):
+    """:class:`torch.nn.CrossEntropyLoss` with xent's kernels: same constructor arguments and results."""
+
+    __constants__ = ["ignore_index", "reduction", "label_smoothing"]
 
     def forward(self, input: Tensor, target: Tensor) -> Tensor:
         return functional.cross_entropy(
@@ -41,13 +53,11 @@ class CrossEntropyLoss(_WeightedLoss):
         )
 
 
-class SoftmaxFocalLoss(_WeightedLoss):
+class SoftmaxFocalLoss(_SoftmaxLoss):
     """Softmax focal loss as a module (see :func:`xent.softmax_focal_loss`): the constructor arguments of
     :class:`torch.nn.CrossEntropyLoss` (``weight`` is a buffer, the per-class alpha) plus ``gamma``."""
 
     __constants__ = ["ignore_index", "reduction", "label_smoothing", "gamma"]
-    ignore_index: int
-    label_smoothing: float
     gamma: float
 
     def __init__(
@@ -60,11 +70,8 @@ class SoftmaxFocalLoss(_WeightedLoss):
         label_smoothing: float = 0.0,
         gamma: float = 2.0,
     ) -> None:
-        super().__init__(weight, size_average, reduce, reduction)
-        if not (gamma >= 0 and math.isfinite(gamma)):
-            raise ValueError(f"SoftmaxFocalLoss: gamma must be a finite number >= 0, got {gamma}")
-        self.ignore_index = ignore_index
-        self.label_smoothing = label_smoothing
+        super().__init__(weight, size_average, ignore_index, reduce, reduction, label_smoothing)
+        check_gamma(gamma, "SoftmaxFocalLoss")
         self.gamma = gamma
 
     def forward(self, input: Tensor, target: Tensor) -> Tensor:
@@ -122,6 +129,9 @@ class BCEWithLogitsLoss(_Loss):
     """:class:`torch.nn.BCEWithLogitsLoss` with xent's kernels: same constructor arguments (``weight`` and
     ``pos_weight`` are buffers) and results."""
 
+    weight: Optional[Tensor]
+    pos_weight: Optional[Tensor]
+
     def __init__(
         self,
         weight: Optional[Tensor] = None,
@@ -131,10 +141,7 @@ class BCEWithLogitsLoss(_Loss):
         pos_weight: Optional[Tensor] = None,
     ) -> None:
         super().__init__(size_average, reduce, reduction)
-        self.register_buffer("weight", weight)
-        self.register_buffer("pos_weight", pos_weight)
-        self.weight: Optional[Tensor]
-        self.pos_weight: Optional[Tensor]
+        _register_weight_buffers(self, weight, pos_weight)
 
     def forward(self, input: Tensor, target: Tensor) -> Tensor:
         return functional.binary_cross_entropy_with_logits(
@@ -147,6 +154,8 @@ class SigmoidFocalLoss(Module):
     ``weight`` and ``pos_weight`` are buffers."""
 
     __constants__ = ["alpha", "gamma", "reduction"]
+    weight: Optional[Tensor]
+    pos_weight: Optional[Tensor]
 
     def __init__(
         self,
@@ -157,17 +166,11 @@ class SigmoidFocalLoss(Module):
         pos_weight: Optional[Tensor] = None,
     ) -> None:
         super().__init__()
-        if reduction not in ("none", "mean", "sum"):
-            raise ValueError(
-                f"Invalid Value for arg 'reduction': '{reduction} \n Supported reduction modes: 'none', 'mean', 'sum'"
-            )
+        functional._torchvision_reduction_code(reduction)  # raises torchvision's error for another value
         self.alpha = alpha
         self.gamma = gamma
         self.reduction = reduction
-        self.register_buffer("weight", weight)
-        self.register_buffer("pos_weight", pos_weight)
-        self.weight: Optional[Tensor]
-        self.pos_weight: Optional[Tensor]
+        _register_weight_buffers(self, weight, pos_weight)
 
     def forward(self, input: Tensor, target: Tensor) -> Tensor:
         return functional.sigmoid_focal_loss(

@@ -6,22 +6,14 @@ needs the test-only build (``XENT_BUILD_EMULATOR=1``); users' installs do not ha
 """
 
 import contextlib
-import threading
 
 import torch
 
-_state = threading.local()
-
-
-def _active_ops():
-    """The op namespace the functional API calls: torch.ops.xent, or xent_emulated under emulated_cuda()."""
-    return torch.ops.xent_emulated if getattr(_state, "emulated", False) else torch.ops.xent
+from . import _library
 
 
 def emulated_cuda_available() -> bool:
-    from . import _ops
-
-    return "xent_emulated" in _ops.NAMESPACES
+    return "xent_emulated" in _library.NAMESPACES
 
 
 @contextlib.contextmanager
@@ -34,9 +26,5 @@ def emulated_cuda(schedule: str = "forward", seed: int = 0):
             "XENT_BUILD_EMULATOR=1 pip install --no-build-isolation -e ."
         )
     torch.ops.xent_emulated._simt_schedule(schedule, seed)
-    previous = getattr(_state, "emulated", False)
-    _state.emulated = True
-    try:
+    with _library.selected_ops("xent_emulated"):
         yield
-    finally:
-        _state.emulated = previous
