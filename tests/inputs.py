@@ -86,7 +86,7 @@ def _contiguous(x):
 
 def _transposed(x):  # first and last dims swapped in storage; (N, C) stored as (C, N): the lanes layout
     if x.dim() < 2:  # nothing to swap: the last dim sliced instead
-        return _spatial_sliced(x)
+        return _last_dim_sliced(x)
     return x.transpose(0, -1).contiguous().transpose(0, -1)
 
 
@@ -102,7 +102,7 @@ def _batch_sliced(x):  # x[::2] of a twice-as-tall tensor: rows 2C apart
     return tall[::2]
 
 
-def _spatial_sliced(x):  # x[..., ::2] of a tensor twice as wide in the last dim
+def _last_dim_sliced(x):  # x[..., ::2] of a tensor twice as wide in the last dim
     if x.dim() == 0:
         return x.clone()
     wide = torch.zeros(tuple(x.shape[:-1]) + (2 * x.shape[-1],), dtype=x.dtype, device=x.device)
@@ -148,7 +148,7 @@ ALL_LAYOUTS = {
     "transposed": _transposed,
     "class_sliced": _class_sliced,
     "batch_sliced": _batch_sliced,
-    "spatial_sliced": _spatial_sliced,
+    "last_dim_sliced": _last_dim_sliced,
     "channels_last": _channels_last,
     "permuted": _permuted,
     "spatial_reversed": _spatial_reversed,
@@ -157,10 +157,40 @@ ALL_LAYOUTS = {
 }
 
 
-def layouts(*names, **aliases):
-    """The named layouts, in the given order (a suite's parametrization); `aliases` name a layout
-    otherwise (``sliced="spatial_sliced"``)."""
-    return {name: ALL_LAYOUTS[name] for name in names} | {alias: ALL_LAYOUTS[name] for alias, name in aliases.items()}
+# ================================================================================================
+# The layouts the class losses (class dim 1) are checked in: every layout above, on shapes whose
+# positions fill the kernels' vectors with a tail (300, 301 rows; 37 columns), long class rows, and K-dim
+# inputs whose position dims merge or (5 of them stored in reverse) do not.
+
+CLASS_LAYOUT_CASES = [
+    ((7, 5), "transposed"),
+    ((300, 37), "transposed"),
+    ((7, 5), "class_sliced"),
+    ((7, 5000), "class_sliced"),
+    ((2, 3, 2, 3, 2, 3), "class_sliced"),
+    ((7, 5), "batch_sliced"),
+    ((2, 5, 3, 4), "batch_sliced"),
+    ((7, 5), "misaligned"),
+    ((5, 1000), "misaligned"),
+    ((301, 33), "misaligned"),
+    ((3, 5, 4), "misaligned"),
+    ((2, 5, 3, 37), "misaligned"),
+    ((7, 5), "expanded"),
+    ((3, 5, 4), "channels_last"),
+    ((2, 5, 3, 4), "channels_last"),
+    ((2, 300, 5, 7), "channels_last"),
+    ((3, 5, 4), "permuted"),
+    ((2, 5, 3, 4), "permuted"),
+    ((3, 5, 4), "last_dim_sliced"),
+    ((2, 5, 3, 4), "last_dim_sliced"),
+    ((2, 5, 3, 4), "spatial_reversed"),
+    ((2, 3, 2, 3, 2, 3), "spatial_reversed"),
+]
+
+
+def layout_case_id(v):
+    """pytest id of a CLASS_LAYOUT_CASES entry's shape ("2x5x3x4") or layout."""
+    return "x".join(map(str, v)) if isinstance(v, tuple) else v
 
 
 # ================================================================================================

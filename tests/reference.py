@@ -40,6 +40,34 @@ def _class_view(v, ndim):
     return v.reshape([1, -1] + [1] * (ndim - 2))
 
 
+def _batched(input, target, weight):
+    """(x, target, w, unbatched): a (C) input and its () target as a batch of one, x in float64, w the
+    float64 class weights (ones when absent)."""
+    x = input.double()
+    unbatched = x.dim() == 1
+    if unbatched:
+        x = x.unsqueeze(0)
+        target = target.unsqueeze(0)
+    C = x.shape[1]
+    w = torch.ones(C, dtype=torch.float64, device=x.device) if weight is None else weight.double()
+    return x, target, w, unbatched
+
+
+def _unbatched(loss, reduction, unbatched):
+    return loss.squeeze(0) if unbatched and reduction == "none" else loss
+
+
+def _kept_classes(target, ignore_index, C):
+    """(keep, safe_target) of class indices: the positions not ignored, and the targets with the ignored
+    ones replaced by a valid class (any: they are masked)."""
+    target = target.long()
+    keep = target != ignore_index
+    if keep.any():  # the kernels raise for these; the reference must not silently gather garbage
+        kept = target[keep]
+        assert bool(((kept >= 0) & (kept < C)).all()), "target out of range"
+    return keep, torch.where(keep, target, torch.zeros_like(target))
+
+
 def class_loss(input, target, weight, ignore_index, reduction, label_smoothing, f):
     """The loss sum_c w_c q_c f(logp_c) per position, shared by cross-entropy (f = -logp) and softmax
     focal (tests/reference_focal.py): the target distribution q (see the module docstring), ignored
@@ -51,13 +79,8 @@ def class_loss(input, target, weight, ignore_index, reduction, label_smoothing, 
     f: the per-class term as a function of log-probabilities (float64, elementwise).
     Returns a float64 tensor: () for 'mean'/'sum', the positions' shape for 'none'.
     """
-    x = input.double()
-    unbatched = x.dim() == 1
-    if unbatched:
-        x = x.unsqueeze(0)
-        target = target.unsqueeze(0)
+    x, target, w, unbatched = _batched(input, target, weight)
     C = x.shape[1]
-    w = torch.ones(C, dtype=torch.float64, device=x.device) if weight is None else weight.double()
     eps = float(label_smoothing)
     logp = torch.log_softmax(x, dim=1)
     wc = _class_view(w, x.dim())
@@ -69,12 +92,7 @@ def class_loss(input, target, weight, ignore_index, reduction, label_smoothing, 
         positions = per_position.numel()
         denominator = torch.tensor(float(positions) if positions else math.nan, dtype=torch.float64)
     else:
-        target = target.long()
-        keep = target != ignore_index
-        safe_target = torch.where(keep, target, torch.zeros_like(target))  # any valid class; masked below
-        if keep.any():  # the kernels raise for these; the reference must not silently gather garbage
-            kept = target[keep]
-            assert bool(((kept >= 0) & (kept < C)).all()), "target out of range"
+        keep, safe_target = _kept_classes(target, ignore_index, C)
         # Without smoothing only the target's term enters, gathered (so other classes' -inf logits do not
         # turn 0 * inf into NaN).
         logp_t = logp.gather(1, safe_target.unsqueeze(1)).squeeze(1)  # (N, *)
@@ -90,11 +108,7 @@ def class_loss(input, target, weight, ignore_index, reduction, label_smoothing, 
             # same denominator, so a zero denominator gives NaN (not total / 0 = inf), and so does the
             # gradient of every non-ignored position (ignored ones keep 0, through torch.where).
             denominator = denominator * math.nan
-
-    loss = _reduce(per_position, reduction, denominator)
-    if unbatched and reduction == "none":
-        loss = loss.squeeze(0)
-    return loss
+    return _unbatched(_reduce(per_position, reduction, denominator), reduction, unbatched)
 
 
 def cross_entropy_reference(input, target, weight=None, ignore_index=-100, reduction="mean", label_smoothing=0.0):
@@ -107,26 +121,13 @@ def nll_loss_reference(input, target, weight=None, ignore_index=-100, reduction=
     """The negative log-likelihood loss of log-probabilities `input` in float64: -w_t input_t per
     non-ignored position, 0 for ignored ones; 'mean' divides the sum by sum_p w_{t_p} over the non-ignored
     positions (0 / 0 = NaN when all are ignored). Shapes as cross_entropy_reference's class indices."""
-    x = input.double()
-    unbatched = x.dim() == 1
-    if unbatched:
-        x = x.unsqueeze(0)
-        target = target.unsqueeze(0)
-    C = x.shape[1]
-    w = torch.ones(C, dtype=torch.float64, device=x.device) if weight is None else weight.double()
-    target = target.long()
-    keep = target != ignore_index
-    safe_target = torch.where(keep, target, torch.zeros_like(target))
-    if keep.any():
-        kept = target[keep]
-        assert bool(((kept >= 0) & (kept < C)).all()), "target out of range"
+    x, target, w, unbatched = _batched(input, target, weight)
+    keep, safe_target = _kept_classes(target, ignore_index, x.shape[1])
     x_t = x.gather(1, safe_target.unsqueeze(1)).squeeze(1)  # reads no other class (NaN there is harmless)
     w_t = w[safe_target]
     zero = torch.zeros((), dtype=torch.float64, device=x.device)
     loss = _reduce(torch.where(keep, -w_t * x_t, zero), reduction, torch.where(keep, w_t, zero).sum())
-    if unbatched and reduction == "none":
-        loss = loss.squeeze(0)
-    return loss
+    return _unbatched(loss, reduction, unbatched)
 
 
 def cross_entropy_reference_chunked(input, target, chunk_elements=1 << 20):

@@ -22,11 +22,14 @@ import torch.nn.functional as F
 import xent
 from conftest import simt_traffic
 from harness.parity import LossSpec, check_parity
-from harness.tester import BadInput, CompileCase, LossTester
+from harness.tester import BadInput, CompileCase, LossTester, ModuleCase
 from harness.tolerance import (
     BF16, DTYPES, F16, F32, F64, UNIT_ROUNDOFF, Bound, Tolerance, acc_roundoff, assert_within, dtype_id,
 )
-from inputs import fixed_rng, keep_first_target, make_log_probs, make_target, make_weight, positions_of
+from inputs import (
+    CLASS_LAYOUT_CASES, fixed_rng, keep_first_target, layout_case_id, make_log_probs, make_target, make_weight,
+    positions_of,
+)
 from reference import nll_loss_reference
 
 REDUCTIONS = ["none", "mean", "sum"]
@@ -45,9 +48,6 @@ class NllLoss(LossSpec):
     name = "nll_loss"
     api = staticmethod(xent.nll_loss)
     torch_api = staticmethod(F.nll_loss)
-
-    def xent(self, x, target, weight=None, **options):
-        return xent.nll_loss(x, target, weight, **options)
 
     def expected(self, x, target, weight=None, *, reduction="mean", ignore_index=-100):
         return {
@@ -216,32 +216,12 @@ def test_target_dtypes(backend, shape, target_dtype, ignore_index, reduction):
     check_nll(backend, x, t, make_weight(C, F32), reduction=reduction, ignore_index=ignore_index)
 
 
-LAYOUT_CASES = [
-    ((7, 5), "transposed"),
-    ((300, 37), "transposed"),
-    ((7, 5), "class_sliced"),
-    ((7, 5), "batch_sliced"),
-    ((7, 5), "misaligned"),
-    ((301, 33), "misaligned"),
-    ((7, 5), "expanded"),
-    ((3, 5, 4), "channels_last"),
-    ((2, 5, 3, 4), "channels_last"),
-    ((2, 5, 3, 4), "permuted"),
-    ((3, 5, 4), "spatial_sliced"),
-    ((2, 5, 3, 4), "spatial_sliced"),
-    ((2, 5, 3, 37), "misaligned"),
-    ((2, 5, 3, 4), "spatial_reversed"),
-    ((2, 3, 2, 3, 2, 3), "spatial_reversed"),  # 5 position dims that do not merge: the kernels' fallback
-    ((2, 3, 2, 3, 2, 3), "class_sliced"),
-]
-
-
 @pytest.mark.parametrize("reduction", REDUCTIONS)
 @pytest.mark.parametrize("dtype", [F32, F64, BF16], ids=dtype_id)
-@pytest.mark.parametrize("shape,layout", LAYOUT_CASES, ids=shape_id)
+@pytest.mark.parametrize("shape,layout", CLASS_LAYOUT_CASES, ids=layout_case_id)
 def test_layouts(backend, shape, layout, dtype, reduction):
-    """Non-contiguous, dense-permuted, broadcast and misaligned inputs; the gradient has the strides the
-    fake kernel promises (checked in check_nll)."""
+    """Non-contiguous, dense-permuted, broadcast and misaligned inputs (tests/inputs.py); the gradient has
+    the strides the fake kernel promises (checked by the parity check)."""
     C = shape[1]
     x = make_input(shape, dtype)
     t = make_target(positions_of(shape), C, ignored=0.2)
@@ -480,6 +460,25 @@ def _bad_inputs():
         }
 
 
+def _module_cases():
+    """xent.nn.NLLLoss's arguments (the weight: "w")."""
+    w = make_weight(5, F64)
+    cases = {}
+    for arg in ({}, {"weight": "w"}, {"ignore_index": 1}, {"reduction": "none"}, {"reduction": "sum"},
+                {"weight": "w", "ignore_index": 0, "reduction": "mean"}, {"size_average": False}):
+        kw = {k: (w if v == "w" else v) for k, v in arg.items()}
+
+        def inputs(ignore_index=kw.get("ignore_index", -100)):
+            return make_input((6, 5, 2), F64), make_target((6, 2), 5, ignored=0.3, ignore_index=ignore_index)
+
+        cases[str(arg)] = ModuleCase("NLLLoss", kw, inputs)
+    return cases
+
+
+with fixed_rng(0):
+    MODULE_CASES = _module_cases()
+
+
 class TestNllLoss(LossTester):
     spec = NLL
     OPS = ("nll_loss_fwd", "nll_loss_bwd")
@@ -493,6 +492,8 @@ class TestNllLoss(LossTester):
         "kdim_2x5x40x30_bf16": ((2, 5, 40, 30), BF16),
     }
     BAD_INPUTS = _bad_inputs()
+    EMPTY_TARGETS = {"index": lambda x: torch.zeros(0, 2, dtype=torch.long)}
+    MODULE_CASES = MODULE_CASES
     # The CPU ops and the CUDA kernels' host code (emulated) check arguments alike.
     BAD_INPUT_BACKENDS = ("cpu", "emulated_cuda-forward-0")
     # Parity under every warp schedule: rows of several blocks, K-dim lanes, a strided and a fallback

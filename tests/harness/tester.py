@@ -13,11 +13,15 @@ its class's table (``LossTester.parametrize_cases``):
   any CPU thread count and under every warp schedule of the emulated CUDA kernels;
 * ``test_bad_inputs``: ``BAD_INPUTS`` raise what PyTorch raises (or return its value);
 * ``test_emulated_schedules``: ``SCHEDULE_CASES``, parity checks reaching every CUDA kernel path, under
-  every warp schedule.
+  every warp schedule;
+* ``test_empty_strided_input``: an empty input whose strides fit no kernel layout, with each target of
+  ``EMPTY_TARGETS``, for every reduction: PyTorch's loss and an empty gradient;
+* ``test_module_matches_torch``: ``MODULE_CASES``, xent.nn's module against torch.nn's of the same name.
 """
 
 import dataclasses
 import functools
+import warnings
 from typing import Callable, Optional
 
 import pytest
@@ -42,15 +46,16 @@ def op_name(op):
 class CompileCase:
     """fn(*make_args(N)) compiled with `compiler` for each batch size N in `sizes`. The arguments at
     `differentiate` are differentiated (upstream gradient linspace(-1, 1)). Compiled and eager run the
-    same kernels on the same values: bitwise equal, unless `tolerance` (rtol, atol) says which ops
-    torch.compile may reorder."""
+    same kernels on the same values: bitwise equal, unless a tolerance (rtol, atol) for the loss or the
+    gradients says that torch.compile may reorder PyTorch ops around them."""
 
     compiler: str
     fn: Callable
     make_args: Callable
     differentiate: tuple = (0,)
     sizes: tuple = (5, 9)
-    tolerance: Optional[tuple] = None
+    loss_tolerance: Optional[tuple] = None
+    grad_tolerance: Optional[tuple] = None
 
 
 @dataclasses.dataclass
@@ -64,6 +69,18 @@ class BadInput:
     kwargs: dict = dataclasses.field(default_factory=dict)
     words: tuple = ()
     intended: Optional[str] = None
+
+
+@dataclasses.dataclass
+class ModuleCase:
+    """xent.nn.`name`(**kwargs, **xent_kwargs) against torch.nn.`torch_name` (default: `name`)(**kwargs) on
+    float64 `inputs`() = (input, target)."""
+
+    name: str
+    kwargs: dict
+    inputs: Callable
+    torch_name: Optional[str] = None
+    xent_kwargs: dict = dataclasses.field(default_factory=dict)
 
 
 # torch.testing.assert_close's default (rtol, atol) per dtype.
@@ -91,6 +108,9 @@ class LossTester:
     #: launch code where its errors are PyTorch's too.
     BAD_INPUT_BACKENDS = ("cpu",)
     SCHEDULE_CASES = {}
+    #: {kind: fn(input) -> target} for test_empty_strided_input.
+    EMPTY_TARGETS = {}
+    MODULE_CASES = {}
 
     # ---- what a subclass implements for its tables ------------------------------------------------
 
@@ -134,9 +154,13 @@ class LossTester:
             "gradcheck_case": cls.GRADCHECK_CASES,
             "determinism_case": cls.DETERMINISM_CASES,
             "schedule_case": cls.SCHEDULE_CASES,
+            "module_case": cls.MODULE_CASES,
         }
         if "opcheck_sample" in metafunc.fixturenames:
             metafunc.parametrize("opcheck_sample", cls.opcheck_params())
+        if "empty_case" in metafunc.fixturenames:
+            metafunc.parametrize("empty_case", [pytest.param((r, k), id=f"{r}-{k}")
+                                                for r in ("none", "mean", "sum") for k in cls.EMPTY_TARGETS])
         if "bad_input" in metafunc.fixturenames:
             metafunc.parametrize("bad_input", [
                 pytest.param((name, backend), id=f"{name}-{backend}")
@@ -175,14 +199,15 @@ class LossTester:
                 grads = torch.autograd.grad(loss, [leaves[i] for i in case.differentiate], go)
                 outs.append((loss.detach(), grads))
             (loss_c, grads_c), (loss_e, grads_e) = outs
-            for a, b, what in [(loss_c, loss_e, "loss")] + [(a, b, "gradient") for a, b in zip(grads_c, grads_e)]:
+            pairs = [(loss_c, loss_e, "loss", case.loss_tolerance)]
+            pairs += [(a, b, "gradient", case.grad_tolerance) for a, b in zip(grads_c, grads_e)]
+            for a, b, what, tolerance in pairs:
                 assert a.dtype == b.dtype and a.shape == b.shape, f"{compile_case}: compiled {what}'s metadata"
-                if case.tolerance is None:  # the same kernels on the same values
+                if tolerance is None:  # the same kernels on the same values
                     assert torch.equal(a, b), f"{compile_case}: compiled {what} differs from eager by " \
                                               f"{(a.double() - b.double()).abs().max().item()}"
                 else:
-                    rtol, atol = case.tolerance
-                    torch.testing.assert_close(a, b, rtol=rtol, atol=atol if what == "gradient" else 0.0)
+                    torch.testing.assert_close(a, b, rtol=tolerance[0], atol=tolerance[1])
             frames.append(counter.frame_count)
         # (frame_count counts compiler calls: a restarted analysis of the first call may count twice.)
         assert frames[0] >= 1 and all(f == frames[0] for f in frames), (
@@ -240,6 +265,7 @@ class LossTester:
         name, backend_name = bad_input
         case = self.BAD_INPUTS[name]
         backend = make_backend(backend_name)
+        warnings.simplefilter("ignore")  # deprecated arguments (reduction='elementwise_mean'); pytest restores
 
         def call_xent():
             with backend.active():
@@ -283,3 +309,49 @@ class LossTester:
 
     def test_emulated_schedules(self, schedule_backend, schedule_case):
         self.run_schedule_case(schedule_backend, self.SCHEDULE_CASES[schedule_case])
+
+    def test_empty_strided_input(self, empty_case):
+        """An empty input whose strides fit no kernel layout (found by a fuzzer: contiguous() returns an
+        empty tensor unchanged, and cross-entropy's layout plan asserted; its fused path recursed without
+        end): PyTorch's loss, and a gradient of the input's shape."""
+        reduction, kind = empty_case
+        x = torch.zeros(0, 3, 4)[..., ::2].requires_grad_()
+        target = self.EMPTY_TARGETS[kind](x.detach())
+        loss = self.spec.api(x, target, reduction=reduction)
+        want = self.spec.torch_api(x, target, reduction=reduction)
+        assert loss.shape == want.shape
+        torch.testing.assert_close(loss, want, equal_nan=True)
+        (g,) = torch.autograd.grad(loss.sum(), x)
+        assert g.shape == x.shape
+
+    def test_module_matches_torch(self, module_case):
+        """The module's attributes, loss and gradient (float64: 1e-12 relative, summation order only), its
+        buffers and state_dict, which load into the other class and back."""
+        case = self.MODULE_CASES[module_case]
+        ours_cls = functools.partial(getattr(xent.nn, case.name), **case.xent_kwargs)
+        theirs_cls = getattr(torch.nn, case.torch_name or case.name)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # size_average / reduce
+            ours, theirs = ours_cls(**case.kwargs), theirs_cls(**case.kwargs)
+        assert isinstance(ours, torch.nn.Module)
+        for attr in ("reduction", "ignore_index", "label_smoothing"):
+            assert getattr(ours, attr, None) == getattr(theirs, attr, None), attr
+        x, t = case.inputs()
+        xa, xb = x.clone().requires_grad_(), x.clone().requires_grad_()
+        a, b = ours(xa, t), theirs(xb, t)
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
+        go = torch.randn(a.shape, dtype=torch.float64)
+        torch.testing.assert_close(torch.autograd.grad(a, xa, go)[0], torch.autograd.grad(b, xb, go)[0],
+                                   rtol=1e-12, atol=1e-12)
+        assert dict(ours.named_buffers()).keys() == dict(theirs.named_buffers()).keys()
+        state = ours.state_dict()
+        assert state.keys() == theirs.state_dict().keys()
+        for k in state:
+            assert torch.equal(state[k], theirs.state_dict()[k]), k
+        # Each class loads the other's state_dict into a module built with other buffer values.
+        tensors = {k: v for k, v in case.kwargs.items() if isinstance(v, torch.Tensor)}
+        for source, cls in ((theirs, ours_cls), (ours, theirs_cls)):
+            fresh = cls(**{k: torch.zeros_like(v) for k, v in tensors.items()})
+            fresh.load_state_dict(source.state_dict())
+            for k, v in tensors.items():
+                assert torch.equal(getattr(fresh, k), v), k

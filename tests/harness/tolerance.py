@@ -73,6 +73,10 @@ class Tolerance:
     # NLL: a per-position loss -w_t x_t or gradient entry is one product in the accumulation dtype and the
     # rounding of the result to the output dtype: two roundings.
     NLL_ROUNDINGS = 2.0
+    # Softmax focal: the relative error of a term a_c f(p_c) from exp / expm1 / log / pow in the
+    # accumulation dtype: about 1 ulp each, pow's scaled by |gamma log(1 - p)| (<= 20 for the gammas and
+    # logit ranges of the tests), plus the products; 32 ulp leaves a 2x margin while any formula error is O(1).
+    FOCAL_TERM_ULPS = 32.0
     # Low precision: xent may be at most this factor worse than PyTorch in the same dtype ...
     LOW_FACTOR = 2.0
     # ... plus this many units of roundoff of the result's magnitude: rounding the (float32-accumulated)
@@ -91,7 +95,7 @@ def target_rtol(dtype, *, grad=False):
 Number = Union[float, torch.Tensor]
 
 
-def _max(t):
+def max_finite(t):
     """The largest finite entry of `t` (0 for an empty or all-NaN tensor, or a number)."""
     t = torch.as_tensor(t, dtype=F64)
     return torch.nan_to_num(t, nan=0.0, posinf=0.0).max().item() if t.numel() else 0.0
@@ -113,7 +117,7 @@ class Bound:
 
     def max_atol(self):
         """The absolute part as one number, its largest entry (for a bound on a max-norm error)."""
-        return Bound(self.rtol, _max(self.atol))
+        return Bound(self.rtol, max_finite(self.atol))
 
     @staticmethod
     def target(dtype, *, grad=False, magnitude=None):
@@ -144,9 +148,22 @@ class Bound:
         the largest expected entry. A bound on the max-norm error (an absolute number)."""
         expected = _representable(expected.detach().double().cpu(), dtype)
         err_torch = max_abs_err(torch_result, expected)
-        magnitude = _max(expected.abs())
+        magnitude = max_finite(expected.abs())
         return Bound(0.0, Tolerance.LOW_FACTOR * err_torch
                      + Tolerance.LOW_ROUNDING_UNITS * UNIT_ROUNDOFF[dtype] * magnitude)
+
+
+def pytorch_parity_bound(dtype, expected, torch_result=None, *, grad=False, magnitude=None, extra=Bound(),
+                         low_extra=Bound()):
+    """The model of the losses measured against PyTorch (cross-entropy, the binary losses): in float32 /
+    float64 the project's target (a gradient's relative to its largest entry, or to `magnitude` when given)
+    plus `extra`; in bfloat16 / float16 no worse than PyTorch's own error in the dtype (`torch_result`)
+    plus `low_extra`."""
+    if dtype in LOW:
+        return Bound.no_worse_than_torch(expected, torch_result, dtype) + low_extra
+    if grad and magnitude is None:
+        magnitude = max_finite(expected.detach().abs())
+    return Bound.target(dtype, grad=grad, magnitude=magnitude) + extra
 
 
 def _representable(expected, dtype):
