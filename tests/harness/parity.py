@@ -94,7 +94,6 @@ class Problem:
         results = self._expected(leaves)
         self.shape = tuple(next(iter(results.values())).shape)
         # The upstream gradient: its values (in the dtype) and, laid out, the one the references take.
-        self.grad_output_kind = grad_output
         self.grad_output = grad_output_values(self.shape, self.dtype, grad_output, torch.Generator().manual_seed(seed))
         go = lay_out_grad_output(self.grad_output, self.shape, grad_output)
         self.grads = self._grads(results, leaves, go)
