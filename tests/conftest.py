@@ -35,8 +35,8 @@ def pytest_configure(config):
 
 def pytest_collection_modifyitems(session, config, items):
     """Runs the backends of one parametrized test one after the other (cpu, emulated..., cuda), so the
-    float64 references, identical for every backend, are computed once (tests/test_cross_entropy.py
-    caches the last few). Otherwise the collection order is kept."""
+    float64 references, identical for every backend, are computed once (tests/harness/parity.py caches
+    the last few). Otherwise the collection order is kept."""
     first = {}
     keyed = []
     for i, item in enumerate(items):

@@ -188,9 +188,11 @@ CLASS_LAYOUT_CASES = [
 ]
 
 
-def layout_case_id(v):
-    """pytest id of a CLASS_LAYOUT_CASES entry's shape ("2x5x3x4") or layout."""
-    return "x".join(map(str, v)) if isinstance(v, tuple) else v
+def shape_id(v):
+    """The pytest id of a shape ("2x5x3x4", "scalar" for ()) or of any other parameter (its str)."""
+    if isinstance(v, tuple):
+        return "x".join(map(str, v)) if v else "scalar"
+    return str(v)
 
 
 # ================================================================================================

@@ -35,7 +35,7 @@ from harness.tester import BadInput, CompileCase, LossTester, ModuleCase
 from harness.tolerance import (
     BF16, DTYPES, F16, F32, F64, LOW, UNIT_ROUNDOFF, Bound, assert_within, dtype_id, pytorch_parity_bound,
 )
-from inputs import ALL_LAYOUTS, fixed_rng, make_weight
+from inputs import ALL_LAYOUTS, fixed_rng, make_weight, shape_id
 from reference_binary import (
     binary_cross_entropy_reference,
     binary_cross_entropy_with_logits_reference,
@@ -51,10 +51,6 @@ OP_NAMES = {
     "logits": "binary_cross_entropy_with_logits",
     "focal": "sigmoid_focal_loss",
 }
-
-
-def shape_id(shape):
-    return "x".join(map(str, shape)) if len(shape) else "scalar"
 
 
 # ================================================================================================

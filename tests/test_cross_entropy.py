@@ -17,7 +17,6 @@ Error model (``CrossEntropy``, from the pieces of tests/harness/tolerance.py):
 import gc
 import itertools
 import math
-import warnings
 
 import pytest
 import torch
@@ -32,8 +31,8 @@ from harness.tolerance import (
     pytorch_parity_bound,
 )
 from inputs import (
-    ALL_LAYOUTS, CLASS_LAYOUT_CASES, fixed_rng, keep_first_target, layout_case_id, make_logits, make_prob_target,
-    make_target, make_weight, positions_of,
+    ALL_LAYOUTS, CLASS_LAYOUT_CASES, fixed_rng, keep_first_target, make_logits, make_prob_target, make_target,
+    make_weight, positions_of, shape_id,
 )
 from reference import cross_entropy_reference
 
@@ -246,7 +245,7 @@ SHAPES_2D = [(N, C) for N in (0, 1, 7, 1000) for C in (1, 2, 3, 1000)] + [
 
 @pytest.mark.parametrize("reduction", REDUCTIONS)
 @pytest.mark.parametrize("dtype", DTYPES, ids=dtype_id)
-@pytest.mark.parametrize("shape", SHAPES_2D, ids=lambda s: "x".join(map(str, s)))
+@pytest.mark.parametrize("shape", SHAPES_2D, ids=shape_id)
 def test_shapes(backend, shape, dtype, reduction):
     N, C = shape
     x = make_logits(shape, dtype)
@@ -258,7 +257,7 @@ KDIM_SHAPES = [(3, 5, 4), (2, 7, 3, 4), (2, 3, 1), (1, 4, 1, 1), (2, 5, 0), (0, 
 
 @pytest.mark.parametrize("reduction", REDUCTIONS)
 @pytest.mark.parametrize("dtype", DTYPES, ids=dtype_id)
-@pytest.mark.parametrize("shape", KDIM_SHAPES, ids=lambda s: "x".join(map(str, s)))
+@pytest.mark.parametrize("shape", KDIM_SHAPES, ids=shape_id)
 def test_kdim_shapes(backend, shape, dtype, reduction):
     x = make_logits(shape, dtype)
     check_cross_entropy(backend, x, make_target(positions_of(shape), shape[1]), reduction=reduction)
@@ -293,7 +292,7 @@ IGNORE_CASES = {
 @pytest.mark.parametrize("ignore", list(IGNORE_CASES), ids=str)
 @pytest.mark.parametrize("weight", ["none", "weight", "weight_with_zero"])
 @pytest.mark.parametrize("dtype", [F32, F64], ids=dtype_id)  # bfloat16/float16: test_options_low_precision
-@pytest.mark.parametrize("shape", [(7, 5), (3, 5, 4)], ids=lambda s: "x".join(map(str, s)))
+@pytest.mark.parametrize("shape", [(7, 5), (3, 5, 4)], ids=shape_id)
 def test_options(backend, shape, dtype, weight, ignore, label_smoothing, reduction):
     ignore_index, ignored = IGNORE_CASES[ignore]
     C = shape[1]
@@ -325,7 +324,7 @@ def test_options_low_precision(backend, dtype, ignore, label_smoothing, reductio
 
 @pytest.mark.parametrize("reduction", REDUCTIONS)
 @pytest.mark.parametrize("dtype", DTYPES, ids=dtype_id)
-@pytest.mark.parametrize("shape", [(7, 32000), (2, 50257)], ids=lambda s: "x".join(map(str, s)))
+@pytest.mark.parametrize("shape", [(7, 32000), (2, 50257)], ids=shape_id)
 def test_options_large_vocab(backend, shape, dtype, reduction):
     """Weight + ignore_index + label smoothing on large class counts (the chunked / split-row paths)."""
     N, C = shape
@@ -355,7 +354,7 @@ def test_streamed_gradients(backend, shape, dtype, reduction):
 
 @pytest.mark.parametrize("target_dtype", [torch.int64, torch.int32, torch.uint8], ids=dtype_id)
 @pytest.mark.parametrize("dtype", [F32, BF16], ids=dtype_id)
-@pytest.mark.parametrize("shape", [(7, 5), (3, 5, 4), (5, 200)], ids=lambda s: "x".join(map(str, s)))
+@pytest.mark.parametrize("shape", [(7, 5), (3, 5, 4), (5, 200)], ids=shape_id)
 @pytest.mark.parametrize("reduction", REDUCTIONS)
 def test_target_dtypes(backend, target_dtype, dtype, shape, reduction):
     """int64, int32 and uint8 class indices (int32 is an xent extension: PyTorch gets the same values
@@ -389,7 +388,7 @@ def test_deprecated_size_average_reduce(backend, size_average, reduce, reduction
 @pytest.mark.parametrize("label_smoothing", [0.0, 0.1, 1.0])
 @pytest.mark.parametrize("weighted", [False, True], ids=["no_weight", "weight"])
 @pytest.mark.parametrize("dtype", DTYPES, ids=dtype_id)
-@pytest.mark.parametrize("shape", [(7, 5), (3, 5, 4), (2, 3, 2, 3)], ids=lambda s: "x".join(map(str, s)))
+@pytest.mark.parametrize("shape", [(7, 5), (3, 5, 4), (2, 3, 2, 3)], ids=shape_id)
 def test_prob_targets(backend, shape, dtype, weighted, label_smoothing, reduction):
     """Loss, gradient w.r.t. the logits and w.r.t. the (grad-requiring) probability target."""
     x = make_logits(shape, dtype)
@@ -402,7 +401,7 @@ def test_prob_targets(backend, shape, dtype, weighted, label_smoothing, reductio
 @pytest.mark.parametrize("reduction", REDUCTIONS)
 @pytest.mark.parametrize("dtype", DTYPES, ids=dtype_id)
 @pytest.mark.parametrize(
-    "shape", [(0, 5), (1, 1), (1000, 3), (2, 50257), (7, 1000), (0, 4, 3)], ids=lambda s: "x".join(map(str, s))
+    "shape", [(0, 5), (1, 1), (1000, 3), (2, 50257), (7, 1000), (0, 4, 3)], ids=shape_id
 )
 def test_prob_targets_shapes(backend, shape, dtype, reduction):
     x = make_logits(shape, dtype)
@@ -427,7 +426,7 @@ def test_prob_targets_unnormalized(backend, dtype, reduction):
 
 @pytest.mark.parametrize("reduction", REDUCTIONS)
 @pytest.mark.parametrize("dtype", [F32, F64, BF16, F16], ids=dtype_id)
-@pytest.mark.parametrize("shape,layout", CLASS_LAYOUT_CASES, ids=layout_case_id)
+@pytest.mark.parametrize("shape,layout", CLASS_LAYOUT_CASES, ids=shape_id)
 def test_layouts(backend, shape, layout, dtype, reduction):
     """Non-contiguous, dense-permuted, broadcast and misaligned logits (tests/inputs.py), with every option
     on; the gradient has the strides the fake kernel promises (checked by the parity check)."""
@@ -453,7 +452,7 @@ def test_layouts(backend, shape, layout, dtype, reduction):
         ((2, 5, 3, 4), "permuted", "last_dim_sliced"),
         ((3, 5, 4), "channels_last", "channels_last"),
     ],
-    ids=lambda v: "x".join(map(str, v)) if isinstance(v, tuple) else v,
+    ids=shape_id,
 )
 def test_prob_target_layouts(backend, shape, layout, target_layout, dtype, reduction):
     x = make_logits(shape, dtype)
@@ -465,7 +464,7 @@ def test_prob_target_layouts(backend, shape, layout, target_layout, dtype, reduc
 @pytest.mark.parametrize("grad_output", ["expanded", "expanded_row", "ones"])
 @pytest.mark.parametrize("dtype", [F32, F64, BF16], ids=dtype_id)
 @pytest.mark.parametrize("kind", ["index", "prob"])
-@pytest.mark.parametrize("shape", [(7, 5), (3, 5, 4), (2, 5, 3, 4)], ids=lambda s: "x".join(map(str, s)))
+@pytest.mark.parametrize("shape", [(7, 5), (3, 5, 4), (2, 5, 3, 4)], ids=shape_id)
 def test_broadcast_grad_output(backend, shape, kind, dtype, grad_output):
     """reduction='none' with an expanded (stride-0) upstream gradient."""
     x = make_logits(shape, dtype)
@@ -508,7 +507,7 @@ def test_expanded_logits(backend, dtype):
 @pytest.mark.parametrize("label_smoothing", [0.0, 0.1])
 @pytest.mark.parametrize("reduction", ["mean", "sum"])
 @pytest.mark.parametrize("shape", [(7, 3), (1000, 1000), (7, 32000), (2, 50257), (4, 16, 9, 9)],
-                         ids=lambda s: "x".join(map(str, s)))
+                         ids=shape_id)
 def test_float32_loss_relative_1e6(backend, shape, reduction, label_smoothing):
     """The float32 loss is within 1e-6 relative of the exact value (mean/sum of well-conditioned
     losses: the logits have scale 1, so no position's loss is a tiny difference of large terms)."""

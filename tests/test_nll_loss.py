@@ -27,17 +27,13 @@ from harness.tolerance import (
     BF16, DTYPES, F16, F32, F64, UNIT_ROUNDOFF, Bound, Tolerance, acc_roundoff, assert_within, dtype_id,
 )
 from inputs import (
-    CLASS_LAYOUT_CASES, fixed_rng, keep_first_target, layout_case_id, make_log_probs, make_target, make_weight,
-    positions_of,
+    CLASS_LAYOUT_CASES, fixed_rng, keep_first_target, make_log_probs, make_target, make_weight, positions_of,
+    shape_id,
 )
 from reference import nll_loss_reference
 
 REDUCTIONS = ["none", "mean", "sum"]
 REDUCTION_CODE = {"none": 0, "mean": 1, "sum": 2}
-
-
-def shape_id(v):
-    return "x".join(map(str, v)) if isinstance(v, tuple) else str(v)
 
 
 # ================================================================================================
@@ -218,7 +214,7 @@ def test_target_dtypes(backend, shape, target_dtype, ignore_index, reduction):
 
 @pytest.mark.parametrize("reduction", REDUCTIONS)
 @pytest.mark.parametrize("dtype", [F32, F64, BF16], ids=dtype_id)
-@pytest.mark.parametrize("shape,layout", CLASS_LAYOUT_CASES, ids=layout_case_id)
+@pytest.mark.parametrize("shape,layout", CLASS_LAYOUT_CASES, ids=shape_id)
 def test_layouts(backend, shape, layout, dtype, reduction):
     """Non-contiguous, dense-permuted, broadcast and misaligned inputs (tests/inputs.py); the gradient has
     the strides the fake kernel promises (checked by the parity check)."""

@@ -27,14 +27,12 @@ from harness.tester import BadInput, CompileCase, LossTester, ModuleCase
 from harness.tolerance import (
     BF16, DTYPES, F16, F32, F64, LOW, Bound, Tolerance, acc_roundoff, dtype_id,
 )
-from inputs import fixed_rng, keep_first_target, make_logits, make_prob_target, make_target, make_weight, positions_of
+from inputs import (
+    fixed_rng, keep_first_target, make_logits, make_prob_target, make_target, make_weight, positions_of, shape_id,
+)
 from reference_focal import softmax_focal_loss_reference
 
 REDUCTIONS = ["none", "mean", "sum"]
-
-
-def shape_id(shape):
-    return "x".join(map(str, shape))
 
 
 def make_index_target(shape, C, ignore_index=None):
@@ -264,7 +262,7 @@ def run_options(backend, shape, dtype, name, gamma=None, reductions=REDUCTIONS, 
 
 @pytest.mark.parametrize("options", list(OPTIONS))
 @pytest.mark.parametrize("dtype", DTYPES, ids=dtype_id)
-@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s)))
+@pytest.mark.parametrize("shape", SHAPES, ids=shape_id)
 def test_parity(backend, shape, dtype, options):
     if shape[0] * shape[1] >= 1_000_000 and options not in ("plain", "weight_ignore_smooth", "prob"):
         pytest.skip("large shapes run the three main paths (index, index with every option, probabilities)")
@@ -340,7 +338,7 @@ LAYOUT_CASES = [
 
 @pytest.mark.parametrize("options", ["plain", "weight_ignore_smooth", "prob_weight_smooth"])
 @pytest.mark.parametrize("dtype", [F32, BF16], ids=dtype_id)
-@pytest.mark.parametrize("shape,layout", LAYOUT_CASES, ids=lambda v: shape_id(v) if isinstance(v, tuple) else v)
+@pytest.mark.parametrize("shape,layout", LAYOUT_CASES, ids=shape_id)
 def test_layouts(backend, shape, layout, options, dtype):
     """Logits (and probability targets) in each layout; the gradient has the strides the fake kernel
     promises (checked by the parity check)."""

@@ -4,7 +4,7 @@ its class's table (``LossTester.parametrize_cases``):
 
 * ``test_opcheck``: torch.library.opcheck of every sample of ``opcheck_samples`` in every op namespace
   (the CPU ops and, in the test-only build, the emulated CUDA ops), and ``test_opcheck_covers_every_op``:
-  the samples reach each op of ``spec.ops`` in each namespace;
+  the samples reach each op of ``OPS`` in each namespace;
 * ``test_compile_fullgraph``: torch.compile(fullgraph=True, dynamic=True) of ``COMPILE_CASES``, forward and
   backward, compiled once for two batch sizes, equal to eager xent;
 * ``test_gradcheck`` / ``test_gradgradcheck_through_grad_output``: float64 gradcheck and gradgradcheck of
@@ -16,7 +16,7 @@ its class's table (``LossTester.parametrize_cases``):
   every warp schedule;
 * ``test_empty_strided_input``: an empty input whose strides fit no kernel layout, with each target of
   ``EMPTY_TARGETS``, for every reduction: PyTorch's loss and an empty gradient;
-* ``test_module_matches_torch``: ``MODULE_CASES``, xent.nn's module against torch.nn's of the same name.
+* ``test_module_matches_torch``: ``MODULE_CASES``, xent.nn's module against torch.nn's counterpart.
 """
 
 import dataclasses
@@ -94,7 +94,8 @@ def _least_precise(tensors):
 
 
 class LossTester:
-    """Base class of a loss's shared tests (see the module docstring). Subclasses set:"""
+    """Base class of a loss's shared tests (see the module docstring). A subclass sets the attributes
+    below and implements the methods that build its tables' cases."""
 
     #: The loss (tests/harness/parity.py LossSpec); its ``api`` / ``torch_api`` serve the bad inputs.
     spec = None
