@@ -35,8 +35,8 @@ def pytest_configure(config):
 
 def pytest_collection_modifyitems(session, config, items):
     """Runs the backends of one parametrized test one after the other (cpu, emulated..., cuda), so the
-    float64 references, identical for every backend, are computed once (tests/test_cross_entropy.py
-    caches the last few). Otherwise the collection order is kept."""
+    float64 references, identical for every backend, are computed once (tests/harness/parity.py caches
+    the last few). Otherwise the collection order is kept."""
     first = {}
     keyed = []
     for i, item in enumerate(items):
@@ -53,6 +53,14 @@ def pytest_collection_modifyitems(session, config, items):
     items[:] = [item for _, _, item in keyed]
 
 
+def pytest_generate_tests(metafunc):
+    """The shared tests of a loss (tests/harness/tester.py, LossTester) take their cases from the loss's
+    subclass."""
+    parametrize_cases = getattr(metafunc.cls, "parametrize_cases", None)
+    if parametrize_cases is not None:
+        parametrize_cases(metafunc)
+
+
 class Backend:
     """Where xent's ops run: a device for the tensors and a context that selects the kernels."""
 
@@ -65,6 +73,11 @@ class Backend:
     @property
     def emulated(self):
         return self.schedule is not None
+
+    @property
+    def ops(self):
+        """The op namespace of the backend's kernels: torch.ops.xent, or the emulated torch.ops.xent_emulated."""
+        return torch.ops.xent_emulated if self.emulated else torch.ops.xent
 
     def put(self, t):
         """``t`` on the backend's device (None stays None). Keeps ``requires_grad`` as a fresh leaf."""
@@ -129,6 +142,16 @@ def backend(request):
 def schedule_backend(request):
     """The emulated CUDA kernels under every warp schedule: forward, reverse, random (two seeds)."""
     return make_backend(request.param)
+
+
+def simt_traffic(fn):
+    """(fn(), bytes read, bytes written): the global-memory traffic of the emulated CUDA kernels that fn
+    runs (the SIMT emulator counts every access through xent::cuda::load_global/store_global)."""
+    ops = torch.ops.xent_emulated
+    ops._simt_traffic()  # reset
+    out = fn()
+    read, written = ops._simt_traffic()
+    return out, read, written
 
 
 @pytest.fixture

@@ -1,5 +1,7 @@
-"""Input builders and memory layouts shared by the parity suites (test_cross_entropy.py, test_nll_loss.py;
-fixed_rng and keep_first_target also the focal and binary suites).
+"""Input builders, memory layouts and upstream gradients shared by the test suites.
+
+Inputs are drawn in float64 and rounded to the tested dtype, so that the float64 references computed from
+them are the exact answers for the values xent sees.
 
 A layout is a function of a contiguous tensor that returns a tensor with the same values and shape in
 another memory layout, built on the tensor's own device (so call it after ``backend.put``).
@@ -32,6 +34,32 @@ def keep_first_target(t, ignore_index):
     return t
 
 
+def positions_of(shape):
+    """The positions' shape of a class-dim-1 tensor (N, C, d1, ..., dk): (N, d1, ..., dk); () for (C)."""
+    return (shape[0],) + tuple(shape[2:]) if len(shape) > 1 else ()
+
+
+def make_logits(shape, dtype, scale=3.0):
+    """Random logits in `dtype` (scale 3: some positions confidently right, some confidently wrong)."""
+    return (torch.randn(shape, dtype=F64) * scale).to(dtype)
+
+
+def make_log_probs(shape, dtype, scale=3.0):
+    """Log-probabilities in `dtype`: log_softmax over the class dim of make_logits' values."""
+    z = torch.randn(shape, dtype=F64) * scale
+    return torch.log_softmax(z, dim=1 if len(shape) > 1 else 0).to(dtype)
+
+
+def make_prob_target(shape, dtype, kind="softmax"):
+    """Class probabilities of the logits' shape: a softmax over the class dim, or any values
+    ("unnormalized": PyTorch accepts them; nothing may assume they sum to 1)."""
+    if kind == "softmax":
+        return torch.softmax(torch.randn(shape, dtype=F64) * 2, dim=1 if len(shape) > 1 else 0).to(dtype)
+    if kind == "unnormalized":
+        return (torch.rand(shape, dtype=F64) * 2 - 0.5).to(dtype)
+    raise ValueError(kind)
+
+
 def make_target(positions, C, *, dtype=torch.long, ignore_index=-100, ignored=0.0):
     """Class indices (N, *) in [0, C); a fraction `ignored` of them set to ignore_index (all when >= 1)."""
     t = torch.randint(0, max(C, 1), positions, dtype=torch.long)
@@ -43,11 +71,12 @@ def make_target(positions, C, *, dtype=torch.long, ignore_index=-100, ignored=0.
     return t.to(dtype)
 
 
-def make_weight(C, dtype, with_zero=False):
-    """A per-class weight in [0.25, 1.75), with one zero (class C // 2) when `with_zero`."""
-    w = (torch.rand(C, dtype=F64) * 1.5 + 0.25).to(dtype)
-    if with_zero and C > 1:
-        w[C // 2] = 0
+def make_weight(shape, dtype, with_zero=False):
+    """A weight in [0.25, 1.75) of `shape` (a class count C: a per-class weight), with one zero (class
+    C // 2) when `with_zero`."""
+    w = (torch.rand(shape, dtype=F64) * 1.5 + 0.25).to(dtype)
+    if with_zero and w.dim() == 1 and len(w) > 1:
+        w[len(w) // 2] = 0
     return w
 
 
@@ -55,8 +84,10 @@ def _contiguous(x):
     return x.clone()
 
 
-def _transposed(x):  # (N, C) stored as (C, N): class stride N, batch stride 1 (the lanes layout)
-    return x.transpose(0, 1).contiguous().transpose(0, 1)
+def _transposed(x):  # first and last dims swapped in storage; (N, C) stored as (C, N): the lanes layout
+    if x.dim() < 2:  # nothing to swap: the last dim sliced instead
+        return _last_dim_sliced(x)
+    return x.transpose(0, -1).contiguous().transpose(0, -1)
 
 
 def _class_sliced(x):  # x[:, ::2] of a twice-as-wide tensor: class stride 2 (fits no kernel layout)
@@ -71,7 +102,9 @@ def _batch_sliced(x):  # x[::2] of a twice-as-tall tensor: rows 2C apart
     return tall[::2]
 
 
-def _spatial_sliced(x):  # x[..., ::2] of a K-dim tensor twice as wide in the last dim
+def _last_dim_sliced(x):  # x[..., ::2] of a tensor twice as wide in the last dim
+    if x.dim() == 0:
+        return x.clone()
     wide = torch.zeros(tuple(x.shape[:-1]) + (2 * x.shape[-1],), dtype=x.dtype, device=x.device)
     wide[..., ::2] = x
     return wide[..., ::2]
@@ -115,7 +148,7 @@ ALL_LAYOUTS = {
     "transposed": _transposed,
     "class_sliced": _class_sliced,
     "batch_sliced": _batch_sliced,
-    "spatial_sliced": _spatial_sliced,
+    "last_dim_sliced": _last_dim_sliced,
     "channels_last": _channels_last,
     "permuted": _permuted,
     "spatial_reversed": _spatial_reversed,
@@ -124,6 +157,72 @@ ALL_LAYOUTS = {
 }
 
 
-def layouts(*names):
-    """The named layouts, in the given order (a suite's parametrization)."""
-    return {name: ALL_LAYOUTS[name] for name in names}
+# ================================================================================================
+# The layouts the class losses (class dim 1) are checked in: every layout above, on shapes whose
+# positions fill the kernels' vectors with a tail (300, 301 rows; 37 columns), long class rows, and K-dim
+# inputs whose position dims merge or (5 of them stored in reverse) do not.
+
+CLASS_LAYOUT_CASES = [
+    ((7, 5), "transposed"),
+    ((300, 37), "transposed"),
+    ((7, 5), "class_sliced"),
+    ((7, 5000), "class_sliced"),
+    ((2, 3, 2, 3, 2, 3), "class_sliced"),
+    ((7, 5), "batch_sliced"),
+    ((2, 5, 3, 4), "batch_sliced"),
+    ((7, 5), "misaligned"),
+    ((5, 1000), "misaligned"),
+    ((301, 33), "misaligned"),
+    ((3, 5, 4), "misaligned"),
+    ((2, 5, 3, 37), "misaligned"),
+    ((7, 5), "expanded"),
+    ((3, 5, 4), "channels_last"),
+    ((2, 5, 3, 4), "channels_last"),
+    ((2, 300, 5, 7), "channels_last"),
+    ((3, 5, 4), "permuted"),
+    ((2, 5, 3, 4), "permuted"),
+    ((3, 5, 4), "last_dim_sliced"),
+    ((2, 5, 3, 4), "last_dim_sliced"),
+    ((2, 5, 3, 4), "spatial_reversed"),
+    ((2, 3, 2, 3, 2, 3), "spatial_reversed"),
+]
+
+
+def shape_id(v):
+    """The pytest id of a shape ("2x5x3x4", "scalar" for ()) or of any other parameter (its str)."""
+    if isinstance(v, tuple):
+        return "x".join(map(str, v)) if v else "scalar"
+    return str(v)
+
+
+# ================================================================================================
+# Upstream gradients.
+
+GRAD_OUTPUTS = ("random", "ones", "expanded", "expanded_row", "transposed")
+
+
+def grad_output_values(shape, dtype, kind, generator):
+    """The values of an upstream gradient of `shape` in the layout `kind` (GRAD_OUTPUTS): the tensor the
+    layout is built from by ``lay_out_grad_output`` (a 0-d value for "expanded", the last row for
+    "expanded_row"). Random values in `dtype`, drawn from `generator`."""
+    def rand(s):
+        return torch.randn(s, dtype=F64, generator=generator).to(dtype)
+
+    if kind == "ones":
+        return torch.ones(shape, dtype=dtype)
+    if kind == "expanded":  # one upstream value broadcast to every position (what loss.sum() gives)
+        return rand(())
+    if kind == "expanded_row" and len(shape) >= 1:  # broadcast along all but the last dim
+        return rand(shape[-1:])
+    if kind in ("random", "transposed", "expanded_row"):
+        return rand(shape)
+    raise ValueError(kind)
+
+
+def lay_out_grad_output(values, shape, kind):
+    """The upstream gradient of `shape` from grad_output_values(), laid out on values' device."""
+    if kind in ("expanded", "expanded_row"):
+        return values.expand(shape)
+    if kind == "transposed":
+        return _transposed(values)
+    return values

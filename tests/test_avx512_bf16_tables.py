@@ -1,11 +1,10 @@
-"""The softmax focal and binary-loss kernels' AVX512_BF16 tables against their plain AVX-512 tables.
+"""The loss kernels' AVX512_BF16 tables against their plain AVX-512 tables.
 
-On a CPU with AVX512_BF16 those kernels round bf16 outputs with vcvtneps2bf16 (simd.h, VecF::store),
+On a CPU with AVX512_BF16 the kernels round bf16 outputs with vcvtneps2bf16 (simd.h, VecF::store),
 which treats subnormal inputs as zero and keeps NaN signs and payloads; vectors holding either must take
 the integer rounding, so every output (losses with reduction='none', gradients of the separate and the
 fused ops) has the same bits as with the plain table (XENT_CPU_AVX512_BF16=0). The inputs put subnormal
-values and NaN into the outputs. (Cross-entropy's table: test_cross_entropy.py,
-test_avx512_bf16_gradient_bits.)
+values and NaN into the outputs.
 """
 
 import math
@@ -51,6 +50,26 @@ def _assert_same_bits(monkeypatch, fn, x, upstream):
 def _upstream(n, generator):
     # Small upstream gradients (down to 1e-8) times small per-element gradients give subnormal products.
     return torch.logspace(-1, -8, n)[torch.randperm(n, generator=generator)]
+
+
+@pytest.mark.parametrize("shape", [(6, 1000), (2, 3, 40, 7)], ids=["rows", "lanes"])
+def test_cross_entropy_bits(monkeypatch, restore_isa, shape):
+    """Cross-entropy's rows and lanes layouts: subnormal gradient elements (softmax near exp(-80) times
+    small upstream gradients), NaN at a counted position, -inf logits; vcvtne2ps2bf16 would flush the
+    subnormals and change the NaNs, so their vectors must take the integer rounding."""
+    C = shape[1]
+    g = torch.Generator().manual_seed(5)
+    x = torch.randn(shape, generator=g) * 3
+    x.select(1, 0).fill_(80.0)  # softmax of the other classes near exp(-80): with upstream 1e-8, subnormal
+    x.select(1, 1).copy_(torch.linspace(-50.0, 0.0, x.select(1, 1).numel()).view_as(x.select(1, 1)))
+    x.select(1, 2).fill_(-math.inf)
+    x.view(-1)[1005] = math.nan  # a NaN logit of a counted position: NaN gradients there
+    x = x.to(BF16)
+    positions = (shape[0],) + tuple(shape[2:])
+    target = torch.randint(0, C, positions, generator=g)
+    target.view(-1)[::3] = -100
+    upstream = _upstream(target.numel(), g).view(positions).to(BF16)
+    _assert_same_bits(monkeypatch, lambda v, r: xent.cross_entropy(v, target, reduction=r), x, upstream)
 
 
 @pytest.mark.parametrize("C", [80, 1000])

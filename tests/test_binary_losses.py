@@ -6,12 +6,14 @@
   composite with the weighted ``F.binary_cross_entropy_with_logits`` inside),
 and the modules BCELoss, BCEWithLogitsLoss, SigmoidFocalLoss.
 
-Every parity check compares xent's loss and gradients (input, and target where PyTorch gives one) with two
-float64 computations on the same values: PyTorch's / torchvision's own, and the independent reference of
-tests/reference_binary.py. Inputs are generated in the tested dtype and then upcast, so the float64 results
-are the exact answers for the values xent sees.
+Every parity check (tests/harness/parity.py) compares xent's loss and gradients (input, and target where
+PyTorch gives one) with two float64 computations on the same values: PyTorch's / torchvision's own, and
+the independent reference of tests/reference_binary.py. Inputs are generated in the tested dtype and then
+upcast, so the float64 results are the exact answers for the values xent sees. The shared tests (opcheck,
+compile, gradcheck, determinism, bad inputs, warp schedules) are ``TestBinaryCrossEntropy``'s,
+``TestBinaryCrossEntropyWithLogits``'s and ``TestSigmoidFocalLoss``'s, from tests/harness/tester.py.
 
-Tolerances (justified where defined, see ``Tol``):
+Error model (``BinaryLoss``, tests/harness/tolerance.py pytorch_parity_bound):
 * float64: 1e-12 relative; against PyTorch also a few units of float64 roundoff of the terms PyTorch's own
   formula cancels (its with-logits loss (1 - y) x - L log_sigmoid(x), torchvision's 1 - p_t).
 * float32: loss 1e-6 relative (the project's target), gradient 1e-5 of its largest entry.
@@ -27,9 +29,13 @@ import torch
 import torch.nn.functional as F
 
 import xent
-from bitwise import assert_bitwise
-from conftest import EMULATED_SCHEDULES, make_backend
-from inputs import fixed_rng
+from conftest import simt_traffic
+from harness.parity import LossSpec, check_parity, leaf
+from harness.tester import BadInput, CompileCase, LossTester, ModuleCase
+from harness.tolerance import (
+    BF16, DTYPES, F16, F32, F64, LOW, UNIT_ROUNDOFF, Bound, assert_within, dtype_id, pytorch_parity_bound,
+)
+from inputs import ALL_LAYOUTS, fixed_rng, make_weight, shape_id
 from reference_binary import (
     binary_cross_entropy_reference,
     binary_cross_entropy_with_logits_reference,
@@ -38,26 +44,13 @@ from reference_binary import (
 
 tv_ops = pytest.importorskip("torchvision.ops")
 
-F32, F64, BF16, F16 = torch.float32, torch.float64, torch.bfloat16, torch.float16
-DTYPES = [F32, F64, BF16, F16]
-LOW = (BF16, F16)
 REDUCTIONS = ["none", "mean", "sum"]
 KINDS = ["bce", "logits", "focal"]
-UNIT_ROUNDOFF = {F64: 2.0**-53, F32: 2.0**-24, BF16: 2.0**-8, F16: 2.0**-11}
 OP_NAMES = {
     "bce": "binary_cross_entropy",
     "logits": "binary_cross_entropy_with_logits",
     "focal": "sigmoid_focal_loss",
 }
-ALL_OPS = [f"{name}_{suffix}" for name in OP_NAMES.values() for suffix in ("fwd", "bwd")]
-
-
-def dtype_id(dtype):
-    return str(dtype).replace("torch.", "")
-
-
-def shape_id(shape):
-    return "x".join(map(str, shape)) if len(shape) else "scalar"
 
 
 # ================================================================================================
@@ -106,88 +99,7 @@ def xent_loss(kind, x, y, weight=None, pos_weight=None, *, reduction="mean", alp
 
 
 # ================================================================================================
-# Comparison.
-
-
-class Tol:
-    # float64: the kernels use libm's log/log1p/exp and cancellation-free formulas; 1e-12 relative leaves
-    # room for summation order over ~1e5 elements while any formula error shows far above it.
-    F64 = 1e-12
-    # float32 loss: the project's target. The kernels' elementwise error is a few ulp (log/exp about 1-2
-    # ulp each, no cancellation), their sums add float lanes of at most 8 terms into a double.
-    F32_LOSS = 1e-6
-    # float32 gradient, relative to its largest entry: sigmoid and the BCE quotient cost a few ulp; 1e-5
-    # leaves a 10x margin while a wrong term is O(1).
-    F32_GRAD = 1e-5
-    # Rounding units of PyTorch's own float64 cancellation (see torch_cancellation).
-    CANCELLATION_ULPS = 4.0
-    # Low precision: at most this factor worse than PyTorch in the same dtype ...
-    LOW_FACTOR = 2.0
-    # ... plus this many units of roundoff of the result's magnitude (rounding the float32 result).
-    LOW_ROUNDING_UNITS = 1.0
-
-
-def _nan_inf_pattern_equal(actual, expected, what):
-    a, e = actual.detach().double().cpu(), expected.detach().double().cpu()
-    assert a.shape == e.shape, f"{what}: shape {tuple(a.shape)} != {tuple(e.shape)}"
-    nan_a, nan_e = torch.isnan(a), torch.isnan(e)
-    assert torch.equal(nan_a, nan_e), (
-        f"{what}: NaN at different places: xent NaN at {nan_a.nonzero().tolist()[:8]}, "
-        f"expected NaN at {nan_e.nonzero().tolist()[:8]}"
-    )
-    inf_e = torch.isinf(e)
-    assert torch.equal(a[inf_e], e[inf_e]), f"{what}: expected infinities {e[inf_e][:8]}, got {a[inf_e][:8]}"
-    finite = torch.isfinite(e)
-    bad = torch.isinf(a) & finite
-    assert not bad.any(), f"{what}: xent is infinite where the exact value is finite: {a[bad][:8]} vs {e[bad][:8]}"
-    return a, e, finite
-
-
-def max_abs_err(actual, expected):
-    a, e = actual.detach().double().cpu(), expected.detach().double().cpu()
-    finite = torch.isfinite(e)
-    if not finite.any():
-        return 0.0
-    d = (a[finite] - e[finite]).abs()
-    d = torch.where(torch.isnan(d), torch.full_like(d, math.inf), d)
-    return d.max().item()
-
-
-def assert_close(actual, expected, *, rtol, atol, what):
-    """|actual - expected| <= rtol |expected| + atol elementwise (rtol, atol may be tensors)."""
-    a, e, finite = _nan_inf_pattern_equal(actual, expected, what)
-    if not finite.any():
-        return
-    rtol = torch.as_tensor(rtol, dtype=F64).expand_as(e)
-    atol = torch.as_tensor(atol, dtype=F64).expand_as(e)
-    tol = rtol * e.abs() + atol
-    err = (a - e).abs()
-    bad = finite & ~(err <= tol)
-    if bad.any():
-        idx = tuple(bad.nonzero()[0].tolist()) if bad.dim() else ()
-        raise AssertionError(
-            f"{what}: {int(bad.sum())} of {int(finite.sum())} entries out of tolerance; first at {list(idx)}: "
-            f"xent {a[idx].item()!r} expected {e[idx].item()!r} |err| {err[idx].item():.3e} > tol "
-            f"{tol[idx].item():.3e}; max rel err {(err[finite] / e[finite].abs().clamp_min(1e-300)).max().item():.3e}"
-        )
-
-
-def assert_no_worse_than_torch(actual, expected, torch_low, *, dtype, what):
-    # An exact value beyond the dtype's range is inf once rounded (e.g. a float16 sum above 65504).
-    expected = expected.detach().double().cpu()
-    rounded = expected.to(dtype).double()
-    expected = torch.where(torch.isinf(rounded) & torch.isfinite(expected), rounded, expected)
-    a, e, finite = _nan_inf_pattern_equal(actual, expected, what)
-    if not finite.any():
-        return
-    err_xent = max_abs_err(a, e)
-    err_torch = max_abs_err(torch_low, e)
-    magnitude = e[finite].abs().max().item()
-    allowed = Tol.LOW_FACTOR * err_torch + Tol.LOW_ROUNDING_UNITS * UNIT_ROUNDOFF[dtype] * magnitude
-    assert err_xent <= allowed, (
-        f"{what} ({dtype_id(dtype)}): xent max error {err_xent:.4e} > allowed {allowed:.4e} (PyTorch's own "
-        f"error in {dtype_id(dtype)}: {err_torch:.4e}, |exact| up to {magnitude:.4e})"
-    )
+# The error model.
 
 
 def _terms(kind, x, y, w, pw, alpha, gamma):
@@ -213,16 +125,14 @@ def _terms(kind, x, y, w, pw, alpha, gamma):
 
 
 def loss_tolerances(kind, dtype, x, y, w, pw, reduction, alpha, gamma):
-    """(rtol vs exact, extra atol vs PyTorch's float64), reduced like the loss."""
+    """(relative error beyond the project's target, absolute error of PyTorch's float64 result), reduced
+    like the loss."""
     cancel, log_m = _terms(kind, x, y, w, pw, alpha, gamma)
-    cancel = torch.nan_to_num(cancel, nan=0.0, posinf=0.0) * Tol.CANCELLATION_ULPS * UNIT_ROUNDOFF[F64]
-    if dtype == F64:
-        rtol = torch.full_like(cancel, Tol.F64)
-    else:
-        rtol = torch.full_like(cancel, Tol.F32_LOSS)
-        if kind == "focal" and gamma != int(gamma):
-            # exp(gamma log m) carries log's error times gamma |log m| (simd.h: vpow).
-            rtol = rtol + (gamma * torch.nan_to_num(log_m, posinf=0.0) + 2) * UNIT_ROUNDOFF[F32]
+    cancel = Bound.cancellation(torch.nan_to_num(cancel, nan=0.0, posinf=0.0), F64).atol
+    rtol = torch.zeros_like(cancel)
+    if dtype != F64 and kind == "focal" and gamma != int(gamma):
+        # exp(gamma log m) carries log's error times gamma |log m| (simd.h: vpow).
+        rtol = (gamma * torch.nan_to_num(log_m, posinf=0.0) + 2) * UNIT_ROUNDOFF[F32]
     if reduction == "none":
         return rtol, cancel
     n = max(cancel.numel(), 1)
@@ -230,22 +140,46 @@ def loss_tolerances(kind, dtype, x, y, w, pw, reduction, alpha, gamma):
     return r, cancel.sum() / (n if reduction == "mean" else 1)
 
 
-def assert_loss(actual, expected, torch_low, *, dtype, rtol, atol, what):
-    if dtype in LOW:
-        assert_no_worse_than_torch(actual, expected, torch_low, dtype=dtype, what=what)
-    else:
-        assert_close(actual, expected, rtol=rtol, atol=atol, what=f"{what} ({dtype_id(dtype)})")
+class BinaryLoss(LossSpec):
+    """One of the binary losses, `kind` (KINDS); operands weight and pos_weight (None for
+    binary_cross_entropy, which has none)."""
+
+    def __init__(self, kind):
+        self.kind = kind
+        self.name = OP_NAMES[kind]
+        self.api = getattr(xent, self.name)
+        self.torch_api = {"bce": F.binary_cross_entropy, "logits": F.binary_cross_entropy_with_logits,
+                          "focal": tv_ops.sigmoid_focal_loss}[kind]
+
+    def xent(self, x, y, weight=None, pos_weight=None, **options):
+        return xent_loss(self.kind, x, y, weight, pos_weight, **options)
+
+    def expected(self, x, y, weight=None, pos_weight=None, **options):
+        return {"reference": ref_loss(self.kind, x, y, weight, pos_weight, **options),
+                "PyTorch": torch_loss(self.kind, x, y, weight, pos_weight, **options)}
+
+    def torch_in_dtype(self, x, y, weight=None, pos_weight=None, **options):
+        return torch_loss(self.kind, x, y, weight, pos_weight, **options)
+
+    def loss_bound(self, p, against):
+        o = p.options
+        rtol, cancel = p.memo("tolerances", lambda: loss_tolerances(
+            self.kind, p.dtype, p.input, p.target, *p.operands, o.get("reduction", "mean"), o.get("alpha", 0.25),
+            o.get("gamma", 2.0)))
+        # PyTorch's float64 formula cancels; the reference's does not.
+        return pytorch_parity_bound(p.dtype, p.expected[against], p.torch_loss,
+                                    extra=Bound(rtol, cancel if against == "PyTorch" else 0.0))
+
+    def grad_bound(self, p, i, against, grad_output, grads):
+        torch_grad = None if p.torch_grads is None else p.torch_grads[i]
+        return pytorch_parity_bound(p.dtype, grads[against][i], torch_grad, grad=True)
+
+    def promised_grad_strides(self, input):
+        # The fake kernels (xent/_binary_ops.py) return a contiguous gradient.
+        return torch.empty(input.shape).stride()
 
 
-def assert_grad(actual, expected, torch_low, *, dtype, what):
-    if dtype in LOW:
-        assert_no_worse_than_torch(actual, expected, torch_low, dtype=dtype, what=what)
-        return
-    rtol = Tol.F64 if dtype == F64 else Tol.F32_GRAD
-    e = expected.detach().double()
-    finite = e[torch.isfinite(e)]
-    magnitude = finite.abs().max().item() if finite.numel() else 0.0
-    assert_close(actual, expected, rtol=rtol, atol=rtol * magnitude, what=f"{what} ({dtype_id(dtype)})")
+BINARY = {kind: BinaryLoss(kind) for kind in KINDS}
 
 
 # ================================================================================================
@@ -267,117 +201,19 @@ def make_target(shape, dtype, soft=False):
     return (torch.rand(shape, dtype=F64) < 0.3).to(dtype)
 
 
-def make_weight(shape, dtype):
-    return (torch.rand(shape, dtype=F64) * 1.5 + 0.25).to(dtype)
-
-
 def make_pos_weight(shape, dtype):
     return (torch.rand(shape, dtype=F64) * 3 + 0.5).to(dtype)
 
 
-def _contiguous(x):
-    return x.clone()
-
-
-def _transposed(x):  # the same values stored with the first and last dims swapped (not contiguous)
-    if x.dim() < 2:
-        return _sliced(x)
-    return x.transpose(0, -1).contiguous().transpose(0, -1)
-
-
-def _sliced(x):  # every other element of a tensor twice as wide in the last dim (not dense)
-    if x.dim() == 0:
-        return x.clone()
-    wide = torch.zeros(tuple(x.shape[:-1]) + (2 * x.shape[-1],), dtype=x.dtype, device=x.device)
-    wide[..., ::2] = x
-    return wide[..., ::2]
-
-
-def _misaligned(x):  # storage offset 1: the data pointer is not vector-aligned
-    buf = torch.empty(x.numel() + 1, dtype=x.dtype, device=x.device)
-    return buf[1:].view(x.shape).copy_(x)
-
-
-LAYOUTS = {"contiguous": _contiguous, "transposed": _transposed, "sliced": _sliced, "misaligned": _misaligned}
-
-
-def _leaf(t, requires_grad):
-    return t.detach().clone().requires_grad_(requires_grad)
-
-
-def make_grad_output(shape, dtype, kind, device):
-    """The upstream gradient: random, ones, or one value / one row broadcast (stride 0)."""
-    if kind == "ones":
-        return torch.ones(shape, dtype=dtype, device=device)
-    if kind == "expanded":
-        return torch.randn((), dtype=F64).to(dtype).to(device).expand(shape)
-    if kind == "expanded_row" and len(shape) >= 1:
-        return torch.randn(shape[-1:], dtype=F64).to(dtype).to(device).expand(shape)
-    if kind == "transposed":
-        return _transposed(torch.randn(shape, dtype=F64).to(dtype).to(device))
-    return torch.randn(shape, dtype=F64).to(dtype).to(device)
-
-
-# ================================================================================================
-# The parity check.
-
-
 def check(kind, backend, x, y, weight=None, pos_weight=None, *, reduction="mean", alpha=0.25, gamma=2.0,
-          layout="contiguous", target_layout="contiguous", grad_output="random", target_grad=None, backward=True):
-    """Runs xent's `kind` loss on `backend` and checks loss and gradients against PyTorch/torchvision in
-    float64 and the float64 reference (and, in low precision, against PyTorch's own error in the dtype).
-    x, y, weight, pos_weight are contiguous CPU tensors; `layout` / `target_layout` re-lay them out."""
-    dtype = x.dtype
-    if target_grad is None:
-        target_grad = True
-    opts = dict(reduction=reduction)
+          layout="contiguous", target_layout="contiguous", grad_output="random", target_grad=True):
+    """The parity check of xent's `kind` loss (tests/harness/parity.py); the target is differentiated
+    unless target_grad=False. Returns xent's loss."""
+    options = dict(reduction=reduction)
     if kind == "focal":
-        opts.update(alpha=alpha, gamma=gamma)
-    w64 = None if weight is None else weight.double()
-    pw64 = None if pos_weight is None else pos_weight.double()
-
-    x_ref, x_pt = _leaf(x.double(), True), _leaf(x.double(), True)
-    y_ref, y_pt = _leaf(y.double(), target_grad), _leaf(y.double(), target_grad)
-    loss_ref = ref_loss(kind, x_ref, y_ref, w64, pw64, **opts)
-    loss_pt = torch_loss(kind, x_pt, y_pt, w64, pw64, **opts)
-    loss_low = x_low = y_low = None
-    if dtype in LOW:
-        x_low, y_low = _leaf(x, True), _leaf(y, target_grad)
-        loss_low = torch_loss(kind, x_low, y_low, weight, pos_weight, **opts)
-
-    xd = LAYOUTS[layout](backend.put(x)).requires_grad_(True)
-    yd = LAYOUTS[target_layout](backend.put(y)).requires_grad_(target_grad)
-    with backend.active():
-        loss = xent_loss(kind, xd, yd, backend.put(weight), backend.put(pos_weight), **opts)
-
-    what = f"{kind} loss[{backend.name}, {tuple(x.shape)}, {layout}, reduction={reduction}]"
-    assert loss.dtype == dtype, f"{what}: dtype {loss.dtype}, expected the input's {dtype}"
-    assert loss.shape == loss_pt.shape, f"{what}: shape {tuple(loss.shape)}, PyTorch {tuple(loss_pt.shape)}"
-    assert loss.device.type == backend.device.type
-    rtol, cancel = loss_tolerances(kind, dtype, x, y, weight, pos_weight, reduction, alpha, gamma)
-    assert_loss(loss.cpu(), loss_ref, loss_low, dtype=dtype, rtol=rtol, atol=0.0, what=f"{what} vs reference")
-    assert_loss(loss.cpu(), loss_pt, loss_low, dtype=dtype, rtol=rtol, atol=cancel, what=f"{what} vs PyTorch")
-    if not backward:
-        return loss
-
-    go = make_grad_output(tuple(loss.shape), dtype, grad_output if reduction == "none" else "random",
-                          backend.device)
-    go64 = go.detach().double().cpu()
-    inputs = [(x_ref, x_pt, x_low, xd)] + ([(y_ref, y_pt, y_low, yd)] if target_grad else [])
-    grads_ref = torch.autograd.grad(loss_ref, [i[0] for i in inputs], go64)
-    grads_pt = torch.autograd.grad(loss_pt, [i[1] for i in inputs], go64)
-    grads_low = [None] * len(inputs)
-    if loss_low is not None:
-        grads_low = torch.autograd.grad(loss_low, [i[2] for i in inputs], go.detach().cpu())
-    with backend.active():
-        grads = torch.autograd.grad(loss, [i[3] for i in inputs], go)
-    for name, g, g_ref, g_pt, g_low, inp in zip(["grad_input", "grad_target"], grads, grads_ref, grads_pt,
-                                               grads_low, [i[3] for i in inputs]):
-        gwhat = f"{kind} {name}[{backend.name}, {tuple(x.shape)}, {layout}, reduction={reduction}]"
-        assert g.dtype == inp.dtype and g.shape == inp.shape, f"{gwhat}: {g.dtype} {tuple(g.shape)}"
-        assert_grad(g.cpu(), g_ref, g_low, dtype=dtype, what=f"{gwhat} vs reference")
-        assert_grad(g.cpu(), g_pt, g_low, dtype=dtype, what=f"{gwhat} vs PyTorch")
-    return loss
+        options.update(alpha=alpha, gamma=gamma)
+    return check_parity(BINARY[kind], backend, x, y, weight, pos_weight, layout=layout, target_layout=target_layout,
+                        grad_output=grad_output, target_grad=target_grad, **options).loss
 
 
 def make_case(kind, shape, dtype, soft=False):
@@ -405,7 +241,7 @@ def test_reference_matches_pytorch(kind, options, reduction):
         opts = dict(reduction=reduction)
         if kind == "focal":
             opts.update(alpha=alpha, gamma=gamma)
-        x1, y1, x2, y2 = _leaf(x, True), _leaf(y, True), _leaf(x, True), _leaf(y, True)
+        x1, y1, x2, y2 = leaf(x, True), leaf(y, True), leaf(x, True), leaf(y, True)
         a = ref_loss(kind, x1, y1, w, pw, **opts)
         b = torch_loss(kind, x2, y2, w, pw, **opts)
         torch.testing.assert_close(a, b, rtol=1e-13, atol=1e-13)
@@ -507,13 +343,13 @@ def _weight_layout(name, shape, dtype):
     """A weight for an input of `shape` stored in a layout of its own (the CUDA kernels read operands in
     place through their strides, Note [CUDA binary loss kernels])."""
     if name == "full_transposed":
-        return _transposed(make_weight(shape, dtype))
+        return ALL_LAYOUTS["transposed"](make_weight(shape, dtype))
     if name == "per_class_sliced":  # stride 2
-        return _sliced(make_weight(shape[-1:], dtype))
+        return ALL_LAYOUTS["last_dim_sliced"](make_weight(shape[-1:], dtype))
     if name == "per_row_expanded":  # (N, 1) expanded to (N, C): stride 0 in the last dim
         return make_weight(tuple(shape[:-1]) + (1,), dtype).expand(shape)
     if name == "full_misaligned":  # dense, storage offset 1: read element by element
-        return _misaligned(make_weight(shape, dtype))
+        return ALL_LAYOUTS["misaligned"](make_weight(shape, dtype))
     if name == "full_float32":  # dense in the accumulation dtype for a 16-bit input
         return make_weight(shape, F32 if dtype in LOW else dtype)
     if name == "alternating":  # broadcast in every other dim: more merged dims than the kernels index
@@ -567,7 +403,7 @@ def test_weight_other_dtypes(kind, backend):
 LAYOUT_CASES = [
     ("transposed", "contiguous"),
     ("contiguous", "transposed"),
-    ("sliced", "sliced"),
+    ("last_dim_sliced", "last_dim_sliced"),
     ("misaligned", "misaligned"),
     ("misaligned", "transposed"),
 ]
@@ -651,7 +487,7 @@ def test_logits_softplus_and_sigmoid_accuracy(isa):
     x64 = x.double()
     for y in (0.0, 1.0):
         t = torch.full_like(x, y)
-        xl = _leaf(x, True)
+        xl = leaf(x, True)
         got = xent.binary_cross_entropy_with_logits(xl, t, reduction="none")
         (g,) = torch.autograd.grad(got, xl, torch.ones_like(got))
         exact = binary_cross_entropy_with_logits_reference(x64, t.double(), reduction="none")
@@ -717,8 +553,8 @@ def test_special_values_logits(backend, kind, dtype):
                     what = f"{kind} special x, y={y_value}, pos_weight={pos_weight is not None}, pad={pad}"
                     # (In float16 PyTorch's own result overflows to inf for x = -6e4 with pos_weight,
                     # an intermediate beyond 65504; xent's float32 intermediates keep the finite value.)
-                    assert_loss(got.cpu(), exact, low, dtype=dtype, rtol=Tol.F32_LOSS if dtype != F64 else Tol.F64,
-                                atol=Tol.CANCELLATION_ULPS * 2.0**-53 * big, what=what)
+                    bound = pytorch_parity_bound(dtype, exact, low, extra=Bound.cancellation(big, F64))
+                    assert_within(got, exact, bound, what=what)
                     if kind != "focal":
                         break
 
@@ -735,11 +571,12 @@ def test_special_values_gradient(backend, kind, dtype):
             opts = dict(reduction="sum")
             if kind == "focal":
                 opts.update(alpha=0.25, gamma=gamma)
-            x1, x2 = _leaf(x, True), backend.put(x).requires_grad_()
+            x1, x2 = leaf(x, True), backend.put(x).requires_grad_()
             (g_pt,) = torch.autograd.grad(torch_loss(kind, x1, y, **opts), x1)
             with backend.active():
                 (g,) = torch.autograd.grad(xent_loss(kind, x2, backend.put(y), **opts), x2)
-            assert_grad(g.cpu(), g_pt.double(), None, dtype=dtype, what=f"{kind} grad at special x, y={y_value}, gamma={gamma}")
+            assert_within(g, g_pt, pytorch_parity_bound(dtype, g_pt.double(), grad=True),
+                          what=f"{kind} grad at special x, y={y_value}, gamma={gamma}")
             if kind != "focal":
                 break
 
@@ -759,20 +596,20 @@ def test_special_values_bce(backend, dtype):
         xl = backend.put(x).requires_grad_()
         with backend.active():
             got = xent.binary_cross_entropy(xl, backend.put(y), reduction="none")
-        assert_loss(got.cpu(), exact, low, dtype=dtype, rtol=Tol.F32_LOSS if dtype != F64 else Tol.F64, atol=0.0,
-                    what=f"bce at the ends, y={y_value}")
+        assert_within(got, exact, pytorch_parity_bound(dtype, exact, low), what=f"bce at the ends, y={y_value}")
         if dtype == F16:
             continue
-        x64 = _leaf(x.double(), True)
+        x64 = leaf(x.double(), True)
         (g_exact,) = torch.autograd.grad(F.binary_cross_entropy(x64, y.double(), reduction="sum"), x64)
         with backend.active():
             (g,) = torch.autograd.grad(got.sum(), xl)
         g = g.cpu()
         g_low = None
         if dtype in LOW:
-            x_low = _leaf(x, True)
+            x_low = leaf(x, True)
             (g_low,) = torch.autograd.grad(F.binary_cross_entropy(x_low, y, reduction="sum"), x_low)
-        assert_grad(g, g_exact, g_low, dtype=dtype, what=f"bce grad at the ends, y={y_value}")
+        assert_within(g, g_exact, pytorch_parity_bound(dtype, g_exact, g_low, grad=True),
+                      what=f"bce grad at the ends, y={y_value}")
 
 
 def test_bce_float16_gradient_deviation(backend):
@@ -781,7 +618,7 @@ def test_bce_float16_gradient_deviation(backend):
     dtypes: the true limit 0 (and -inf where the float32 value -1e12 overflows float16, as PyTorch)."""
     x = torch.tensor([0.0, 1.0, 0.0, 1.0], dtype=F16)
     y = torch.tensor([0.0, 1.0, 1.0, 0.0], dtype=F16)
-    xl, xt = backend.put(x).requires_grad_(), _leaf(x, True)
+    xl, xt = backend.put(x).requires_grad_(), leaf(x, True)
     with backend.active():
         (g,) = torch.autograd.grad(xent.binary_cross_entropy(xl, backend.put(y), reduction="sum"), xl)
     (g_pt,) = torch.autograd.grad(F.binary_cross_entropy(xt, y, reduction="sum"), xt)
@@ -818,104 +655,6 @@ def test_bce_out_of_range_raises(backend, bad, where):
             with pytest.raises(RuntimeError, match=message):
                 with backend.active():
                     xent.binary_cross_entropy(backend.put(x), backend.put(y), reduction=reduction)
-
-
-# ================================================================================================
-# Bad inputs: xent raises what PyTorch raises.
-
-
-def _bad_input_cases():
-    p = torch.rand(3, 4)
-    x = torch.randn(3, 4)
-    y = torch.rand(3, 4)
-    meta = torch.device("meta")
-    w_grad = torch.rand(4, requires_grad=True)
-    return {
-        # name: (kind, args, kwargs)
-        "bce_size_mismatch": ("bce", (p, y[:2]), {}),
-        "bce_0d_vs_1d": ("bce", (torch.rand(1), torch.rand(())), {}),
-        "bce_bad_reduction": ("bce", (p, y), {"reduction": "avg"}),
-        "bce_elementwise_mean": ("bce", (p, y), {"reduction": "elementwise_mean"}),
-        "bce_int_input": ("bce", (p.long(), y.long()), {}),
-        "bce_target_dtype": ("bce", (p, y.double()), {}),
-        "bce_bool_target": ("bce", (p, y > 0.5), {}),
-        "bce_weight_not_broadcastable": ("bce", (p, y), {"weight": torch.ones(3)}),
-        "bce_weight_bigger": ("bce", (p, y), {"weight": torch.ones(2, 3, 4)}),
-        "bce_weight_requires_grad": ("bce", (p, y), {"weight": w_grad}),
-        "bce_weight_other_device": ("bce", (p, y), {"weight": torch.ones(4, device=meta)}),
-        "bce_target_other_device": ("bce", (p, y.to(meta)), {}),
-        "logits_size_mismatch": ("logits", (x, y[:2]), {}),
-        "logits_broadcastable_target": ("logits", (x, y[:1]), {}),
-        "logits_bad_reduction": ("logits", (x, y), {"reduction": "avg"}),
-        "logits_int_input": ("logits", (x.long(), y), {}),
-        "logits_int_target": ("logits", (x, y.long()), {}),
-        "logits_bool_target": ("logits", (x, y > 0.5), {}),
-        "logits_mixed_float_dtypes": ("logits", (x, y.double()), {}),
-        "logits_mixed_float_dtypes_2": ("logits", (x.double(), y), {}),
-        "logits_bf16_input_f32_target": ("logits", (x.bfloat16(), y), {}),
-        "logits_weight_not_broadcastable": ("logits", (x, y), {"weight": torch.ones(3)}),
-        "logits_weight_bigger": ("logits", (x, y), {"weight": torch.ones(2, 3, 4)}),
-        "logits_pos_weight_not_broadcastable": ("logits", (x, y), {"pos_weight": torch.ones(3)}),
-        "logits_pos_weight_bigger": ("logits", (x, y), {"pos_weight": torch.ones(2, 3, 4)}),
-        "logits_pos_weight_column": ("logits", (x, y), {"pos_weight": torch.rand(3, 1) + 0.5}),
-        "logits_int_weights": ("logits", (x, y), {"weight": torch.ones(4, dtype=torch.long),
-                                                  "pos_weight": torch.full((4,), 2, dtype=torch.long)}),
-        "logits_weight_requires_grad": ("logits", (x, y), {"weight": w_grad}),
-        "logits_pos_weight_requires_grad": ("logits", (x, y), {"pos_weight": w_grad}),
-        "logits_weight_other_device": ("logits", (x, y), {"weight": torch.ones(4, device=meta)}),
-        "focal_size_mismatch": ("focal", (x, y[:2]), {}),
-        "focal_bad_reduction": ("focal", (x, y), {"reduction": "avg"}),
-        "focal_int_input": ("focal", (x.long(), y), {}),
-        "focal_int_target": ("focal", (x, y.long()), {}),
-        "focal_mixed_float_dtypes": ("focal", (x.double(), y), {}),
-        "focal_mixed_float_dtypes_2": ("focal", (x.half(), y.bfloat16()), {}),
-    }
-
-
-BAD_INPUT_CASES = _bad_input_cases()
-
-
-def _call(kind, impl, args, kwargs):
-    if kind == "focal":
-        if impl == "torch":
-            return tv_ops.sigmoid_focal_loss(*args, **kwargs)
-        return xent.sigmoid_focal_loss(*args, **kwargs)
-    fn = {("bce", "torch"): F.binary_cross_entropy, ("bce", "xent"): xent.binary_cross_entropy,
-          ("logits", "torch"): F.binary_cross_entropy_with_logits,
-          ("logits", "xent"): xent.binary_cross_entropy_with_logits}[(kind, impl)]
-    return fn(*args, **kwargs)
-
-
-@pytest.mark.parametrize("case", list(BAD_INPUT_CASES))
-def test_bad_inputs(case):
-    """Whatever PyTorch (torchvision) raises, xent raises the same exception type; where PyTorch returns a
-    value (type promotion, integer weights, 'elementwise_mean'), xent returns it (dtype, shape, value)."""
-    kind, args, kwargs = BAD_INPUT_CASES[case]
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        try:
-            expected = _call(kind, "torch", args, kwargs)
-            torch_error = None
-        except Exception as e:  # noqa: BLE001
-            torch_error = e
-        if torch_error is None:
-            got = _call(kind, "xent", args, kwargs)
-            assert got.dtype == expected.dtype and got.shape == expected.shape, (
-                f"{case}: PyTorch returns {expected.dtype} {tuple(expected.shape)}, xent {got.dtype} "
-                f"{tuple(got.shape)}"
-            )
-            # PyTorch computes mixed-dtype cases partly in the lower precision (xent in the result's):
-            # the tolerance follows the least precise argument.
-            low = any(isinstance(a, torch.Tensor) and a.dtype in LOW for a in args) or expected.dtype in LOW
-            tol = 2e-2 if low else 1e-5
-            torch.testing.assert_close(got, expected.to(got.dtype), rtol=tol, atol=tol)
-            return
-        with pytest.raises(Exception) as info:
-            _call(kind, "xent", args, kwargs)
-    assert isinstance(info.value, type(torch_error)), (
-        f"{case}: PyTorch raises {type(torch_error).__name__}({torch_error}); xent raises "
-        f"{type(info.value).__name__}({info.value})"
-    )
 
 
 def test_bad_input_messages():
@@ -971,7 +710,7 @@ def test_mixed_dtypes_follow_pytorch(kind):
     promoted one; values agree with the float64 truth and gradients come back in each argument's dtype."""
     x, y = torch.randn(5, 6, dtype=F64), torch.rand(5, 6, dtype=F64)
     for a, b in ((F32, F64), (F64, F32), (BF16, F32), (F32, BF16), (F16, BF16)):
-        xa, yb = _leaf(x.to(a), True), _leaf(y.to(b), True)
+        xa, yb = leaf(x.to(a), True), leaf(y.to(b), True)
         got = xent_loss(kind, xa, yb)
         expected = torch_loss(kind, x.to(a), y.to(b))
         assert got.dtype == expected.dtype, f"{a} {b}: {got.dtype} vs PyTorch's {expected.dtype}"
@@ -996,64 +735,6 @@ def test_deprecated_size_average_reduce():
                 F.binary_cross_entropy_with_logits(x, y, size_average=size_average, reduce=reduce))
 
 
-# ================================================================================================
-# torch.library.opcheck on every op.
-
-
-def _opcheck_samples(ns):
-    ops = getattr(torch.ops, ns)
-    samples = []
-    configs = (
-        ((4, 5), None, None, 1),
-        ((4, 5), (5,), (5,), 0),
-        ((2, 3, 4), (3, 1), (4,), 2),
-        ((2, 3, 4), (2, 3, 4), (), 1),
-        ((7,), (), None, 0),
-    )
-    for dtype in (F64, F32):
-        for shape, wshape, pwshape, reduction in configs if dtype == F64 else configs[:2]:
-            for kind, name in OP_NAMES.items():
-                x, y = make_case(kind, shape, dtype, soft=True)
-                if kind != "bce":
-                    x = _transposed(x)  # a non-contiguous input as well
-                x.requires_grad_()
-                y.requires_grad_()
-                w = make_weight(wshape, dtype) if wshape is not None else None
-                pw = make_pos_weight(pwshape, dtype) if pwshape is not None else None
-                options = (w,) if kind == "bce" else (w, pw)
-                kw = {"reduction": reduction}
-                if kind == "focal":
-                    kw.update(alpha=0.3, gamma=2.0 if reduction != 2 else 1.5)
-                fwd, bwd = getattr(ops, f"{name}_fwd"), getattr(ops, f"{name}_bwd")
-                samples.append((fwd, (x, y) + options, kw))
-                loss = fwd(x.detach(), y.detach(), *options, **kw)
-                g = torch.randn(loss.shape, dtype=dtype).requires_grad_()
-                samples.append((bwd, (g, x, y) + options, kw))
-    return samples
-
-
-# The CPU ops (torch.ops.xent) and, in the test-only build, the emulated CUDA ops (torch.ops.xent_emulated).
-OPCHECK_NAMESPACES = ["xent"] + (["xent_emulated"] if xent.testing.emulated_cuda_available() else [])
-with fixed_rng(0):  # built at import, before the per-test seed: the same samples every run
-    OPCHECK_SAMPLES = [sample for ns in OPCHECK_NAMESPACES for sample in _opcheck_samples(ns)]
-
-
-@pytest.mark.parametrize("i", range(len(OPCHECK_SAMPLES)),
-                         ids=[f"{s[0]._qualified_op_name.replace('::', '-')}-{j}" for j, s in enumerate(OPCHECK_SAMPLES)])
-def test_opcheck(i):
-    op, args, kwargs = OPCHECK_SAMPLES[i]
-    torch.library.opcheck(op, args, kwargs)
-
-
-def test_opcheck_covers_every_op():
-    names = {s[0]._qualified_op_name for s in OPCHECK_SAMPLES}
-    assert names == {f"{ns}::{op}" for ns in OPCHECK_NAMESPACES for op in ALL_OPS}
-
-
-# ================================================================================================
-# torch.compile.
-
-
 def test_compile_fullgraph_inductor():
     """fullgraph=True (no graph break) with Inductor, forward and backward of all three losses in one
     graph, dynamic=True with two batch sizes compiled once; equal to eager xent."""
@@ -1075,7 +756,7 @@ def test_compile_fullgraph_inductor():
         x, y = make_case("logits", (N, 11), F32)
         outs = []
         for fn in (compiled, f):
-            xl = _leaf(x, True)
+            xl = leaf(x, True)
             loss = fn(xl, y, w, pw)
             (g,) = torch.autograd.grad(loss, xl)
             outs.append((loss.detach(), g))
@@ -1088,49 +769,69 @@ def test_compile_fullgraph_inductor():
     assert frames[0] >= 1 and frames[1] == frames[0], f"dynamic=True recompiled for a new batch size: {frames}"
 
 
-@pytest.mark.parametrize("case", ["bce_none", "bce_target_grad", "logits_pos_weight", "logits_target_grad",
-                                  "focal_sum", "focal_target_grad_weighted"])
-def test_compile_fullgraph_aot_eager(case):
-    """fullgraph=True through AOTAutograd (fake kernels, autograd formulas incl. the target gradient),
-    dynamic=True with two sizes compiled once; bitwise equal to eager (the same kernels run)."""
-    from torch._dynamo.testing import CompileCounterWithBackend
+# ================================================================================================
+# The shared tests (tests/harness/tester.py), one class per loss.
 
-    torch._dynamo.reset()
-    counter = CompileCounterWithBackend("aot_eager")
+def _opcheck_samples(ns, kind):
+    ops = getattr(torch.ops, ns)
+    samples = []
+    configs = (
+        ((4, 5), None, None, 1),
+        ((4, 5), (5,), (5,), 0),
+        ((2, 3, 4), (3, 1), (4,), 2),
+        ((2, 3, 4), (2, 3, 4), (), 1),
+        ((7,), (), None, 0),
+    )
+    for dtype in (F64, F32):
+        for shape, wshape, pwshape, reduction in configs if dtype == F64 else configs[:2]:
+            if True:
+                name = OP_NAMES[kind]
+                x, y = make_case(kind, shape, dtype, soft=True)
+                if kind != "bce":
+                    x = ALL_LAYOUTS["transposed"](x)  # a non-contiguous input as well
+                x.requires_grad_()
+                y.requires_grad_()
+                w = make_weight(wshape, dtype) if wshape is not None else None
+                pw = make_pos_weight(pwshape, dtype) if pwshape is not None else None
+                options = (w,) if kind == "bce" else (w, pw)
+                kw = {"reduction": reduction}
+                if kind == "focal":
+                    kw.update(alpha=0.3, gamma=2.0 if reduction != 2 else 1.5)
+                fwd, bwd = getattr(ops, f"{name}_fwd"), getattr(ops, f"{name}_bwd")
+                samples.append((fwd, (x, y) + options, kw))
+                loss = fwd(x.detach(), y.detach(), *options, **kw)
+                g = torch.randn(loss.shape, dtype=dtype).requires_grad_()
+                samples.append((bwd, (g, x, y) + options, kw))
+    return samples
+
+
+
+def _compile_case(case):
+    """Through AOTAutograd (fake kernels, autograd formulas incl. the target gradient): the loss bitwise
+    equal to eager (the same kernels run); the target gradient is computed with PyTorch ops that
+    torch.compile may fuse: float32 ulps, not bitwise."""
     kind = case.split("_")[0]
     target_grad = "target_grad" in case
 
-    def f(x, y, w, pw):
+    def fn(x, y, w, pw):
         if kind == "bce":
             return xent.binary_cross_entropy(x, y, w, reduction="none" if case == "bce_none" else "mean")
         if kind == "logits":
             return xent.binary_cross_entropy_with_logits(x, y, w, pos_weight=pw)
         return xent.sigmoid_focal_loss(x, y, 0.3, 2.0, "sum", weight=w, pos_weight=pw)
 
-    compiled = torch.compile(f, fullgraph=True, dynamic=True, backend=counter)
-    frames = []
-    for N in (5, 9):
+    def make_args(N):
         x, y = make_case(kind, (N, 3, 4), F32, soft=True)
-        w = make_weight((4,), F32)
         pw = make_pos_weight((4,), F32) if kind != "bce" and case != "focal_sum" else None
-        outs = []
-        for fn in (compiled, f):
-            xl, yl = _leaf(x, True), _leaf(y, target_grad)
-            loss = fn(xl, yl, w, pw)
-            grads = torch.autograd.grad(loss, [xl, yl] if target_grad else [xl], torch.ones_like(loss))
-            outs.append((loss.detach(), grads))
-        (lc, gcs), (le, ges) = outs
-        assert torch.equal(lc, le), f"{case}: compiled loss differs from eager"
-        for a, b in zip(gcs, ges):
-            assert a.dtype == b.dtype and a.shape == b.shape
-            # The target gradient is computed with PyTorch ops that inductor fuses: float32 ulps, not bitwise.
-            torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
-        frames.append(counter.frame_count)
-    assert frames[0] >= 1 and frames[1] == frames[0], f"{case}: recompiled for a new size: {frames}"
+        return x, y, make_weight((4,), F32), pw
+
+    return f"{case}-aot_eager", CompileCase("aot_eager", fn, make_args, differentiate=(0, 1) if target_grad else (0,),
+                                            grad_tolerance=(1e-6, 1e-7))
 
 
-# ================================================================================================
-# gradcheck / gradgradcheck in float64 (input and target; double backward also through grad_output).
+COMPILE_CASES = dict(_compile_case(case) for case in ("bce_none", "bce_target_grad", "logits_pos_weight",
+                                                      "logits_target_grad", "focal_sum", "focal_target_grad_weighted"))
+
 
 GRADCHECK_CASES = [
     ("bce", (4, 5), dict(reduction="mean")),
@@ -1158,39 +859,6 @@ def _gradcheck_inputs(kind, shape, opts):
     pw = make_pos_weight(opts.pop("pos_weight"), F64) if "pos_weight" in opts else None
     return x.requires_grad_(), y.requires_grad_(), w, pw, opts
 
-
-@pytest.mark.parametrize("kind,shape,opts", GRADCHECK_CASES, ids=lambda v: str(v))
-def test_gradcheck(backend, kind, shape, opts):
-    x, y, w, pw, kw = _gradcheck_inputs(kind, shape, opts)
-    xd, yd, wd, pwd = backend.put(x), backend.put(y), backend.put(w), backend.put(pw)
-
-    def fn(x, y):
-        return xent_loss(kind, x, y, wd, pwd, **kw)
-
-    with backend.active():
-        assert torch.autograd.gradcheck(fn, (xd, yd))
-        assert torch.autograd.gradgradcheck(fn, (xd, yd))
-
-
-@pytest.mark.parametrize("kind,shape,opts", GRADCHECK_CASES, ids=lambda v: str(v))
-def test_gradgradcheck_through_grad_output(backend, kind, shape, opts):
-    """The first gradient as a function of (input, target, grad_output): the *_bwd ops' own autograd."""
-    x, y, w, pw, kw = _gradcheck_inputs(kind, shape, opts)
-    xd, yd, wd, pwd = backend.put(x), backend.put(y), backend.put(w), backend.put(pw)
-    with backend.active():
-        loss = xent_loss(kind, xd.detach(), yd.detach(), wd, pwd, **kw)
-    go = torch.randn(loss.shape, dtype=F64).to(xd.device).requires_grad_()
-
-    def first_grad(x, y, go):
-        with backend.active():
-            return torch.autograd.grad(xent_loss(kind, x, y, wd, pwd, **kw), x, go, create_graph=True)[0]
-
-    with backend.active():
-        assert torch.autograd.gradcheck(first_grad, (xd, yd, go))
-
-
-# ================================================================================================
-# Determinism.
 
 DETERMINISM_CASES = {
     "bce_3000x80": ("bce", (3000, 80), F32),
@@ -1223,29 +891,79 @@ def _determinism_run(backend, kind, shape, dtype, target_grad=True):
     return out
 
 
-@pytest.mark.parametrize("case", list(DETERMINISM_CASES))
-def test_deterministic_repeated_runs(backend, case):
-    kind, shape, dtype = DETERMINISM_CASES[case]
-    first = _determinism_run(backend, kind, shape, dtype)
-    assert_bitwise(first, _determinism_run(backend, kind, shape, dtype), f"{case}: repeated run")
+def _bad_input_cases():
+    p = torch.rand(3, 4)
+    x = torch.randn(3, 4)
+    y = torch.rand(3, 4)
+    meta = torch.device("meta")
+    w_grad = torch.rand(4, requires_grad=True)
+    return {
+        # name: (kind, args, kwargs)
+        "bce_size_mismatch": ("bce", (p, y[:2]), {}),
+        "bce_0d_vs_1d": ("bce", (torch.rand(1), torch.rand(())), {}),
+        "bce_bad_reduction": ("bce", (p, y), {"reduction": "avg"}),
+        "bce_elementwise_mean": ("bce", (p, y), {"reduction": "elementwise_mean"}),
+        "bce_int_input": ("bce", (p.long(), y.long()), {}),
+        "bce_target_dtype": ("bce", (p, y.double()), {}),
+        "bce_bool_target": ("bce", (p, y > 0.5), {}),
+        "bce_weight_not_broadcastable": ("bce", (p, y), {"weight": torch.ones(3)}),
+        "bce_weight_bigger": ("bce", (p, y), {"weight": torch.ones(2, 3, 4)}),
+        "bce_weight_requires_grad": ("bce", (p, y), {"weight": w_grad}),
+        "bce_weight_other_device": ("bce", (p, y), {"weight": torch.ones(4, device=meta)}),
+        "bce_target_other_device": ("bce", (p, y.to(meta)), {}),
+        "logits_size_mismatch": ("logits", (x, y[:2]), {}),
+        "logits_broadcastable_target": ("logits", (x, y[:1]), {}),
+        "logits_bad_reduction": ("logits", (x, y), {"reduction": "avg"}),
+        "logits_int_input": ("logits", (x.long(), y), {}),
+        "logits_int_target": ("logits", (x, y.long()), {}),
+        "logits_bool_target": ("logits", (x, y > 0.5), {}),
+        "logits_mixed_float_dtypes": ("logits", (x, y.double()), {}),
+        "logits_mixed_float_dtypes_2": ("logits", (x.double(), y), {}),
+        "logits_bf16_input_f32_target": ("logits", (x.bfloat16(), y), {}),
+        "logits_weight_not_broadcastable": ("logits", (x, y), {"weight": torch.ones(3)}),
+        "logits_weight_bigger": ("logits", (x, y), {"weight": torch.ones(2, 3, 4)}),
+        "logits_pos_weight_not_broadcastable": ("logits", (x, y), {"pos_weight": torch.ones(3)}),
+        "logits_pos_weight_bigger": ("logits", (x, y), {"pos_weight": torch.ones(2, 3, 4)}),
+        "logits_pos_weight_column": ("logits", (x, y), {"pos_weight": torch.rand(3, 1) + 0.5}),
+        "logits_int_weights": ("logits", (x, y), {"weight": torch.ones(4, dtype=torch.long),
+                                                  "pos_weight": torch.full((4,), 2, dtype=torch.long)}),
+        "logits_weight_requires_grad": ("logits", (x, y), {"weight": w_grad}),
+        "logits_pos_weight_requires_grad": ("logits", (x, y), {"pos_weight": w_grad}),
+        "logits_weight_other_device": ("logits", (x, y), {"weight": torch.ones(4, device=meta)}),
+        "focal_size_mismatch": ("focal", (x, y[:2]), {}),
+        "focal_bad_reduction": ("focal", (x, y), {"reduction": "avg"}),
+        "focal_int_input": ("focal", (x.long(), y), {}),
+        "focal_int_target": ("focal", (x, y.long()), {}),
+        "focal_mixed_float_dtypes": ("focal", (x.double(), y), {}),
+        "focal_mixed_float_dtypes_2": ("focal", (x.half(), y.bfloat16()), {}),
+    }
 
 
-@pytest.mark.parametrize("case", list(DETERMINISM_CASES))
-def test_deterministic_across_thread_counts(cpu_backend, restore_num_threads, case):
-    """The kernels' losses and input gradients are bitwise identical for any thread count. (The target
-    gradient is left out: it is computed with PyTorch's elementwise ops, whose vectorized bodies and
-    scalar tails may round differently depending on how the elements are split among threads.)"""
-    kind, shape, dtype = DETERMINISM_CASES[case]
-    torch.set_num_threads(1)
-    one = _determinism_run(cpu_backend, kind, shape, dtype, target_grad=False)
-    for n in sorted({2, 3, restore_num_threads}):
-        torch.set_num_threads(n)
-        assert_bitwise(one, _determinism_run(cpu_backend, kind, shape, dtype, target_grad=False),
-                        f"{case}: 1 vs {n} threads")
+def _module_cases():
+    """{kind: {id: ModuleCase}} of BCELoss and BCEWithLogitsLoss (the weight: "w", pos_weight: "pw")."""
+    w, pw = make_weight((5,), F64), make_pos_weight((5,), F64)
+    cases = {"bce": {}, "logits": {}}
+    for name, arg in [
+        ("BCELoss", {}),
+        ("BCELoss", {"weight": "w"}),
+        ("BCELoss", {"reduction": "none"}),
+        ("BCELoss", {"weight": "w", "reduction": "sum"}),
+        ("BCELoss", {"size_average": False}),
+        ("BCEWithLogitsLoss", {}),
+        ("BCEWithLogitsLoss", {"pos_weight": "pw"}),
+        ("BCEWithLogitsLoss", {"weight": "w", "pos_weight": "pw", "reduction": "none"}),
+        ("BCEWithLogitsLoss", {"reduce": False}),
+    ]:
+        kind = "bce" if name == "BCELoss" else "logits"
+        kw = {k: {"w": w, "pw": pw}.get(v, v) if isinstance(v, str) else v for k, v in arg.items()}
+        cases[kind][f"{name}-{arg}"] = ModuleCase(name, kw, lambda kind=kind: make_case(kind, (6, 5), F64, soft=True))
+    return cases
 
 
-# ================================================================================================
-# Warp schedules of the emulated CUDA kernels.
+with fixed_rng(0):  # built at import, before the per-test seed: the same values every run
+    BAD_INPUT_CASES = _bad_input_cases()
+    MODULE_CASES = _module_cases()
+
 
 # A subset reaching every kernel path: vector kernels with whole blocks and a partial last block, the
 # scalar kernels (misaligned input, fresh output), the head and tail of a misaligned input whose target has
@@ -1263,38 +981,69 @@ SCHEDULE_CASES = {
 }
 
 
-@pytest.mark.parametrize("case", list(SCHEDULE_CASES))
-def test_emulated_schedules(schedule_backend, case):
-    kind, shape, dtype, layout, target_layout, wshape, pwshape, opts = SCHEDULE_CASES[case]
-    x, y = make_case(kind, shape, dtype, soft=True)
-    w = make_weight(wshape, dtype) if wshape is not None else None
-    pw = make_pos_weight(pwshape, dtype) if pwshape is not None else None
-    check(kind, schedule_backend, x, y, w, pw, layout=layout, target_layout=target_layout, **opts)
+
+class BinaryLossTester(LossTester):
+    """The shared tests of one binary loss (``kind``): the cases of that kind in each table."""
+
+    kind = None
+
+    @classmethod
+    def tables(cls, kind):
+        """The class attributes of `kind`'s tester."""
+        return dict(
+            kind=kind,
+            spec=BINARY[kind],
+            OPS=(f"{OP_NAMES[kind]}_fwd", f"{OP_NAMES[kind]}_bwd"),
+            COMPILE_CASES={name: case for name, case in COMPILE_CASES.items() if name.startswith(f"{kind}_")},
+            GRADCHECK_CASES={f"{shape}-{opts}": (k, shape, opts) for k, shape, opts in GRADCHECK_CASES if k == kind},
+            DETERMINISM_CASES={name: case for name, case in DETERMINISM_CASES.items() if case[0] == kind},
+            BAD_INPUTS={name: BadInput(args, kwargs) for name, (k, args, kwargs) in BAD_INPUT_CASES.items() if k == kind},
+            SCHEDULE_CASES={name: case for name, case in SCHEDULE_CASES.items() if case[0] == kind},
+            # An empty (0, 3, 2) input and target, neither dense.
+            EMPTY_TARGETS={"target": lambda x: torch.zeros(0, 3, 4)[..., ::2]},
+            MODULE_CASES=MODULE_CASES.get(kind, {}),
+        )
+
+    @classmethod
+    def opcheck_samples(cls, ns):
+        return _opcheck_samples(ns, cls.kind)
+
+    def gradcheck_problem(self, case, backend):
+        kind, shape, opts = case
+        x, y, w, pw, kw = _gradcheck_inputs(kind, shape, opts)
+        wd, pwd = backend.put(w), backend.put(pw)
+        return (lambda x, y: xent_loss(kind, x, y, wd, pwd, **kw)), (backend.put(x), backend.put(y))
+
+    def determinism_run(self, backend, case, kernels_only=False):
+        # The target gradient is computed with PyTorch's elementwise ops, whose vectorized bodies and scalar
+        # tails may round differently depending on how the elements are split among threads.
+        return _determinism_run(backend, *case, target_grad=not kernels_only)
+
+    def run_schedule_case(self, backend, case):
+        kind, shape, dtype, layout, target_layout, wshape, pwshape, opts = case
+        x, y = make_case(kind, shape, dtype, soft=True)
+        w = make_weight(wshape, dtype) if wshape is not None else None
+        pw = make_pos_weight(pwshape, dtype) if pwshape is not None else None
+        check(kind, backend, x, y, w, pw, layout=layout, target_layout=target_layout, **opts)
 
 
-@pytest.mark.parametrize("case", list(DETERMINISM_CASES))
-def test_emulated_schedules_bitwise(case):
-    """The CUDA kernels (under the emulator) give bitwise identical losses and gradients under every warp
-    schedule: the reductions' order does not depend on timing."""
-    kind, shape, dtype = DETERMINISM_CASES[case]
-    runs = [(f"{s}-{seed}", _determinism_run(make_backend(f"emulated_cuda-{s}-{seed}"), kind, shape, dtype))
-            for s, seed in EMULATED_SCHEDULES]
-    for name, out in runs[1:]:
-        assert_bitwise(runs[0][1], out, f"{case}: schedule {runs[0][0]} vs {name}")
+class TestBinaryCrossEntropy(BinaryLossTester):
+    locals().update(BinaryLossTester.tables("bce"))
+
+
+class TestBinaryCrossEntropyWithLogits(BinaryLossTester):
+    locals().update(BinaryLossTester.tables("logits"))
+
+
+class TestSigmoidFocalLoss(BinaryLossTester):
+    locals().update(BinaryLossTester.tables("focal"))
+    test_module_matches_torch = None  # torch.nn has no such module: test_sigmoid_focal_loss_module
 
 
 # ================================================================================================
 # Memory traffic of the CUDA kernels (SIMT emulator counts, Note [CUDA binary loss kernels]).
 
 VECTORS_PER_BLOCK = 256 * 4  # binary_losses.cuh: kBlock x kVectorsPerThread
-
-
-def _traffic(fn):
-    ops = torch.ops.xent_emulated
-    ops._simt_traffic()  # reset
-    out = fn()
-    read, written = ops._simt_traffic()
-    return out, read, written
 
 
 def _kernel_blocks(numel, elt, vectorized, head=0):
@@ -1316,7 +1065,7 @@ def test_traffic(kind, shape, dtype, weighted, layout):
         pytest.skip("needs the test-only emulator build (XENT_BUILD_EMULATOR=1)")
     ops = torch.ops.xent_emulated
     x, y = make_case(kind, shape, dtype, soft=True)
-    x, y = LAYOUTS[layout](x), LAYOUTS[layout](y)
+    x, y = ALL_LAYOUTS[layout](x), ALL_LAYOUTS[layout](y)
     w = make_weight(shape, dtype) if weighted else None
     n, elt = x.numel(), x.element_size()
     stream = n * elt * (3 if weighted else 2)  # input, target (, weight)
@@ -1327,14 +1076,14 @@ def test_traffic(kind, shape, dtype, weighted, layout):
     # (reductions) or, against the aligned fresh loss / gradient, the scalar kernels.
     head = (16 - (x.data_ptr() % 16)) % 16 // elt
     for reduction in (0, 1):
-        loss, read, written = _traffic(lambda: fwd(x, y, *options, reduction=reduction))
+        loss, read, written = simt_traffic(lambda: fwd(x, y, *options, reduction=reduction))
         if reduction == 0:
             assert (read, written) == (stream, n * elt), (read, written)
         else:
             blocks = _kernel_blocks(n, elt, True, head)
             assert (read, written) == (stream + 8 * blocks, 8 * blocks + elt), (read, written, blocks)
         go = torch.randn(loss.shape, dtype=F64).to(dtype)
-        grad, read, written = _traffic(lambda: bwd(go, x, y, *options, reduction=reduction))
+        grad, read, written = simt_traffic(lambda: bwd(go, x, y, *options, reduction=reduction))
         blocks = _kernel_blocks(n, elt, layout == "contiguous")
         expected_read = stream + (n * elt if reduction == 0 else 8 * blocks)
         assert (read, written) == (expected_read, n * elt), (read, written, blocks)
@@ -1441,45 +1190,6 @@ def test_fused_bce_out_of_range_raises(bad):
 
 # ================================================================================================
 # Modules.
-
-
-MODULE_CASES = [
-    ("BCELoss", {}),
-    ("BCELoss", {"weight": "w"}),
-    ("BCELoss", {"reduction": "none"}),
-    ("BCELoss", {"weight": "w", "reduction": "sum"}),
-    ("BCELoss", {"size_average": False}),
-    ("BCEWithLogitsLoss", {}),
-    ("BCEWithLogitsLoss", {"pos_weight": "pw"}),
-    ("BCEWithLogitsLoss", {"weight": "w", "pos_weight": "pw", "reduction": "none"}),
-    ("BCEWithLogitsLoss", {"reduce": False}),
-]
-
-
-@pytest.mark.parametrize("name,kwargs", MODULE_CASES, ids=str)
-def test_module_matches_torch(name, kwargs):
-    w, pw = make_weight((5,), F64), make_pos_weight((5,), F64)
-    kw = {k: {"w": w, "pw": pw}.get(v, v) if isinstance(v, str) else v for k, v in kwargs.items()}
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        ours = getattr(xent.nn, name)(**kw)
-        theirs = getattr(torch.nn, name)(**kw)
-    assert isinstance(ours, torch.nn.Module) and ours.reduction == theirs.reduction
-    kind = "bce" if name == "BCELoss" else "logits"
-    x, y = make_case(kind, (6, 5), F64, soft=True)
-    xa, xb = _leaf(x, True), _leaf(x, True)
-    a, b = ours(xa, y), theirs(xb, y)
-    torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
-    go = torch.randn(a.shape, dtype=F64)
-    torch.testing.assert_close(torch.autograd.grad(a, xa, go)[0], torch.autograd.grad(b, xb, go)[0],
-                               rtol=1e-12, atol=1e-12)
-    # Buffers and state_dict round trips, also between the two classes.
-    assert dict(ours.named_buffers()).keys() == dict(theirs.named_buffers()).keys()
-    sd = ours.state_dict()
-    assert sd.keys() == theirs.state_dict().keys()
-    for k in sd:
-        assert torch.equal(sd[k], theirs.state_dict()[k])
-    theirs.load_state_dict(ours.state_dict())
 
 
 def test_sigmoid_focal_loss_module():

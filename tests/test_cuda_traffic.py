@@ -11,6 +11,7 @@ import pytest
 import torch
 
 import xent
+from conftest import simt_traffic
 
 pytestmark = pytest.mark.skipif(
     not xent.testing.emulated_cuda_available(), reason="needs the test-only emulator build (XENT_BUILD_EMULATOR=1)"
@@ -19,14 +20,6 @@ pytestmark = pytest.mark.skipif(
 # Bytes per position allowed on top of the logit passes: target (8), lse (4-8), x_t, loss, per-row
 # partials of split rows and reduction partials. Generous for small C, negligible for LLM vocabularies.
 PER_POSITION_ALLOWANCE = 256
-
-
-def _traffic(fn):
-    ops = torch.ops.xent_emulated
-    ops._simt_traffic()  # reset
-    out = fn()
-    read, written = ops._simt_traffic()
-    return out, read, written
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
@@ -46,12 +39,12 @@ def test_forward_reads_each_logit_once_backward_reads_and_writes_once(shape, dty
     positions = x.numel() // shape[1]
     slack = PER_POSITION_ALLOWANCE * positions + 4096
 
-    (loss, lse), read, written = _traffic(lambda: ops.cross_entropy_fwd(x, t, None, reduction=reduction))
+    (loss, lse), read, written = simt_traffic(lambda: ops.cross_entropy_fwd(x, t, None, reduction=reduction))
     assert logit_bytes <= read <= logit_bytes + slack, (read, logit_bytes)
     assert written <= slack, written
 
     grad_loss = torch.ones_like(loss)
-    grad, read, written = _traffic(lambda: ops.cross_entropy_bwd(grad_loss, x, t, None, lse, reduction=reduction))
+    grad, read, written = simt_traffic(lambda: ops.cross_entropy_bwd(grad_loss, x, t, None, lse, reduction=reduction))
     assert logit_bytes <= read <= logit_bytes + slack, (read, logit_bytes)
     assert logit_bytes <= written <= logit_bytes + slack, (written, logit_bytes)
 
@@ -96,12 +89,12 @@ def test_softmax_focal_loss_passes(shape, dtype, case, reduction):
     # Backward: both passes (H, then the gradient) read the logits and a probability target.
     target_passes = {"index": (0, 0), "smoothing": (0, 0), "prob": (1, 2)}[case]
 
-    (loss, lse), read, written = _traffic(fwd)
+    (loss, lse), read, written = simt_traffic(fwd)
     expected = (passes + target_passes[0]) * logit_bytes
     assert expected <= read <= expected + slack, (read, expected)
     assert written <= slack, written
 
-    grad, read, written = _traffic(lambda: bwd(torch.ones_like(loss), lse))
+    grad, read, written = simt_traffic(lambda: bwd(torch.ones_like(loss), lse))
     expected = (passes + target_passes[1]) * logit_bytes
     assert expected <= read <= expected + slack, (read, expected)
     assert logit_bytes <= written <= logit_bytes + slack, (written, logit_bytes)

@@ -181,16 +181,6 @@ def _grad(case, dtype, reduction, grad_loss, fused, **kw):
     return loss.detach(), g
 
 
-def _grad_fn_names(loss):
-    names, stack = set(), [loss.grad_fn]
-    while stack:
-        fn = stack.pop()
-        if fn is not None:
-            names.add(type(fn).__name__)
-            stack.extend(f for f, _ in fn.next_functions)
-    return names
-
-
 @pytest.mark.parametrize("case", CASE_IDS)
 def test_fused_op_is_taken_exactly_when_differentiated(case):
     build, call, op_name, _ = FUSED_CASES[case]

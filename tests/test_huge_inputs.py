@@ -1,5 +1,5 @@
-"""More than 2**31 elements through the CPU kernels of the non-softmax losses, the separate and the fused
-forward + gradient ops (the cross-entropy kernels have theirs in test_cross_entropy.py::test_huge_input).
+"""More than 2**31 elements through the CPU kernels of every loss, the separate and the fused forward +
+gradient ops.
 
 A kernel that computes an element offset in 32 bits reads or writes the wrong element past 2**31, which
 only an input that large shows. Each test fills its tensors by repeating a random block whose length
@@ -22,6 +22,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+import xent
+from inputs import make_logits, make_target
+from reference import cross_entropy_reference_chunked
 from reference_binary import (
     binary_cross_entropy_with_logits_reference,
     sigmoid_focal_loss_reference,
@@ -172,3 +175,52 @@ def test_nll_loss_huge(free_memory, shape):
     # Every other element is 0: the gradient holds exactly N nonzeros, all of them at the targets.
     assert int(torch.count_nonzero(grad)) == N
     del grad, log_probs
+
+
+@pytest.mark.parametrize("shape", [(1, 2**31 + 64), (2**16 + 1, 2**15)], ids=["one_row", "many_rows"])
+def test_cross_entropy_huge(free_memory, restore_num_threads, shape):
+    """bfloat16 logits with more than 2**31 elements (4.3 GB): 64-bit indexing of classes (one row of
+    2**31 + 64) and of rows (offsets past 2**31 elements). The forward is compared with a chunked float64
+    reference that never holds a float64 copy of more than 2**20 logits (peak ~4.5 GB); the fused forward +
+    gradient's gradient (4.3 GB more) on its last 2**20 elements."""
+    N, C = shape
+    x = periodic_fill(torch.empty(shape, dtype=BF16), make_logits((BLOCK,), BF16, scale=1.5))
+    if N == 1:
+        target = torch.tensor([C - 7])  # a class index beyond 2**31
+        x[0, C - 7] = 6.0
+    else:
+        target = make_target((N,), C)
+        target[-1] = C - 1  # the very last element of the tensor
+        x[-1, C - 1] = 6.0
+    try:
+        # One thread for the reference's thousands of small ops: OpenMP barriers under a loaded machine
+        # cost more than the second core gains (7 s vs 27 s measured).
+        torch.set_num_threads(1)
+        ref_mean, ref_rows = cross_entropy_reference_chunked(x, target)
+        torch.set_num_threads(restore_num_threads)
+        for reduction, expected in (("mean", ref_mean), ("none", ref_rows), ("sum", ref_rows.sum())):
+            loss = xent.cross_entropy(x, target, reduction=reduction)
+            assert loss.dtype == BF16 and loss.shape == expected.shape
+            # One bfloat16 ulp at most (2**-8 relative bounds it): rounding the result costs half an ulp,
+            # the float32 accumulation far less than the other half.
+            err = (loss.double() - expected).abs()
+            assert bool((err <= 2.0**-8 * expected.abs()).all()), (
+                f"{reduction}: max error {err.max().item():.4e}; xent {loss.flatten()[:4].tolist()} "
+                f"expected {expected.flatten()[:4].tolist()}"
+            )
+            del loss
+        # The fused forward + gradient (what a differentiated mean / sum takes): the same loss, and a
+        # gradient whose elements past 2**31 are exp(x - lse) - [c == t] (sum: grad_loss scale 1), checked
+        # on the tensor's last 2**20 elements (they hold the target) against float64.
+        loss, lse, grad = torch.ops.xent.cross_entropy_fwd_grad(x, target, None, reduction=2)
+        assert torch.equal(loss, xent.cross_entropy(x, target, reduction="sum"))
+        tail = min(C, 2**20)
+        x_tail = x[-1, C - tail :].double()
+        expected = torch.exp(x_tail - lse[-1].double())
+        expected[target[-1] - (C - tail)] -= 1.0
+        err = (grad[-1, C - tail :].double() - expected).abs()
+        assert bool((err <= 2.0**-8 * expected.abs() + 1e-30).all()), f"gradient tail: max error {err.max().item():.3e}"
+        del grad, lse, loss
+    finally:
+        del x
+        gc.collect()

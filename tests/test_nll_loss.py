@@ -1,19 +1,18 @@
 """Parity suite of xent.nll_loss (ops nll_loss_fwd / nll_loss_bwd) against torch.nn.functional.nll_loss.
 
-Every parity check runs on each backend of tests/conftest.py (the CPU kernels, the CUDA kernels under the
-SIMT emulator with four warp schedules, and the real CUDA kernels when a GPU exists) and compares xent's
-loss and gradient with F.nll_loss computed in float64 on the same input values (inputs are generated in
-the tested dtype first and then upcast, so the float64 results are the exact answers for what xent sees).
+Every parity check (tests/harness/parity.py) runs on each backend of tests/conftest.py and compares xent's
+loss and gradient with F.nll_loss in float64 and the reference of tests/reference.py on the same input
+values. The shared tests (opcheck, compile, gradcheck, determinism, bad inputs, warp schedules) are
+``TestNllLoss``'s, from tests/harness/tester.py.
 
-Tolerances. A per-position loss is -w_t * x_t and a gradient entry -w_t * s_p: one product in the
-accumulation dtype, rounded to the output dtype, so both are exact up to those two roundings (relative
-``ROUNDINGS`` units of roundoff). Reduced losses add the rounding of each summed term to the accumulation
+Error model (``NllLoss``). A per-position loss is -w_t * x_t and a gradient entry -w_t * s_p: one product
+in the accumulation dtype, rounded to the output dtype, so both are exact up to those two roundings
+(``Tolerance.NLL_ROUNDINGS``). Reduced losses add the rounding of each summed term to the accumulation
 dtype and the roundings of the double sum over P terms (worst case P units), both relative to the sum of
 the terms' magnitudes. The mean's gradient also divides by total_weight as saved in the input's dtype (as
 PyTorch does), one more rounding. No loose fixed tolerance anywhere.
 """
 
-import itertools
 import math
 
 import pytest
@@ -21,150 +20,104 @@ import torch
 import torch.nn.functional as F
 
 import xent
-from conftest import EMULATED_SCHEDULES, make_backend
-from bitwise import assert_bitwise
-from inputs import fixed_rng, keep_first_target, layouts, make_target, make_weight
+from conftest import simt_traffic
+from harness.parity import LossSpec, check_parity
+from harness.tester import BadInput, CompileCase, LossTester, ModuleCase
+from harness.tolerance import (
+    BF16, DTYPES, F16, F32, F64, UNIT_ROUNDOFF, Bound, Tolerance, acc_roundoff, assert_within, dtype_id,
+)
+from inputs import (
+    CLASS_LAYOUT_CASES, fixed_rng, keep_first_target, make_log_probs, make_target, make_weight, positions_of,
+    shape_id,
+)
+from reference import nll_loss_reference
 
-F32, F64, BF16, F16 = torch.float32, torch.float64, torch.bfloat16, torch.float16
-DTYPES = [F32, F64, BF16, F16]
 REDUCTIONS = ["none", "mean", "sum"]
 REDUCTION_CODE = {"none": 0, "mean": 1, "sum": 2}
-UNIT_ROUNDOFF = {F64: 2.0**-53, F32: 2.0**-24, BF16: 2.0**-8, F16: 2.0**-11}
-
-
-def dtype_id(dtype):
-    return str(dtype).replace("torch.", "")
-
-
-def shape_id(v):
-    return "x".join(map(str, v)) if isinstance(v, tuple) else str(v)
-
-
-def acc_roundoff(dtype):
-    return UNIT_ROUNDOFF[F64] if dtype == F64 else UNIT_ROUNDOFF[F32]
-
-
-def ops_of(backend):
-    return torch.ops.xent_emulated if backend.emulated else torch.ops.xent
 
 
 # ================================================================================================
-# Inputs.
+# The loss and its error model.
+
+
+class NllLoss(LossSpec):
+    name = "nll_loss"
+    api = staticmethod(xent.nll_loss)
+    torch_api = staticmethod(F.nll_loss)
+
+    def expected(self, x, target, weight=None, *, reduction="mean", ignore_index=-100):
+        return {
+            "F.nll_loss float64": F.nll_loss(x, target.long(), weight, ignore_index=ignore_index, reduction=reduction),
+            "reference": nll_loss_reference(x, target, weight, ignore_index=ignore_index, reduction=reduction),
+        }
+
+    @staticmethod
+    def _sums(p):
+        """(sum of |w_t x_t|, sum of w_t) over the kept targets: the reduced loss's terms, the mean's
+        denominator."""
+        x, t = p.input.double(), p.target.long()
+        w = None if p.operands[0] is None else p.operands[0].double()
+        ignore_index = p.options.get("ignore_index", -100)
+        terms = F.nll_loss(x, t, w, ignore_index=ignore_index, reduction="none")
+        C = x.shape[1] if x.dim() > 1 else x.shape[0]
+        keep = t != ignore_index
+        w_t = (torch.ones(C, dtype=F64) if w is None else w)[torch.where(keep, t, torch.zeros_like(t))]
+        return terms.abs().sum().item(), (w_t * keep.double()).sum().item()
+
+    def loss_bound(self, p, against):
+        bound = Bound.rounding(p.dtype, Tolerance.NLL_ROUNDINGS)
+        reduction = p.options.get("reduction", "mean")
+        if reduction == "none":
+            return bound
+        abs_sum, total_weight = p.memo("sums", lambda: self._sums(p))
+        den = total_weight if reduction == "mean" else 1.0
+        if not den:
+            return bound
+        # Each term rounded to the accumulation dtype, and up to P roundings of the double sum.
+        return (bound + Bound(0.0, acc_roundoff(p.dtype) * abs_sum / den)
+                + Bound.summation(p.target.numel(), abs_sum / den, F64))
+
+    def grad_bound(self, p, i, against, grad_output, grads):
+        bound = Bound.rounding(p.dtype, Tolerance.NLL_ROUNDINGS)
+        if p.options.get("reduction", "mean") == "mean":
+            # grad_loss / total_weight, total_weight a double sum of P weights (up to P roundings, relative:
+            # the weights are positive) saved in the input's dtype (one more rounding).
+            bound = bound + Bound(UNIT_ROUNDOFF[p.dtype] + p.target.numel() * UNIT_ROUNDOFF[F64])
+        return bound
+
+
+NLL = NllLoss()
+
+
+def check_nll(backend, x, target, weight=None, *, layout="contiguous", grad_output="random", reduction="mean",
+              ignore_index=-100):
+    """The parity check of xent.nll_loss (tests/harness/parity.py); returns (loss, gradient)."""
+    r = check_parity(NLL, backend, x, target, weight, layout=layout, grad_output=grad_output, reduction=reduction,
+                     ignore_index=ignore_index)
+    return r.loss, r.grads[0]
 
 
 def make_input(shape, dtype, scale=3.0):
-    """Log-probabilities in `dtype`: log_softmax over the class dim of scaled normal logits."""
-    z = torch.randn(shape, dtype=F64) * scale
-    return torch.log_softmax(z, dim=1 if len(shape) > 1 else 0).to(dtype)
+    return make_log_probs(shape, dtype, scale)
 
 
-def positions_of(shape):
-    return (shape[0],) + tuple(shape[2:]) if len(shape) > 1 else ()
-
-
-LAYOUTS = layouts(
-    "contiguous",
-    "transposed",
-    "class_sliced",
-    "batch_sliced",
-    "spatial_sliced",
-    "channels_last",
-    "permuted",
-    "spatial_reversed",
-    "misaligned",
-    "expanded",
-)
-
-
-# ================================================================================================
-# Comparison.
-
-# Roundings of a per-position value: the product in the accumulation dtype and the output's own.
-ROUNDINGS = 2.0
-
-
-def assert_within(actual, expected, *, rtol, atol=0.0, what):
-    """|actual - expected| <= rtol |expected| + atol elementwise, NaN and infinities at the same places."""
-    a, e = actual.detach().double().cpu(), expected.detach().double().cpu()
-    assert a.shape == e.shape, f"{what}: shape {tuple(a.shape)} != {tuple(e.shape)}"
-    assert torch.equal(torch.isnan(a), torch.isnan(e)), f"{what}: NaN pattern differs: xent {a}, expected {e}"
-    inf = torch.isinf(e)
-    assert torch.equal(a[inf], e[inf]), f"{what}: infinities differ: xent {a[inf]}, expected {e[inf]}"
-    finite = torch.isfinite(e)
-    err = (a - e).abs()
-    tol = rtol * e.abs() + atol
-    bad = finite & ~(err <= tol)
-    if bad.any():
-        i = tuple(bad.nonzero()[0].tolist())
-        raise AssertionError(
-            f"{what}: {int(bad.sum())} of {int(finite.sum())} entries out of tolerance; first at {list(i)}: "
-            f"xent {a[i].item()!r} expected {e[i].item()!r} |err| {err[i].item():.3e} > tol {tol[i].item():.3e}"
-        )
-
-
-def reference(x, target, weight, *, reduction, ignore_index, grad_output):
-    """F.nll_loss in float64 on x's values: (loss, gradient w.r.t. x, sum of |w_t x_t| over kept targets,
-    sum of w_t over kept targets)."""
-    x64 = x.detach().double().cpu().contiguous().requires_grad_(True)
-    t = target.cpu().long()
-    w64 = None if weight is None else weight.double().cpu()
-    loss = F.nll_loss(x64, t, w64, ignore_index=ignore_index, reduction=reduction)
-    (grad,) = torch.autograd.grad(loss, x64, grad_output.double().cpu())
-    terms = F.nll_loss(x64.detach(), t, w64, ignore_index=ignore_index, reduction="none")
-    C = x64.shape[1] if x64.dim() > 1 else x64.shape[0]
-    keep = t != ignore_index
-    w_t = (torch.ones(C, dtype=F64) if w64 is None else w64)[torch.where(keep, t, torch.zeros_like(t))]
-    return loss.detach(), grad, terms.abs().sum(), (w_t * keep.double()).sum()
-
-
-def check_nll(backend, x, target, weight=None, *, reduction="mean", ignore_index=-100, layout="contiguous",
-              grad_output="random"):
-    """xent.nll_loss on `backend` against the float64 reference: loss (value, dtype, shape), gradient
-    (value and the strides the fake kernel promises). x, target, weight: contiguous CPU tensors."""
-    dtype = x.dtype
-    u, ua = UNIT_ROUNDOFF[dtype], acc_roundoff(dtype)
-    # Rounding into the subnormal range is absolute: half the subnormal spacing (float16 reaches it at 6e-5).
-    sub = ROUNDINGS * torch.finfo(dtype).smallest_normal * u
-    xd = LAYOUTS[layout](backend.put(x)).requires_grad_(True)
-    xv = xd.detach().cpu()  # the values xent sees (an expanded layout repeats a row)
-    td, wd = backend.put(target), backend.put(weight)
-    with backend.active():
-        loss = xent.nll_loss(xd, td, wd, reduction=reduction, ignore_index=ignore_index)
-    if grad_output == "random" and reduction == "none":
-        go = torch.randn(loss.shape, dtype=F64).to(dtype)
-    elif grad_output == "random":
-        go = (torch.rand((), dtype=F64) + 0.5).to(dtype)
-    elif grad_output == "expanded":
-        go = torch.randn((), dtype=F64).to(dtype).expand(loss.shape)
-    elif grad_output == "transposed":
-        go = torch.randn(tuple(reversed(loss.shape)), dtype=F64).to(dtype).permute(*reversed(range(loss.dim())))
-    else:
-        raise ValueError(grad_output)
-    god = go.to(loss.device)
-    with backend.active():
-        (grad,) = torch.autograd.grad(loss, xd, god)
-    e_loss, e_grad, abs_sum, total_weight = reference(
-        xv, target, weight, reduction=reduction, ignore_index=ignore_index, grad_output=go
-    )
-    what = f"[{backend.name}, {tuple(x.shape)}, {dtype_id(dtype)}, {layout}, reduction={reduction}]"
-    assert loss.dtype == dtype and loss.device == xd.device, f"loss{what}: {loss.dtype} on {loss.device}"
-    if reduction == "none":
-        assert_within(loss, e_loss, rtol=ROUNDINGS * u, atol=sub, what=f"loss{what}")
-    else:
-        # Each term rounded to the accumulation dtype (ua) and up to P roundings of the double sum.
-        den = total_weight.item() if reduction == "mean" else 1.0
-        P = target.numel()
-        atol = (ua + P * UNIT_ROUNDOFF[F64]) * abs_sum.item() / den if den else 0.0
-        assert_within(loss, e_loss, rtol=ROUNDINGS * u, atol=atol + sub, what=f"loss{what}")
-    expected_strides = torch.empty_like(xd, memory_format=torch.preserve_format).stride()
-    if xd.numel():
-        assert grad.stride() == expected_strides, f"grad{what}: strides {grad.stride()} != {expected_strides}"
-    assert grad.dtype == dtype
-    # Mean: grad_loss / total_weight, total_weight a double sum of P weights (up to P roundings, relative:
-    # the weights are positive) saved in the input's dtype (one more rounding).
-    rtol = ROUNDINGS * u + ((u + target.numel() * UNIT_ROUNDOFF[F64]) if reduction == "mean" else 0.0)
-    assert_within(grad, e_grad, rtol=rtol, atol=sub, what=f"grad{what}")
-    return loss, grad
+def test_reference_matches_pytorch():
+    """tests/reference.py's nll_loss_reference agrees with F.nll_loss in float64 (loss and gradient), so the
+    parity checks' two float64 results are interchangeable."""
+    for shape in [(7, 5), (3, 5, 4), (5,)]:
+        C = shape[1] if len(shape) > 1 else shape[0]
+        x = make_input(shape, F64)
+        t = make_target(positions_of(shape), C, ignore_index=1, ignored=0.3 if len(shape) > 1 else 0.0)
+        for w in (None, make_weight(C, F64)):
+            for reduction in REDUCTIONS:
+                x1, x2 = x.clone().requires_grad_(), x.clone().requires_grad_()
+                a = nll_loss_reference(x1, t, w, ignore_index=1, reduction=reduction)
+                b = F.nll_loss(x2, t, w, ignore_index=1, reduction=reduction)
+                # Both are float64 with different summation orders: 1e-13 relative.
+                torch.testing.assert_close(a, b, rtol=1e-13, atol=1e-13, equal_nan=True)
+                go = torch.randn(a.shape, dtype=F64)
+                torch.testing.assert_close(torch.autograd.grad(a, x1, go)[0], torch.autograd.grad(b, x2, go)[0],
+                                           rtol=1e-13, atol=1e-13)
 
 
 # ================================================================================================
@@ -239,7 +192,7 @@ def test_empty(backend, shape, dtype, reduction):
     x = make_input(shape, dtype)
     t = make_target(positions_of(shape), shape[1])
     check_nll(backend, x, t, make_weight(shape[1], dtype), reduction=reduction)
-    loss, total_weight = ops_of(backend).nll_loss_fwd(backend.put(x), backend.put(t), reduction=REDUCTION_CODE[reduction])
+    loss, total_weight = backend.ops.nll_loss_fwd(backend.put(x), backend.put(t), reduction=REDUCTION_CODE[reduction])
     assert total_weight.item() == 0 and total_weight.dtype == dtype and total_weight.dim() == 0
 
 
@@ -259,32 +212,12 @@ def test_target_dtypes(backend, shape, target_dtype, ignore_index, reduction):
     check_nll(backend, x, t, make_weight(C, F32), reduction=reduction, ignore_index=ignore_index)
 
 
-LAYOUT_CASES = [
-    ((7, 5), "transposed"),
-    ((300, 37), "transposed"),
-    ((7, 5), "class_sliced"),
-    ((7, 5), "batch_sliced"),
-    ((7, 5), "misaligned"),
-    ((301, 33), "misaligned"),
-    ((7, 5), "expanded"),
-    ((3, 5, 4), "channels_last"),
-    ((2, 5, 3, 4), "channels_last"),
-    ((2, 5, 3, 4), "permuted"),
-    ((3, 5, 4), "spatial_sliced"),
-    ((2, 5, 3, 4), "spatial_sliced"),
-    ((2, 5, 3, 37), "misaligned"),
-    ((2, 5, 3, 4), "spatial_reversed"),
-    ((2, 3, 2, 3, 2, 3), "spatial_reversed"),  # 5 position dims that do not merge: the kernels' fallback
-    ((2, 3, 2, 3, 2, 3), "class_sliced"),
-]
-
-
 @pytest.mark.parametrize("reduction", REDUCTIONS)
 @pytest.mark.parametrize("dtype", [F32, F64, BF16], ids=dtype_id)
-@pytest.mark.parametrize("shape,layout", LAYOUT_CASES, ids=shape_id)
+@pytest.mark.parametrize("shape,layout", CLASS_LAYOUT_CASES, ids=shape_id)
 def test_layouts(backend, shape, layout, dtype, reduction):
-    """Non-contiguous, dense-permuted, broadcast and misaligned inputs; the gradient has the strides the
-    fake kernel promises (checked in check_nll)."""
+    """Non-contiguous, dense-permuted, broadcast and misaligned inputs (tests/inputs.py); the gradient has
+    the strides the fake kernel promises (checked by the parity check)."""
     C = shape[1]
     x = make_input(shape, dtype)
     t = make_target(positions_of(shape), C, ignored=0.2)
@@ -324,7 +257,7 @@ def test_special_values(backend, dtype):
 def test_total_weight_output(backend, dtype, reduction):
     """The forward op's total_weight: a 0-d tensor in the input's dtype, the sum of w_t over kept targets
     (for every reduction, as the CPU op; ATen returns 0 for 'none', which F.nll_loss never exposes)."""
-    ops = ops_of(backend)
+    ops = backend.ops
     shape = (2000, 9)
     x = make_input(shape, dtype)
     t = make_target((shape[0],), shape[1], ignored=0.25)
@@ -333,7 +266,7 @@ def test_total_weight_output(backend, dtype, reduction):
     assert total_weight.dtype == dtype and total_weight.dim() == 0 and total_weight.device == backend.device
     keep = t != -100
     expected = (w.double()[torch.where(keep, t, 0)] * keep.double()).sum()
-    assert_within(total_weight, expected, rtol=UNIT_ROUNDOFF[dtype] + 64 * acc_roundoff(dtype), what="total_weight")
+    assert_within(total_weight, expected, Bound(UNIT_ROUNDOFF[dtype] + 64 * acc_roundoff(dtype)), what="total_weight")
     unweighted = ops.nll_loss_fwd(backend.put(x), backend.put(t), None, reduction=REDUCTION_CODE[reduction])[1]
     assert unweighted.item() == torch.tensor(float(keep.sum())).to(dtype).item()  # the count, rounded once
 
@@ -346,7 +279,7 @@ def test_matches_cpu_op_bitwise(backend, dtype, reduction):
     in another order, so they agree up to the rounding of the result."""
     if backend.name == "cpu":
         pytest.skip("compares the CUDA kernels (emulated or real) with the CPU op")
-    ops, cpu = ops_of(backend), torch.ops.xent
+    ops, cpu = backend.ops, torch.ops.xent
     code = REDUCTION_CODE[reduction]
     shape = (3, 11, 37, 5)
     x = make_input(shape, dtype)
@@ -360,8 +293,8 @@ def test_matches_cpu_op_bitwise(backend, dtype, reduction):
     # rounding of the result to the output dtype.
     rtol = 2 * UNIT_ROUNDOFF[dtype] + 2 * t.numel() * UNIT_ROUNDOFF[F64]
     if reduction != "none":
-        assert_within(loss, loss_c, rtol=rtol, what="reduced loss vs the CPU op")
-    assert_within(tw, tw_c, rtol=rtol, what="total_weight vs the CPU op")
+        assert_within(loss, loss_c, Bound(rtol), what="reduced loss vs the CPU op")
+    assert_within(tw, tw_c, Bound(rtol), what="total_weight vs the CPU op")
     go = torch.randn(loss_c.shape, dtype=F64).to(dtype)
     # Both backward ops get the CPU op's total_weight: any difference is the backward's own.
     g = ops.nll_loss_bwd(backend.put(go), backend.put(x), backend.put(t), backend.put(w), backend.put(tw_c), reduction=code)
@@ -375,7 +308,7 @@ def test_matches_cpu_op_bitwise(backend, dtype, reduction):
 def test_backward_op_other_grad_loss_dtype(backend, grad_dtype, reduction):
     """The backward op with grad_loss (and total_weight) in another dtype than the input: as the CPU op,
     which converts a per-position grad_loss to the accumulation dtype and reads the 0-d ones in double."""
-    ops, cpu = ops_of(backend), torch.ops.xent
+    ops, cpu = backend.ops, torch.ops.xent
     code = REDUCTION_CODE[reduction]
     x = make_input((40, 6), F32)
     t = make_target((40,), 6, ignored=0.2)
@@ -387,73 +320,6 @@ def test_backward_op_other_grad_loss_dtype(backend, grad_dtype, reduction):
     g_c = cpu.nll_loss_bwd(go, x, t, w, tw_other, reduction=code)
     assert torch.equal(g.cpu(), g_c)
 
-
-# ================================================================================================
-# Bad inputs.
-
-
-def _bad_input_cases():
-    x = make_input((4, 5), F32)
-    t = make_target((4,), 5)
-    meta = torch.device("meta")
-    return {
-        "batch_mismatch": ((x, make_target((3,), 5)), {}, ["batch_size"]),
-        "kdim_target_shape": ((make_input((2, 5, 3), F32), make_target((2, 4), 5)), {}, ["size", "shape"]),
-        "float_target": ((x, t.float()), {}, ["dtype", "type", "float"]),
-        "weight_wrong_size": ((x, t), {"weight": torch.ones(4)}, ["weight"]),
-        "weight_2d": ((x, t), {"weight": torch.ones(5, 1)}, ["weight"]),
-        "invalid_reduction": ((x, t), {"reduction": "avg"}, ["reduction", "avg"]),
-        "zero_dim_input": ((torch.tensor(1.0), torch.tensor(0)), {}, ["dim"]),
-        "unbatched_with_batched_target": ((make_input((5,), F32), make_target((3,), 5)), {}, ["batch", "size", "dim"]),
-        "integer_input": ((torch.zeros(4, 5, dtype=torch.long), t), {}, ["long", "dtype", "implemented"]),
-        "target_on_other_device": ((x, t.to(meta)), {}, ["device"]),
-        "weight_on_other_device": ((x, t), {"weight": torch.ones(5, device=meta)}, ["device"]),
-        "negative_ignore_index_match": ((x, torch.tensor([0, -1, 3, 2])), {"ignore_index": -1}, []),
-        "zero_classes_all_ignored": ((torch.zeros(3, 0), torch.full((3,), -100)), {"reduction": "sum"}, []),
-    }
-
-
-BAD_INPUT_CASES = _bad_input_cases()
-
-
-# Known differences from PyTorch: strict xfails, so that a fix shows up as XPASS and the mark is removed.
-KNOWN_DIFFERENCES = {}
-
-
-@pytest.mark.parametrize("backend_name", ["cpu", "emulated_cuda-forward-0"])
-@pytest.mark.parametrize(
-    "case",
-    [
-        pytest.param(c, marks=pytest.mark.xfail(reason=KNOWN_DIFFERENCES[c], strict=True)) if c in KNOWN_DIFFERENCES else c
-        for c in BAD_INPUT_CASES
-    ],
-)
-def test_bad_inputs(case, backend_name):
-    """Whatever PyTorch raises, xent raises the same exception type (or a subclass) with a message naming
-    the problem; where PyTorch does not raise, xent returns PyTorch's value."""
-    backend = make_backend(backend_name)
-    args, kwargs, words = BAD_INPUT_CASES[case]
-    try:
-        expected = F.nll_loss(*args, **kwargs)
-        torch_error = None
-    except Exception as e:  # noqa: BLE001
-        torch_error = e
-    if torch_error is None:
-        with backend.active():
-            got = xent.nll_loss(*args, **kwargs)
-        assert got.dtype == expected.dtype and got.shape == expected.shape and got.device == expected.device
-        # Same dtype (float32) on both sides: this checks behaviour (no error, same value), not accuracy.
-        torch.testing.assert_close(got, expected, equal_nan=True)
-        return
-    with pytest.raises(Exception) as info:
-        with backend.active():
-            xent.nll_loss(*args, **kwargs)
-    err = info.value
-    assert isinstance(err, type(torch_error)), (
-        f"{case}: PyTorch raises {type(torch_error).__name__}({torch_error}); xent raises {type(err).__name__}({err})"
-    )
-    message = str(err).lower()
-    assert any(w in message for w in words), f"{case}: xent's message {str(err)!r} names none of {words}"
 
 
 OUT_OF_RANGE_CASES = {
@@ -477,7 +343,7 @@ def test_out_of_range_target(backend, case):
     t = backend.put(values.to(tdtype))
     with pytest.raises(IndexError):
         F.nll_loss(x.cpu(), values.long(), ignore_index=ignore_index)
-    ops = ops_of(backend)
+    ops = backend.ops
     expected = IndexError if backend.name == "cpu" else RuntimeError
     match = "out of bounds" if backend.name == "cpu" else "device-side assert.*nll_loss: target out of bounds"
     for reduction in REDUCTIONS:
@@ -498,98 +364,13 @@ def test_out_of_range_target_with_zero_classes(backend):
     t = backend.put(torch.zeros(3, dtype=torch.long))
     expected = IndexError if backend.name == "cpu" else RuntimeError
     with pytest.raises(expected):
-        ops_of(backend).nll_loss_fwd(x, t)
+        backend.ops.nll_loss_fwd(x, t)
     with pytest.raises(expected):
-        ops_of(backend).nll_loss_bwd(torch.tensor(1.0), x, t, None, torch.tensor(3.0))
+        backend.ops.nll_loss_bwd(torch.tensor(1.0), x, t, None, torch.tensor(3.0))
 
 
 # ================================================================================================
-# torch.library.opcheck, torch.compile.
-
-
-def _opcheck_samples(ns):
-    ops = getattr(torch.ops, ns)
-    samples = []
-
-    def add(shape, dtype, weight, kw, tdtype=torch.long):
-        C = shape[1]
-        x = make_input(shape, dtype).requires_grad_()
-        t = make_target(positions_of(shape), C, ignored=0.2, ignore_index=kw.get("ignore_index", -100))
-        t = keep_first_target(t, kw.get("ignore_index", -100)).to(tdtype)
-        w = make_weight(C, dtype) if weight else None
-        samples.append((ops.nll_loss_fwd, (x, t, w), kw))
-        loss, tw = ops.nll_loss_fwd(x.detach(), t, w, **kw)
-        g = torch.randn(loss.shape, dtype=dtype).requires_grad_()
-        samples.append((ops.nll_loss_bwd, (g, x, t, w, tw), kw))
-
-    for dtype in (F32, F64):
-        add((4, 5), dtype, False, {})
-        add((4, 5), dtype, True, {"reduction": 0, "ignore_index": 2})
-        add((2, 5, 3), dtype, True, {"reduction": 2}, torch.int32)
-        add((2, 3, 2, 2), dtype, False, {"reduction": 0})
-    add((3, 4, 2), BF16, True, {"reduction": 1})
-    return samples
-
-
-def _opcheck_params():
-    params = []
-    for ns in ("xent", "xent_emulated"):
-        if ns == "xent_emulated" and not xent.testing.emulated_cuda_available():
-            continue
-        with fixed_rng(0):  # built at collection, before the per-test seed
-            samples = _opcheck_samples(ns)
-        for j, (op, args, kwargs) in enumerate(samples):
-            params.append(pytest.param(op, args, kwargs, id=f"{ns}-{op._qualified_op_name.split('::')[-1]}-{j}"))
-    return params
-
-
-@pytest.mark.parametrize("op,args,kwargs", _opcheck_params())
-def test_opcheck(op, args, kwargs):
-    torch.library.opcheck(op, args, kwargs)
-
-
-def test_opcheck_covers_both_ops():
-    names = {op._qualified_op_name for op, _, _ in (p.values for p in _opcheck_params())}
-    assert {"xent::nll_loss_fwd", "xent::nll_loss_bwd"} <= names
-
-
-@pytest.mark.parametrize("compiler", ["aot_eager", "inductor"])
-@pytest.mark.parametrize("kind", ["2d", "kdim_none"])
-def test_compile_fullgraph(compiler, kind):
-    """fullgraph=True (no graph break), forward and backward, dynamic=True over two batch sizes compiled
-    once; equal to eager xent bitwise (x * 2 and its backward are exact)."""
-    from torch._dynamo.testing import CompileCounterWithBackend
-
-    torch._dynamo.reset()
-    counter = CompileCounterWithBackend(compiler)
-
-    def f(x, t, w):
-        if kind == "2d":
-            return xent.nll_loss(x * 2.0, t, w, ignore_index=1)
-        return xent.nll_loss(x * 2.0, t, w, reduction="none")
-
-    compiled = torch.compile(f, fullgraph=True, dynamic=True, backend=counter)
-    w = make_weight(6, F32)
-    frames = []
-    for N in (5, 11):
-        shape = (N, 6) if kind == "2d" else (N, 6, 3)
-        x = make_input(shape, F32)
-        t = make_target(positions_of(shape), 6, ignored=0.2, ignore_index=1 if kind == "2d" else -100)
-        out = []
-        for fn in (compiled, f):
-            xl = x.clone().requires_grad_()
-            loss = fn(xl, t, w)
-            go = torch.linspace(-1.0, 1.0, loss.numel()).view(loss.shape)
-            (g,) = torch.autograd.grad(loss, xl, go)
-            out.append((loss.detach(), g))
-        frames.append(counter.frame_count)
-        assert torch.equal(out[0][0], out[1][0]), (out[0][0], out[1][0])
-        assert torch.equal(out[0][1], out[1][1])
-    assert frames[0] >= 1 and frames[1] == frames[0], f"dynamic=True recompiled for a new batch size: {frames}"
-
-
-# ================================================================================================
-# gradcheck / gradgradcheck in float64.
+# The shared tests (tests/harness/tester.py).
 
 GRADCHECK_CASES = [
     ((4, 5), dict(reduction="mean")),
@@ -617,45 +398,20 @@ def _gradcheck_inputs(shape, opts):
     return x, t, w, opts
 
 
-@pytest.mark.parametrize("shape,opts", GRADCHECK_CASES, ids=lambda v: str(v))
-def test_gradcheck(backend, shape, opts):
-    x, t, w, kw = _gradcheck_inputs(shape, opts)
-    xd = backend.put(x).requires_grad_()
-    td, wd = backend.put(t), backend.put(w)
-    with backend.active():
-        assert torch.autograd.gradcheck(lambda x: xent.nll_loss(x, td, wd, **kw), (xd,))
-        assert torch.autograd.gradgradcheck(lambda x: xent.nll_loss(x, td, wd, **kw), (xd,))
+def _compile_case(compiler, kind):
+    def fn(x, t, w):
+        # x * 2 and its backward are exact: compiled and eager feed the kernels the same values.
+        if kind == "2d":
+            return xent.nll_loss(x * 2.0, t, w, ignore_index=1)
+        return xent.nll_loss(x * 2.0, t, w, reduction="none")
 
+    def make_args(N):
+        shape = (N, 6) if kind == "2d" else (N, 6, 3)
+        x = make_input(shape, F32)
+        t = make_target(positions_of(shape), 6, ignored=0.2, ignore_index=1 if kind == "2d" else -100)
+        return x, t, make_weight(6, F32)
 
-@pytest.mark.parametrize("shape,opts", GRADCHECK_CASES, ids=lambda v: str(v))
-def test_gradgradcheck_through_grad_output(backend, shape, opts):
-    """Double backward w.r.t. the upstream gradient as well (grad_loss is an input of the backward op)."""
-    x, t, w, kw = _gradcheck_inputs(shape, opts)
-    xd = backend.put(x).requires_grad_()
-    td, wd = backend.put(t), backend.put(w)
-    with backend.active():
-        loss = xent.nll_loss(xd.detach(), td, wd, **kw)
-    go = torch.randn(loss.shape, dtype=F64).to(xd.device).requires_grad_()
-
-    def first_grad(x, go):
-        with backend.active():
-            loss = xent.nll_loss(x, td, wd, **kw)
-            (g,) = torch.autograd.grad(loss, x, go, create_graph=True)
-        return g
-
-    with backend.active():
-        assert torch.autograd.gradcheck(first_grad, (xd, go))
-
-
-# ================================================================================================
-# Determinism.
-
-DETERMINISM_CASES = {
-    "rows_3000x7_f32": ((3000, 7), F32),
-    "rows_5000x3_f64": ((5000, 3), F64),
-    "kdim_4x7x33x17_f32": ((4, 7, 33, 17), F32),
-    "kdim_2x5x40x30_bf16": ((2, 5, 40, 30), BF16),
-}
+    return CompileCase(compiler, fn, make_args, sizes=(5, 11))
 
 
 def _determinism_run(backend, shape, dtype):
@@ -677,34 +433,123 @@ def _determinism_run(backend, shape, dtype):
     return out
 
 
-@pytest.mark.parametrize("case", list(DETERMINISM_CASES))
-def test_deterministic_repeated_runs(backend, case):
-    shape, dtype = DETERMINISM_CASES[case]
-    first = _determinism_run(backend, shape, dtype)
-    for _ in range(2):
-        assert_bitwise(first, _determinism_run(backend, shape, dtype), f"{case}: repeated run")
+def _bad_inputs():
+    with fixed_rng(0):
+        x = make_input((4, 5), F32)
+        t = make_target((4,), 5)
+        meta = torch.device("meta")
+        return {
+            "batch_mismatch": BadInput((x, make_target((3,), 5)), words=("batch_size",)),
+            "kdim_target_shape": BadInput((make_input((2, 5, 3), F32), make_target((2, 4), 5)), words=("size", "shape")),
+            "float_target": BadInput((x, t.float()), words=("dtype", "type", "float")),
+            "weight_wrong_size": BadInput((x, t), {"weight": torch.ones(4)}, words=("weight",)),
+            "weight_2d": BadInput((x, t), {"weight": torch.ones(5, 1)}, words=("weight",)),
+            "invalid_reduction": BadInput((x, t), {"reduction": "avg"}, words=("reduction", "avg")),
+            "zero_dim_input": BadInput((torch.tensor(1.0), torch.tensor(0)), words=("dim",)),
+            "unbatched_with_batched_target": BadInput((make_input((5,), F32), make_target((3,), 5)),
+                                                      words=("batch", "size", "dim")),
+            "integer_input": BadInput((torch.zeros(4, 5, dtype=torch.long), t), words=("long", "dtype", "implemented")),
+            "target_on_other_device": BadInput((x, t.to(meta)), words=("device",)),
+            "weight_on_other_device": BadInput((x, t), {"weight": torch.ones(5, device=meta)}, words=("device",)),
+            "negative_ignore_index_match": BadInput((x, torch.tensor([0, -1, 3, 2])), {"ignore_index": -1}),
+            "zero_classes_all_ignored": BadInput((torch.zeros(3, 0), torch.full((3,), -100)), {"reduction": "sum"}),
+        }
 
 
-@pytest.mark.parametrize("case", list(DETERMINISM_CASES))
-def test_deterministic_across_warp_schedules(case):
-    """The CUDA kernels (under the emulator) give bitwise identical results under every warp schedule."""
-    shape, dtype = DETERMINISM_CASES[case]
-    runs = [(f"{s}-{seed}", _determinism_run(make_backend(f"emulated_cuda-{s}-{seed}"), shape, dtype))
-            for s, seed in EMULATED_SCHEDULES]
-    for name, out in runs[1:]:
-        assert_bitwise(runs[0][1], out, f"{case}: schedule {runs[0][0]} vs {name}")
+def _module_cases():
+    """xent.nn.NLLLoss's arguments (the weight: "w")."""
+    w = make_weight(5, F64)
+    cases = {}
+    for arg in ({}, {"weight": "w"}, {"ignore_index": 1}, {"reduction": "none"}, {"reduction": "sum"},
+                {"weight": "w", "ignore_index": 0, "reduction": "mean"}, {"size_average": False}):
+        kw = {k: (w if v == "w" else v) for k, v in arg.items()}
+
+        def inputs(ignore_index=kw.get("ignore_index", -100)):
+            return make_input((6, 5, 2), F64), make_target((6, 2), 5, ignored=0.3, ignore_index=ignore_index)
+
+        cases[str(arg)] = ModuleCase("NLLLoss", kw, inputs)
+    return cases
+
+
+with fixed_rng(0):
+    MODULE_CASES = _module_cases()
+
+
+class TestNllLoss(LossTester):
+    spec = NLL
+    OPS = ("nll_loss_fwd", "nll_loss_bwd")
+    COMPILE_CASES = {f"{kind}-{compiler}": _compile_case(compiler, kind)
+                     for kind in ("2d", "kdim_none") for compiler in ("aot_eager", "inductor")}
+    GRADCHECK_CASES = {f"{shape}-{opts}": (shape, opts) for shape, opts in GRADCHECK_CASES}
+    DETERMINISM_CASES = {
+        "rows_3000x7_f32": ((3000, 7), F32),
+        "rows_5000x3_f64": ((5000, 3), F64),
+        "kdim_4x7x33x17_f32": ((4, 7, 33, 17), F32),
+        "kdim_2x5x40x30_bf16": ((2, 5, 40, 30), BF16),
+    }
+    BAD_INPUTS = _bad_inputs()
+    EMPTY_TARGETS = {"index": lambda x: torch.zeros(0, 2, dtype=torch.long)}
+    MODULE_CASES = MODULE_CASES
+    # The CPU ops and the CUDA kernels' host code (emulated) check arguments alike.
+    BAD_INPUT_BACKENDS = ("cpu", "emulated_cuda-forward-0")
+    # Parity under every warp schedule: rows of several blocks, K-dim lanes, a strided and a fallback
+    # layout, all targets ignored.
+    SCHEDULE_CASES = {
+        "rows_weighted_mean": ((3000, 7), F32, "contiguous", dict(reduction="mean", weighted=True, ignored=0.2)),
+        "kdim_none_bf16": ((4, 7, 33, 17), BF16, "contiguous", dict(reduction="none", weighted=True, ignored=0.2)),
+        "transposed_sum_f64": ((300, 37), F64, "transposed", dict(reduction="sum", ignored=0.2)),
+        "spatial_reversed": ((2, 3, 2, 3, 2, 3), F32, "spatial_reversed", dict(reduction="mean", weighted=True)),
+        "all_ignored": ((6, 4), F16, "contiguous", dict(reduction="mean", ignored=1.0)),
+    }
+
+    @classmethod
+    def opcheck_samples(cls, ns):
+        return _opcheck_samples(ns)
+
+    def gradcheck_problem(self, case, backend):
+        x, t, w, kw = _gradcheck_inputs(*case)
+        td, wd = backend.put(t), backend.put(w)
+        return (lambda x: xent.nll_loss(x, td, wd, **kw)), (backend.put(x).requires_grad_(),)
+
+    def determinism_run(self, backend, case, kernels_only=False):
+        return _determinism_run(backend, *case)
+
+    def run_schedule_case(self, backend, case):
+        shape, dtype, layout, opts = case
+        opts = dict(opts)
+        C = shape[1]
+        x = make_input(shape, dtype)
+        t = make_target(positions_of(shape), C, ignored=opts.pop("ignored", 0.0))
+        w = make_weight(C, dtype) if opts.pop("weighted", False) else None
+        check_nll(backend, x, t, w, layout=layout, **opts)
+
+
+def _opcheck_samples(ns):
+    ops = getattr(torch.ops, ns)
+    samples = []
+
+    def add(shape, dtype, weight, kw, tdtype=torch.long):
+        C = shape[1]
+        x = make_input(shape, dtype).requires_grad_()
+        t = make_target(positions_of(shape), C, ignored=0.2, ignore_index=kw.get("ignore_index", -100))
+        t = keep_first_target(t, kw.get("ignore_index", -100)).to(tdtype)
+        w = make_weight(C, dtype) if weight else None
+        samples.append((ops.nll_loss_fwd, (x, t, w), kw))
+        loss, tw = ops.nll_loss_fwd(x.detach(), t, w, **kw)
+        g = torch.randn(loss.shape, dtype=dtype).requires_grad_()
+        samples.append((ops.nll_loss_bwd, (g, x, t, w, tw), kw))
+
+    for dtype in (F32, F64):
+        add((4, 5), dtype, False, {})
+        add((4, 5), dtype, True, {"reduction": 0, "ignore_index": 2})
+        add((2, 5, 3), dtype, True, {"reduction": 2}, torch.int32)
+        add((2, 3, 2, 2), dtype, False, {"reduction": 0})
+    add((3, 4, 2), BF16, True, {"reduction": 1})
+    return samples
 
 
 # ================================================================================================
 # Memory traffic of the CUDA kernels (SIMT emulator counts).
-
-
-def _traffic(fn):
-    ops = torch.ops.xent_emulated
-    ops._simt_traffic()  # reset
-    out = fn()
-    read, written = ops._simt_traffic()
-    return out, read, written
 
 
 # Bytes per position the kernels may move besides the gradient's zero fill: the target (up to 8), the
@@ -735,7 +580,7 @@ def test_traffic(shape, dtype, reduction, weighted, tdtype):
     acc = 8 if dtype == F64 else 4
     blocks = -(-P // 1024)
 
-    (loss, tw), read, written = _traffic(lambda: ops.nll_loss_fwd(x, t, w, reduction=reduction))
+    (loss, tw), read, written = simt_traffic(lambda: ops.nll_loss_fwd(x, t, w, reduction=reduction))
     # Exactly: targets, then per kept position its weight and input element; 2 double partials per block,
     # read back by the finish kernel.
     assert read == P * t.element_size() + kept * (elt + (acc if weighted else 0)) + 16 * blocks, read
@@ -743,7 +588,7 @@ def test_traffic(shape, dtype, reduction, weighted, tdtype):
     assert read <= PER_POSITION_BYTES * P
 
     go = torch.randn(loss.shape, dtype=F64).to(dtype)
-    grad, read, written = _traffic(lambda: ops.nll_loss_bwd(go, x, t, w, tw, reduction=reduction))
+    grad, read, written = simt_traffic(lambda: ops.nll_loss_bwd(go, x, t, w, tw, reduction=reduction))
     grad_bytes = x.numel() * elt
     assert written == grad_bytes + kept * elt, (written, grad_bytes)
     assert read <= PER_POSITION_BYTES * P + 16 * blocks, read
@@ -758,7 +603,7 @@ def test_traffic_zero_fill_tail():
     for shape, dtype in (((3, 5), BF16), ((1, 1), F16), ((7, 3), F32), ((5, 3), F64), ((1, 7), BF16)):
         x = make_input(shape, dtype)
         t = torch.full((shape[0],), -100)
-        grad, read, written = _traffic(lambda: ops.nll_loss_bwd(torch.tensor(1.0, dtype=dtype), x, t, None,
+        grad, read, written = simt_traffic(lambda: ops.nll_loss_bwd(torch.tensor(1.0, dtype=dtype), x, t, None,
                                                                   torch.tensor(0.0, dtype=dtype)))
         assert written == x.numel() * x.element_size(), (shape, dtype, written)
         assert (grad == 0).all() and not torch.signbit(grad).any()
