@@ -8,10 +8,10 @@
 // No host synchronisation: nothing computed on the device is read here. Sums for mean/sum reductions, the
 // weight total of label smoothing and the mean's denominator in the backward are all reduced on the device
 // in a fixed order (finish_kernel).
-#include "ce_launch.h"
 #include "cross_entropy.cuh"
 #include "cross_entropy_host.h"
 #include "host_compat.h"
+#include "softmax_host.h"
 
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
@@ -182,7 +182,7 @@ at::Tensor weight_total(const at::Tensor& w, xent_stream_t stream) {
   f.num = cptr<acc_t>(w);
   f.n = w.numel();
   f.acc_out = mptr<acc_t>(total);
-  ce_host::launch_finish(f, stream);
+  softmax_host::launch_finish(f, stream);
   return total;
 }
 
@@ -277,24 +277,11 @@ void dispatch_mode(int mode, F&& f) {
   TORCH_INTERNAL_ASSERT(known, "cross_entropy: unexpected kernel mode ", mode);
 }
 
-void check_args(const char* op, const at::Tensor& logits, const at::Tensor& target,
-                const std::optional<at::Tensor>& weight, const Options& o) {
-  check_logits(logits, op);
-  if (o.prob) {
-    check_prob_target(logits, target);
-  } else {
-    check_index_target(logits, target);
-  }
-  check_weight(logits, weight);
-  check_reduction(o.reduction);
-  check_label_smoothing(o.label_smoothing);
-}
-
 // ---- Forward ----
 std::tuple<at::Tensor, at::Tensor> forward_impl(const at::Tensor& logits,
                                                 const at::Tensor& target,  // class indices or probabilities
                                                 const std::optional<at::Tensor>& weight_opt, const Options& o) {
-  check_args("cross_entropy", logits, target, weight_opt, o);
+  softmax_host::check_args("cross_entropy", logits, target, weight_opt, o.prob, o.reduction, o.label_smoothing);
   host::DeviceGuard guard(logits.device());
   const auto positions = position_sizes(logits);
   const auto acc = acc_dtype(logits.scalar_type());
@@ -330,7 +317,7 @@ std::tuple<at::Tensor, at::Tensor> forward_impl(const at::Tensor& logits,
     }
     dispatch_mode(mode, [&](auto m) { run_forward<scalar_t, decltype(m)::value>(a, pr, pl, stream); });
     if (o.reduction != at::Reduction::None) {
-      ce_host::launch_forward_reduction(a.block_partials, n_blocks, o.reduction, o.prob, P, o.label_smoothing,
+      softmax_host::launch_forward_reduction(a.block_partials, n_blocks, o.reduction, o.prob, P, o.label_smoothing,
                                         mptr<scalar_t>(loss), stream);
     }
   });
@@ -340,7 +327,8 @@ std::tuple<at::Tensor, at::Tensor> forward_impl(const at::Tensor& logits,
 // ---- Backward ----
 at::Tensor backward_impl(const at::Tensor& grad_loss, const at::Tensor& logits, const at::Tensor& target,
                          const std::optional<at::Tensor>& weight_opt, const at::Tensor& lse, const Options& o) {
-  check_args("cross_entropy backward", logits, target, weight_opt, o);
+  softmax_host::check_args("cross_entropy backward", logits, target, weight_opt, o.prob, o.reduction,
+                           o.label_smoothing);
   check_backward_inputs(grad_loss, logits, lse, o.reduction);
   host::DeviceGuard guard(logits.device());
   at::Tensor grad = at::empty_strided(logits.sizes(), dense_strides_like(logits), logits.options());
@@ -376,7 +364,7 @@ at::Tensor backward_impl(const at::Tensor& grad_loss, const at::Tensor& logits, 
     if (o.reduction == at::Reduction::None) {
       a.grad_loss = cptr<scalar_t>(gl);
     } else {
-      scale = ce_host::launch_grad_scale(cptr<scalar_t>(gl), o.reduction, o.prob, o.label_smoothing, a.target, P, a.C,
+      scale = softmax_host::launch_grad_scale(cptr<scalar_t>(gl), o.reduction, o.prob, o.label_smoothing, a.target, P, a.C,
                                          o.ignore_index, a.weight, acc_opts, "cross_entropy", stream);
       a.grad_scale = cptr<acc_t>(scale);
     }

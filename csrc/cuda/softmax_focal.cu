@@ -5,11 +5,11 @@
 // translation unit as cross_entropy.cu: hence the namespace of its own). Differences: host_compat.h.
 //
 // No host synchronisation: the reductions and the mean's denominators are computed on the device in a fixed
-// order (cross-entropy's finish_kernel and target_weight_kernel, launched by ce_launch.h).
-#include "ce_launch.h"
+// order (cross-entropy's finish_kernel and target_weight_kernel, launched by softmax_host.h).
 #include "cross_entropy_host.h"
 #include "host_compat.h"
 #include "softmax_focal.cuh"
+#include "softmax_host.h"
 
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
@@ -62,12 +62,7 @@ struct Prepared {
 
 void check_args(const at::Tensor& logits, const at::Tensor& target, const std::optional<at::Tensor>& weight, bool prob,
                 double gamma, int64_t reduction, double label_smoothing) {
-  check_logits(logits, "softmax_focal_loss");
-  if (prob) check_prob_target(logits, target);
-  else check_index_target(logits, target);
-  check_weight(logits, weight);
-  check_reduction(reduction);
-  check_label_smoothing(label_smoothing);
+  softmax_host::check_args("softmax_focal_loss", logits, target, weight, prob, reduction, label_smoothing);
   check_gamma(gamma);
 }
 
@@ -148,7 +143,7 @@ std::tuple<at::Tensor, at::Tensor> forward_impl(const at::Tensor& logits, const 
     XENT_LAUNCH(static_cast<unsigned>(pr.grid), kBlock, 0, stream, kernel)(a);
     XENT_CUDA_LAUNCH_CHECK();
     if (reduction != at::Reduction::None) {
-      ce_host::launch_forward_reduction(a.block_partials, pr.grid, reduction, prob, pr.P, label_smoothing,
+      softmax_host::launch_forward_reduction(a.block_partials, pr.grid, reduction, prob, pr.P, label_smoothing,
                                         mptr<scalar_t>(loss), stream);
     }
   });
@@ -179,7 +174,7 @@ at::Tensor backward_impl(const at::Tensor& grad_loss, const at::Tensor& logits, 
       a.grad_loss = cptr<scalar_t>(gl);
     } else {
       // The device scalar grad_loss / denominator.
-      scale = ce_host::launch_grad_scale(cptr<scalar_t>(gl), reduction, prob, label_smoothing, a.target, pr.P, a.C,
+      scale = softmax_host::launch_grad_scale(cptr<scalar_t>(gl), reduction, prob, label_smoothing, a.target, pr.P, a.C,
                                          ignore_index, a.weight, lse_c.options(), "softmax_focal_loss", stream);
       a.grad_scale = cptr<acc_t>(scale);
     }

@@ -1,12 +1,14 @@
-// Host launches shared by the softmax losses, cross-entropy (cross_entropy.cu) and softmax focal
-// (softmax_focal.cu): their reductions over positions, with cross-entropy's finish_kernel and
-// target_weight_kernel (cross_entropy.cuh, Note [CUDA cross-entropy kernels]).
+// Host code shared by the CUDA softmax losses, cross-entropy (cross_entropy.cu) and softmax focal loss
+// (softmax_focal.cu): their argument checks, and the launches of their reductions over positions with
+// cross-entropy's finish_kernel and target_weight_kernel (cross_entropy.cuh, Note [CUDA cross-entropy
+// kernels]).
 //
 // Inline functions in a header, as host_compat.h: the emulated build compiles every .cu of csrc/cuda into one
 // translation unit. No host synchronisation: every sum and quotient stays on the device.
 #pragma once
 
 #include "cross_entropy.cuh"
+#include "cross_entropy_host.h"
 #include "host_compat.h"
 
 #include <ATen/core/Reduction.h>
@@ -14,8 +16,24 @@
 #include <ATen/ops/empty.h>
 
 #include <limits>
+#include <optional>
 
-namespace xent::cuda::ce_host {
+namespace xent::cuda::softmax_host {
+
+// The checks of cross_entropy_host.h that every softmax loss op makes, in order; `op` names the op in the
+// logits' messages.
+inline void check_args(const char* op, const at::Tensor& logits, const at::Tensor& target,
+                       const std::optional<at::Tensor>& weight, bool prob, int64_t reduction, double label_smoothing) {
+  check_logits(logits, op);
+  if (prob) {
+    check_prob_target(logits, target);
+  } else {
+    check_index_target(logits, target);
+  }
+  check_weight(logits, weight);
+  check_reduction(reduction);
+  check_label_smoothing(label_smoothing);
+}
 
 template <class scalar_t>
 void launch_finish(const ce::FinishParams<scalar_t>& f, xent_stream_t stream) {
@@ -98,4 +116,4 @@ at::Tensor launch_grad_scale(
   return scale;
 }
 
-} // namespace xent::cuda::ce_host
+} // namespace xent::cuda::softmax_host
