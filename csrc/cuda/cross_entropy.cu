@@ -318,7 +318,7 @@ std::tuple<at::Tensor, at::Tensor> forward_impl(const at::Tensor& logits,
     dispatch_mode(mode, [&](auto m) { run_forward<scalar_t, decltype(m)::value>(a, pr, pl, stream); });
     if (o.reduction != at::Reduction::None) {
       softmax_host::launch_forward_reduction(a.block_partials, n_blocks, o.reduction, o.prob, P, o.label_smoothing,
-                                        mptr<scalar_t>(loss), stream);
+                                             mptr<scalar_t>(loss), stream);
     }
   });
   return {loss, lse};
@@ -364,8 +364,8 @@ at::Tensor backward_impl(const at::Tensor& grad_loss, const at::Tensor& logits, 
     if (o.reduction == at::Reduction::None) {
       a.grad_loss = cptr<scalar_t>(gl);
     } else {
-      scale = softmax_host::launch_grad_scale(cptr<scalar_t>(gl), o.reduction, o.prob, o.label_smoothing, a.target, P, a.C,
-                                         o.ignore_index, a.weight, acc_opts, "cross_entropy", stream);
+      scale = softmax_host::launch_grad_scale(cptr<scalar_t>(gl), o.reduction, o.prob, o.label_smoothing, a.target,
+                                              P, a.C, o.ignore_index, a.weight, acc_opts, "cross_entropy", stream);
       a.grad_scale = cptr<acc_t>(scale);
     }
 

@@ -144,7 +144,7 @@ std::tuple<at::Tensor, at::Tensor> forward_impl(const at::Tensor& logits, const 
     XENT_CUDA_LAUNCH_CHECK();
     if (reduction != at::Reduction::None) {
       softmax_host::launch_forward_reduction(a.block_partials, pr.grid, reduction, prob, pr.P, label_smoothing,
-                                        mptr<scalar_t>(loss), stream);
+                                             mptr<scalar_t>(loss), stream);
     }
   });
   return {loss, lse};
@@ -174,8 +174,9 @@ at::Tensor backward_impl(const at::Tensor& grad_loss, const at::Tensor& logits, 
       a.grad_loss = cptr<scalar_t>(gl);
     } else {
       // The device scalar grad_loss / denominator.
-      scale = softmax_host::launch_grad_scale(cptr<scalar_t>(gl), reduction, prob, label_smoothing, a.target, pr.P, a.C,
-                                         ignore_index, a.weight, lse_c.options(), "softmax_focal_loss", stream);
+      scale = softmax_host::launch_grad_scale(cptr<scalar_t>(gl), reduction, prob, label_smoothing, a.target, pr.P,
+                                              a.C, ignore_index, a.weight, lse_c.options(), "softmax_focal_loss",
+                                              stream);
       a.grad_scale = cptr<acc_t>(scale);
     }
     a.lse_in = cptr<acc_t>(lse_c);
