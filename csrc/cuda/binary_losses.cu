@@ -70,57 +70,28 @@ Operand describe_operand(const at::Tensor& t_in, const at::Tensor& input, std::v
     op.kind = Operand::kScalar;
     return op;
   }
-  // The input-shaped view: size-1 dims dropped, runs with stride_outer == stride_inner * size_inner merged
-  // (broadcast dims, stride 0, merge with each other).
+  // The merged dims of the input-shaped view (broadcast dims, stride 0, merge with each other).
   const at::Tensor e = t.expand(input.sizes());
-  std::vector<int64_t> sizes, strides;
-  for (int64_t d = 0; d < e.dim(); ++d) {
-    if (e.size(d) == 1) continue;
-    if (!sizes.empty() && strides.back() == e.stride(d) * e.size(d)) {
-      sizes.back() *= e.size(d);
-      strides.back() = e.stride(d);
-    } else {
-      sizes.push_back(e.size(d));
-      strides.push_back(e.stride(d));
-    }
-  }
-  if (sizes.size() == 1 && strides[0] == 0) {  // e.g. a (1, 1) weight of a one-row input
+  std::optional<MergedDims> dims = host::merge_dims(e);
+  if (dims && dims->ndim == 1 && dims->stride[0] == 0) {  // e.g. a (1, 1) weight of a one-row input
     op.kind = Operand::kScalar;
     return op;
   }
-  if (sizes.size() > static_cast<size_t>(binary::kMaxOperandDims)) {
+  if (!dims) {
     // Rare (more than kMaxOperandDims non-mergeable dims): an input-shaped contiguous copy.
     t = e.contiguous();
     keep.push_back(t);
     op.data = t.const_data_ptr();
-    sizes.assign(1, input.numel());
-    strides.assign(1, 1);
+    dims = MergedDims{};
+    dims->size[0] = input.numel();
+    dims->stride[0] = 1;
   }
   op.kind = Operand::kStrided;
-  op.ndim = static_cast<int>(sizes.size());
-  for (int d = 0; d < op.ndim; ++d) {
-    op.size[d] = sizes[d];
-    op.stride[d] = strides[d];
-  }
+  static_cast<MergedDims&>(op) = *dims;
   return op;
 }
 
 bool dense(const Operand& op) { return op.kind == Operand::kStrided && op.ndim == 1 && op.stride[0] == 1; }
-
-template <class F>
-void dispatch_loss(Loss loss, F&& f) {
-  switch (loss) {
-    case Loss::bce:
-      f(std::integral_constant<Loss, Loss::bce>{});
-      break;
-    case Loss::logits:
-      f(std::integral_constant<Loss, Loss::logits>{});
-      break;
-    case Loss::focal:
-      f(std::integral_constant<Loss, Loss::focal>{});
-      break;
-  }
-}
 
 struct Prepared {
   at::Tensor input, target;
@@ -182,6 +153,23 @@ void split(Prepared& pr, const void* out) {
   pr.blocks = static_cast<unsigned>(blocks);
 }
 
+// The elementwise kernel of the forward or the backward: op's loss, the input's dtype, vector or scalar.
+void launch_pass(const OpSpec& op, const Prepared& pr, bool backward, xent_stream_t stream) {
+  host::dispatch_float_dtype(pr.input.scalar_type(), op.name, [&](auto tag) {
+    using scalar_t = typename decltype(tag)::type;
+    using host::ValueCase;
+    auto launch = [&](auto loss) {
+      constexpr Loss L = decltype(loss)::value;
+      auto* kernel = backward
+          ? (pr.vectorized ? &binary::bwd_vector_kernel<L, scalar_t> : &binary::bwd_scalar_kernel<L, scalar_t>)
+          : (pr.vectorized ? &binary::fwd_vector_kernel<L, scalar_t> : &binary::fwd_scalar_kernel<L, scalar_t>);
+      XENT_LAUNCH(pr.blocks, binary::kBlock, 0, stream, kernel)(pr.params);
+      XENT_CUDA_LAUNCH_CHECK();
+    };
+    host::dispatch_cases<ValueCase<Loss::bce>, ValueCase<Loss::logits>, ValueCase<Loss::focal>>(op.loss, launch);
+  });
+}
+
 at::Tensor forward(const OpSpec& op, const at::Tensor& input, const at::Tensor& target,
                    const std::optional<at::Tensor>& weight, const std::optional<at::Tensor>& pos_weight,
                    int64_t reduction, double alpha = 0, double gamma = 0) {
@@ -193,8 +181,7 @@ at::Tensor forward(const OpSpec& op, const at::Tensor& input, const at::Tensor& 
   at::Tensor loss = none ? at::empty(input.sizes(), input.options()) : at::empty({}, input.options());
   binary::Params& a = pr.params;
   if (a.numel == 0) {
-    if (reduction == at::Reduction::Mean) loss.fill_(std::numeric_limits<double>::quiet_NaN());  // 0 / 0
-    if (reduction == at::Reduction::Sum) loss.zero_();
+    host::fill_empty_reduction(loss, reduction);
     return loss;
   }
   split(pr, none ? loss.const_data_ptr() : nullptr);
@@ -206,15 +193,10 @@ at::Tensor forward(const OpSpec& op, const at::Tensor& input, const at::Tensor& 
     a.partials = partials.mutable_data_ptr<double>();
   }
   const xent_stream_t stream = host::current_stream(input.device());
-  host::dispatch_float_dtype(input.scalar_type(), op.name, [&](auto tag) {
-    using scalar_t = typename decltype(tag)::type;
-    dispatch_loss(op.loss, [&](auto loss_tag) {
-      constexpr Loss L = decltype(loss_tag)::value;
-      auto* kernel = pr.vectorized ? &binary::fwd_vector_kernel<L, scalar_t> : &binary::fwd_scalar_kernel<L, scalar_t>;
-      XENT_LAUNCH(pr.blocks, binary::kBlock, 0, stream, kernel)(a);
-      XENT_CUDA_LAUNCH_CHECK();
-    });
-    if (!none) {
+  launch_pass(op, pr, /*backward=*/false, stream);
+  if (!none) {
+    host::dispatch_float_dtype(input.scalar_type(), op.name, [&](auto tag) {
+      using scalar_t = typename decltype(tag)::type;
       binary::FinishParams<scalar_t> f;
       f.partials = partials.const_data_ptr<double>();
       f.n = pr.blocks;
@@ -223,8 +205,8 @@ at::Tensor forward(const OpSpec& op, const at::Tensor& input, const at::Tensor& 
       auto* kernel = &binary::finish_kernel<scalar_t>;
       XENT_LAUNCH(1, binary::kFinishBlock, 0, stream, kernel)(f);
       XENT_CUDA_LAUNCH_CHECK();
-    }
-  });
+    });
+  }
   return loss;
 }
 
@@ -250,16 +232,7 @@ at::Tensor backward(const OpSpec& op, const at::Tensor& grad_loss, const at::Ten
   }
   split(pr, grad.const_data_ptr());
   a.out = grad.mutable_data_ptr();
-  const xent_stream_t stream = host::current_stream(input.device());
-  host::dispatch_float_dtype(input.scalar_type(), op.name, [&](auto tag) {
-    using scalar_t = typename decltype(tag)::type;
-    dispatch_loss(op.loss, [&](auto loss_tag) {
-      constexpr Loss L = decltype(loss_tag)::value;
-      auto* kernel = pr.vectorized ? &binary::bwd_vector_kernel<L, scalar_t> : &binary::bwd_scalar_kernel<L, scalar_t>;
-      XENT_LAUNCH(pr.blocks, binary::kBlock, 0, stream, kernel)(a);
-      XENT_CUDA_LAUNCH_CHECK();
-    });
-  });
+  launch_pass(op, pr, /*backward=*/true, host::current_stream(input.device()));
   return grad;
 }
 

@@ -1,10 +1,11 @@
 // Binary losses device code: binary_cross_entropy, binary_cross_entropy_with_logits and sigmoid_focal_loss,
 // forward (unreduced, or per-block partial sums plus a finish kernel) and backward.
 //
-// Device code only. It includes nothing but compat.cuh and the shared device headers acc_type.cuh and
-// reduce.cuh (and standard headers for the math overloads), so that the same source compiles under nvcc and,
-// as plain C++, under the SIMT emulator (tests/simt). Every global memory access goes through
-// xent::cuda::load_global / store_global (the emulator counts the bytes). Host launch code: binary_losses.cu.
+// Device code only. It includes nothing but compat.cuh and the shared device headers acc_type.cuh (with the
+// math in the accumulation dtype), merged_dims.cuh and reduce.cuh (and standard headers), so that the same
+// source compiles under nvcc and, as plain C++, under the SIMT emulator (tests/simt). Every global memory
+// access goes through xent::cuda::load_global / store_global (the emulator counts the bytes). Host launch
+// code: binary_losses.cu.
 //
 // Note [CUDA binary loss kernels]
 // -------------------------------
@@ -60,17 +61,11 @@
 
 #include "acc_type.cuh"
 #include "compat.cuh"
+#include "merged_dims.cuh"
 #include "reduce.cuh"
 
 #include <cmath>
 #include <cstdint>
-
-// `#pragma unroll` for nvcc; g++ (the emulator build) gets its own spelling instead of a warning.
-#if defined(__CUDACC__)
-#define XENT_BIN_UNROLL _Pragma("unroll")
-#else
-#define XENT_BIN_UNROLL _Pragma("GCC unroll 16")
-#endif
 
 // The messages of the device-side range checks of binary_cross_entropy (string literals, as compat.cuh
 // requires): the CPU op's (and PyTorch's CPU) error messages.
@@ -86,21 +81,19 @@ constexpr int kBlock = 256;
 constexpr int kVectorsPerThread = 4;
 constexpr int kVectorsPerBlock = kBlock * kVectorsPerThread;
 constexpr int kFinishBlock = 512;
-constexpr int kMaxOperandDims = 4;
+constexpr int kMaxOperandDims = kMaxMergedDims;
 // Focal: gamma = k integer up to this is computed by products (as the CPU kernels).
 constexpr double kMaxIntegerGamma = 64;
 
 enum class Loss : int { bce = 0, logits = 1, focal = 2 };
 
 // A weight, pos_weight or upstream gradient, broadcast against the input (Note [CUDA binary loss kernels]).
-struct Operand {
+// kStrided: the merged dims of the input-shaped view (MergedDims, outermost first).
+struct Operand : MergedDims {
   enum Kind : int { kOne = 0, kScalar = 1, kVector = 2, kStrided = 3 };
   int kind = kOne;
   bool in_acc = false;          // data holds acc_t values (else the input's dtype)
   const void* data = nullptr;   // element 0 (the offset of flat index 0 is 0)
-  int ndim = 1;                 // kStrided: merged dims, outermost first
-  int64_t size[kMaxOperandDims] = {1, 1, 1, 1};
-  int64_t stride[kMaxOperandDims] = {0, 0, 0, 0};
 };
 
 // Everything the kernels need, by value. acc_t values travel as double (exact for float).
@@ -122,22 +115,6 @@ struct Params {
 };
 
 // ---------------------------------------------------------------------------------------------------------
-// Math overloads in the accumulation dtype.
-__device__ inline float acc_exp(float v) { return expf(v); }
-__device__ inline double acc_exp(double v) { return exp(v); }
-__device__ inline float acc_log(float v) { return logf(v); }
-__device__ inline double acc_log(double v) { return log(v); }
-__device__ inline float acc_log1p(float v) { return log1pf(v); }
-__device__ inline double acc_log1p(double v) { return log1p(v); }
-__device__ inline float acc_pow(float a, float b) { return powf(a, b); }
-__device__ inline double acc_pow(double a, double b) { return pow(a, b); }
-__device__ inline float acc_abs(float v) { return fabsf(v); }
-__device__ inline double acc_abs(double v) { return fabs(v); }
-__device__ inline float acc_max(float a, float b) { return fmaxf(a, b); }
-__device__ inline double acc_max(double a, double b) { return fmax(a, b); }
-__device__ inline float acc_min(float a, float b) { return fminf(a, b); }
-__device__ inline double acc_min(double a, double b) { return fmin(a, b); }
-
 // 128-bit accesses index arrays of Vec from a 16-byte aligned base (see vec_base in cross_entropy.cuh: a
 // cast of an element offset lets the backend split one STG.E.128 into narrower stores).
 template <class T, int V>
@@ -169,7 +146,7 @@ struct Cursor {
 __device__ inline Cursor cursor_at(const Operand& op, int64_t i) {
   Cursor c;
   c.off = 0;
-XENT_BIN_UNROLL
+XENT_UNROLL
   for (int d = kMaxOperandDims - 1; d >= 0; --d) {
     c.coord[d] = 0;
     if (d < op.ndim) {
@@ -189,7 +166,7 @@ XENT_BIN_UNROLL
 // The cursor of the next flat index.
 __device__ inline void advance(const Operand& op, Cursor& c) {
   bool carry = true;
-XENT_BIN_UNROLL
+XENT_UNROLL
   for (int d = kMaxOperandDims - 1; d >= 0; --d) {
     if (carry && d < op.ndim) {
       if (d == 0 || c.coord[d] + 1 < op.size[d]) {
@@ -210,15 +187,15 @@ template <class scalar_t, int V>
 __device__ inline void operand_values(const Operand& op, typename AccType<scalar_t>::type uniform, int64_t head,
                                       int64_t j, int64_t i0, typename AccType<scalar_t>::type (&v)[V]) {
   if (op.kind == Operand::kOne || op.kind == Operand::kScalar) {
-XENT_BIN_UNROLL
+XENT_UNROLL
     for (int e = 0; e < V; ++e) v[e] = uniform;
   } else if (V > 1 && op.kind == Operand::kVector) {
     const Vec<scalar_t, V> r = load_global(vec_array<scalar_t, V>(op.data, head) + j);
-XENT_BIN_UNROLL
+XENT_UNROLL
     for (int e = 0; e < V; ++e) v[e] = to_acc(r.val[e]);
   } else {
     Cursor c = cursor_at(op, i0);
-XENT_BIN_UNROLL
+XENT_UNROLL
     for (int e = 0; e < V; ++e) {
       v[e] = operand_at<scalar_t>(op, c.off);
       if (e + 1 < V) advance(op, c);
@@ -395,80 +372,101 @@ __device__ inline void load_uniforms(const Params& a, typename AccType<scalar_t>
 }
 
 // ---------------------------------------------------------------------------------------------------------
-// Forward.
+// The elementwise pass shared by the forward and the backward.
 
-// Loss of element i (head, tail): stored (reduction none) and returned.
-template <Loss L, class scalar_t>
-__device__ inline typename AccType<scalar_t>::type fwd_element(const Params& a, const Consts<typename AccType<scalar_t>::type>& c,
-                                                               const typename AccType<scalar_t>::type* uni, int64_t i) {
+// The inputs of V consecutive elements: input and target as stored, the operands in acc_t (the upstream
+// gradient s only in the backward).
+template <class scalar_t, int V>
+struct Inputs {
   using acc_t = typename AccType<scalar_t>::type;
-  const acc_t x = to_acc(load_global(static_cast<const scalar_t*>(a.x) + i));
-  const acc_t y = to_acc(load_global(static_cast<const scalar_t*>(a.y) + i));
-  const acc_t w = operand_value<scalar_t>(a.weight, uni[0], i);
-  const acc_t pw = operand_value<scalar_t>(a.pos_weight, uni[1], i);
-  const acc_t l = loss_of<L>(c, x, y, w, pw);
-  if (a.partials == nullptr) store_global(static_cast<scalar_t*>(a.out) + i, from_acc<scalar_t>(l));
-  return l;
+  Vec<scalar_t, V> x, y;
+  acc_t w[V], pw[V], s[V];
+};
+
+// Vector j of the vectorized range (V > 1), or element j of the V = 1 kernels: flat indices head + j * V, ...
+template <bool kUpstream, class scalar_t, int V>
+__device__ inline Inputs<scalar_t, V> vector_inputs(const Params& a, const typename AccType<scalar_t>::type* uni,
+                                                    int64_t j) {
+  Inputs<scalar_t, V> in;
+  const int64_t i0 = a.head + j * V;
+  in.x = load_global(vec_array<scalar_t, V>(a.x, a.head) + j);
+  in.y = load_global(vec_array<scalar_t, V>(a.y, a.head) + j);
+  operand_values<scalar_t, V>(a.weight, uni[0], a.head, j, i0, in.w);
+  operand_values<scalar_t, V>(a.pos_weight, uni[1], a.head, j, i0, in.pw);
+  if constexpr (kUpstream) operand_values<scalar_t, V>(a.grad, uni[2], a.head, j, i0, in.s);
+  return in;
 }
+
+// Element i of the scalar head or tail of the vector kernels.
+template <bool kUpstream, class scalar_t>
+__device__ inline Inputs<scalar_t, 1> element_inputs(const Params& a, const typename AccType<scalar_t>::type* uni,
+                                                     int64_t i) {
+  Inputs<scalar_t, 1> in;
+  in.x.val[0] = load_global(static_cast<const scalar_t*>(a.x) + i);
+  in.y.val[0] = load_global(static_cast<const scalar_t*>(a.y) + i);
+  in.w[0] = operand_value<scalar_t>(a.weight, uni[0], i);
+  in.pw[0] = operand_value<scalar_t>(a.pos_weight, uni[1], i);
+  if constexpr (kUpstream) in.s[0] = operand_value<scalar_t>(a.grad, uni[2], i);
+  return in;
+}
+
+// A block's share of the pass: vector(j) for its vectors (kVectorsPerThread per thread, strided by kBlock so
+// that every access is coalesced), then, in block 0 of the vector kernels, element(i) for the scalar head
+// and tail (< V elements each).
+template <int V, class VectorF, class ElementF>
+__device__ inline void for_each_part(const Params& a, const VectorF& vector, const ElementF& element) {
+  const int64_t j0 = static_cast<int64_t>(blockIdx.x) * kVectorsPerBlock + threadIdx.x;
+XENT_UNROLL
+  for (int k = 0; k < kVectorsPerThread; ++k) {
+    const int64_t j = j0 + static_cast<int64_t>(k) * kBlock;
+    if (j >= a.nvec) break;
+    vector(j);
+  }
+  if (V > 1 && blockIdx.x == 0) {
+    const int64_t tail_begin = a.head + a.nvec * V;
+    if (threadIdx.x < a.head) element(static_cast<int64_t>(threadIdx.x));
+    if (tail_begin + threadIdx.x < a.numel) element(tail_begin + threadIdx.x);
+  }
+}
+
+// ---------------------------------------------------------------------------------------------------------
+// Forward.
 
 template <Loss L, class scalar_t, int V>
 __device__ inline void fwd_body(const Params& a) {
   using acc_t = typename AccType<scalar_t>::type;
-  using Vx = Vec<scalar_t, V>;
   __shared__ acc_t sh_uniform[3];
   __shared__ double sh_sum[kBlock / 32];
   load_uniforms<scalar_t>(a, sh_uniform);
   const Consts<acc_t> c = consts_of<acc_t>(a);
   const bool reduce = a.partials != nullptr;
-  const Vx* xv = vec_array<scalar_t, V>(a.x, a.head);
-  const Vx* yv = vec_array<scalar_t, V>(a.y, a.head);
   double total = 0;
-  const int64_t j0 = static_cast<int64_t>(blockIdx.x) * kVectorsPerBlock + threadIdx.x;
-XENT_BIN_UNROLL
-  for (int k = 0; k < kVectorsPerThread; ++k) {
-    const int64_t j = j0 + static_cast<int64_t>(k) * kBlock;
-    if (j >= a.nvec) break;
-    const int64_t i0 = a.head + j * V;
-    const Vx xs = load_global(xv + j);
-    const Vx ys = load_global(yv + j);
-    acc_t w[V], pw[V];
-    operand_values<scalar_t, V>(a.weight, sh_uniform[0], a.head, j, i0, w);
-    operand_values<scalar_t, V>(a.pos_weight, sh_uniform[1], a.head, j, i0, pw);
-    Vx out;
-    acc_t sum = 0;
-XENT_BIN_UNROLL
-    for (int e = 0; e < V; ++e) {
-      const acc_t l = loss_of<L>(c, to_acc(xs.val[e]), to_acc(ys.val[e]), w[e], pw[e]);
-      sum += l;
-      out.val[e] = from_acc<scalar_t>(l);
-    }
-    if (reduce) {
-      total += static_cast<double>(sum);
-    } else {
-      store_global(vec_array<scalar_t, V>(a.out, a.head) + j, out);
-    }
-  }
-  if (V > 1 && blockIdx.x == 0) {  // the scalar head and tail (< V elements each)
-    const int64_t tail_begin = a.head + a.nvec * V;
-    if (threadIdx.x < a.head) total += static_cast<double>(fwd_element<L, scalar_t>(a, c, sh_uniform, threadIdx.x));
-    if (tail_begin + threadIdx.x < a.numel) {
-      total += static_cast<double>(fwd_element<L, scalar_t>(a, c, sh_uniform, tail_begin + threadIdx.x));
-    }
-  }
-  if (reduce) {  // uniform over the grid: the barrier is reached by every thread or none
-    total = block_sum<kBlock>(total, sh_sum);
-    if (threadIdx.x == 0) store_global(a.partials + blockIdx.x, total);
-  }
-}
-
-// The vector kernels (V = 16 / sizeof(scalar_t): 128-bit accesses) and the scalar ones (any alignment).
-template <Loss L, class scalar_t>
-__global__ void __launch_bounds__(kBlock, 1) fwd_vector_kernel(const Params a) {
-  fwd_body<L, scalar_t, 16 / static_cast<int>(sizeof(scalar_t))>(a);
-}
-template <Loss L, class scalar_t>
-__global__ void __launch_bounds__(kBlock, 1) fwd_scalar_kernel(const Params a) {
-  fwd_body<L, scalar_t, 1>(a);
+  for_each_part<V>(
+      a,
+      [&](int64_t j) {
+        const Inputs<scalar_t, V> in = vector_inputs<false, scalar_t, V>(a, sh_uniform, j);
+        Vec<scalar_t, V> out;
+        acc_t sum = 0;
+XENT_UNROLL
+        for (int e = 0; e < V; ++e) {
+          const acc_t l = loss_of<L>(c, to_acc(in.x.val[e]), to_acc(in.y.val[e]), in.w[e], in.pw[e]);
+          sum += l;
+          out.val[e] = from_acc<scalar_t>(l);
+        }
+        if (reduce) {
+          total += static_cast<double>(sum);
+        } else {
+          store_global(vec_array<scalar_t, V>(a.out, a.head) + j, out);
+        }
+      },
+      [&](int64_t i) {
+        const Inputs<scalar_t, 1> in = element_inputs<false, scalar_t>(a, sh_uniform, i);
+        const acc_t l = loss_of<L>(c, to_acc(in.x.val[0]), to_acc(in.y.val[0]), in.w[0], in.pw[0]);
+        if (!reduce) store_global(static_cast<scalar_t*>(a.out) + i, from_acc<scalar_t>(l));
+        total += static_cast<double>(l);
+      });
+  // `reduce` is uniform over the grid: block_sum's barrier is reached by every thread or none.
+  if (reduce) store_block_sum<kBlock>(total, sh_sum, a.partials);
 }
 
 template <class scalar_t>
@@ -493,57 +491,48 @@ __global__ void __launch_bounds__(kFinishBlock, 1) finish_kernel(const FinishPar
 // ---------------------------------------------------------------------------------------------------------
 // Backward.
 
-template <Loss L, class scalar_t>
-__device__ inline void bwd_element(const Params& a, const Consts<typename AccType<scalar_t>::type>& c,
-                                   const typename AccType<scalar_t>::type* uni, int64_t i) {
-  using acc_t = typename AccType<scalar_t>::type;
-  const acc_t x = to_acc(load_global(static_cast<const scalar_t*>(a.x) + i));
-  const acc_t y = to_acc(load_global(static_cast<const scalar_t*>(a.y) + i));
-  const acc_t w = operand_value<scalar_t>(a.weight, uni[0], i);
-  const acc_t pw = operand_value<scalar_t>(a.pos_weight, uni[1], i);
-  const acc_t s = operand_value<scalar_t>(a.grad, uni[2], i);
-  store_global(static_cast<scalar_t*>(a.out) + i, from_acc<scalar_t>(grad_of<L>(c, x, y, w, pw, s)));
-}
-
 template <Loss L, class scalar_t, int V>
 __device__ inline void bwd_body(const Params& a) {
   using acc_t = typename AccType<scalar_t>::type;
-  using Vx = Vec<scalar_t, V>;
   __shared__ acc_t sh_uniform[3];
   load_uniforms<scalar_t>(a, sh_uniform);
   const Consts<acc_t> c = consts_of<acc_t>(a);
-  const Vx* xv = vec_array<scalar_t, V>(a.x, a.head);
-  const Vx* yv = vec_array<scalar_t, V>(a.y, a.head);
-  Vx* gv = vec_array<scalar_t, V>(a.out, a.head);
-  const int64_t j0 = static_cast<int64_t>(blockIdx.x) * kVectorsPerBlock + threadIdx.x;
-XENT_BIN_UNROLL
-  for (int k = 0; k < kVectorsPerThread; ++k) {
-    const int64_t j = j0 + static_cast<int64_t>(k) * kBlock;
-    if (j >= a.nvec) break;
-    const int64_t i0 = a.head + j * V;
-    const Vx xs = load_global(xv + j);
-    const Vx ys = load_global(yv + j);
-    acc_t w[V], pw[V], s[V];
-    operand_values<scalar_t, V>(a.weight, sh_uniform[0], a.head, j, i0, w);
-    operand_values<scalar_t, V>(a.pos_weight, sh_uniform[1], a.head, j, i0, pw);
-    operand_values<scalar_t, V>(a.grad, sh_uniform[2], a.head, j, i0, s);
-    Vx g;
-XENT_BIN_UNROLL
-    for (int e = 0; e < V; ++e) {
-      g.val[e] = from_acc<scalar_t>(grad_of<L>(c, to_acc(xs.val[e]), to_acc(ys.val[e]), w[e], pw[e], s[e]));
-    }
-    store_global(gv + j, g);
-  }
-  if (V > 1 && blockIdx.x == 0) {  // the scalar head and tail (< V elements each)
-    const int64_t tail_begin = a.head + a.nvec * V;
-    if (threadIdx.x < a.head) bwd_element<L, scalar_t>(a, c, sh_uniform, threadIdx.x);
-    if (tail_begin + threadIdx.x < a.numel) bwd_element<L, scalar_t>(a, c, sh_uniform, tail_begin + threadIdx.x);
-  }
+  for_each_part<V>(
+      a,
+      [&](int64_t j) {
+        const Inputs<scalar_t, V> in = vector_inputs<true, scalar_t, V>(a, sh_uniform, j);
+        Vec<scalar_t, V> g;
+XENT_UNROLL
+        for (int e = 0; e < V; ++e) {
+          const acc_t x = to_acc(in.x.val[e]), y = to_acc(in.y.val[e]);
+          g.val[e] = from_acc<scalar_t>(grad_of<L>(c, x, y, in.w[e], in.pw[e], in.s[e]));
+        }
+        store_global(vec_array<scalar_t, V>(a.out, a.head) + j, g);
+      },
+      [&](int64_t i) {
+        const Inputs<scalar_t, 1> in = element_inputs<true, scalar_t>(a, sh_uniform, i);
+        const acc_t g = grad_of<L>(c, to_acc(in.x.val[0]), to_acc(in.y.val[0]), in.w[0], in.pw[0], in.s[0]);
+        store_global(static_cast<scalar_t*>(a.out) + i, from_acc<scalar_t>(g));
+      });
 }
 
+// ---------------------------------------------------------------------------------------------------------
+// The kernels: the vector ones (kVectorWidth elements per vector, 128-bit accesses) and the scalar ones
+// (V = 1, any alignment).
+template <class scalar_t>
+constexpr int kVectorWidth = 16 / static_cast<int>(sizeof(scalar_t));
+
+template <Loss L, class scalar_t>
+__global__ void __launch_bounds__(kBlock, 1) fwd_vector_kernel(const Params a) {
+  fwd_body<L, scalar_t, kVectorWidth<scalar_t>>(a);
+}
 template <Loss L, class scalar_t>
 __global__ void __launch_bounds__(kBlock, 1) bwd_vector_kernel(const Params a) {
-  bwd_body<L, scalar_t, 16 / static_cast<int>(sizeof(scalar_t))>(a);
+  bwd_body<L, scalar_t, kVectorWidth<scalar_t>>(a);
+}
+template <Loss L, class scalar_t>
+__global__ void __launch_bounds__(kBlock, 1) fwd_scalar_kernel(const Params a) {
+  fwd_body<L, scalar_t, 1>(a);
 }
 template <Loss L, class scalar_t>
 __global__ void __launch_bounds__(kBlock, 1) bwd_scalar_kernel(const Params a) {

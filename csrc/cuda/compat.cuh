@@ -5,7 +5,8 @@
 // Rules for device code, so that both builds behave alike:
 //   - every global-memory access goes through xent::cuda::load_global / store_global (the emulator counts
 //     the bytes; a Vec<T, N> access is one vector load/store, LDG.E.128 for 16 bytes);
-//   - launches use XENT_LAUNCH, dynamic shared memory XENT_DYNAMIC_SHARED, checks XENT_DEVICE_ASSERT;
+//   - launches use XENT_LAUNCH, dynamic shared memory XENT_DYNAMIC_SHARED, checks XENT_DEVICE_ASSERT, unrolled
+//     loops XENT_UNROLL;
 //   - warp-level code uses the _sync intrinsics with masks naming exactly the lanes that take part.
 #pragma once
 
@@ -71,6 +72,13 @@ using xent_stream_t = ::xent_simt::Stream;
 #endif
 
 #define XENT_RESTRICT __restrict__
+
+// `#pragma unroll` for nvcc; g++ (the emulator build) gets its own spelling instead of a warning.
+#if defined(__CUDACC__)
+#define XENT_UNROLL _Pragma("unroll")
+#else
+#define XENT_UNROLL _Pragma("GCC unroll 16")
+#endif
 
 namespace xent::cuda {
 

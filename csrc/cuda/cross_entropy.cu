@@ -10,6 +10,8 @@
 // in a fixed order (finish_kernel).
 #include "cross_entropy.cuh"
 #include "class_losses_host.h"
+#include "host_compat.h"
+#include "softmax_host.h"
 
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
@@ -17,19 +19,9 @@
 #include <torch/library.h>
 
 #include <algorithm>
-#include <atomic>
-#include <cstdlib>
 #include <limits>
 #include <optional>
 #include <tuple>
-#include <type_traits>
-
-// ---- Host compat (csrc/cuda/host_compat.h, shared with the other .cu files) ------------------------------
-#include "host_compat.h"
-#define XENT_CE_LIBRARY XENT_CUDA_LIBRARY
-#define XENT_CE_DISPATCH_KEY XENT_CUDA_DISPATCH_KEY
-#define XENT_CE_LAUNCH_CHECK() XENT_CUDA_LAUNCH_CHECK()
-// ----------------------------------------------------------------------------------------------------------
 
 namespace xent::cuda {
 namespace {
@@ -180,12 +172,6 @@ Plan make_plan(const Prepared& pr, int sms) {
 }
 
 // ---- Launchers ----
-template <class scalar_t>
-void launch_finish(const ce::FinishParams<scalar_t>& f, xent_stream_t stream) {
-  auto* kernel = &ce::finish_kernel<scalar_t>;
-  XENT_LAUNCH(1, ce::kFinishBlock, 0, stream, kernel)(f);
-  XENT_CE_LAUNCH_CHECK();
-}
 
 // Device scalar sum_c w_c (label smoothing with class weights).
 template <class scalar_t>
@@ -196,7 +182,7 @@ at::Tensor weight_total(const at::Tensor& w, xent_stream_t stream) {
   f.num = cptr<acc_t>(w);
   f.n = w.numel();
   f.acc_out = mptr<acc_t>(total);
-  launch_finish(f, stream);
+  softmax_host::launch_finish(f, stream);
   return total;
 }
 
@@ -204,7 +190,16 @@ template <class scalar_t, int MODE>
 void launch_forward_main(const ce::Params<scalar_t>& a, Kind kind, int64_t grid, xent_stream_t stream) {
   auto* kernel = kind == Kind::Rows ? &ce::fwd_rows_kernel<scalar_t, MODE> : &ce::fwd_lanes_kernel<scalar_t, MODE>;
   XENT_LAUNCH(static_cast<unsigned>(grid), kBlock, 0, stream, kernel)(a);
-  XENT_CE_LAUNCH_CHECK();
+  XENT_CUDA_LAUNCH_CHECK();
+}
+
+// The plan's work decomposition in the kernel arguments.
+template <class scalar_t>
+void set_plan(ce::Params<scalar_t>& a, const Plan& pl) {
+  a.chunk = pl.chunk;
+  a.n_chunks = pl.n_chunks;
+  a.row_warps = pl.row_warps;
+  a.class_groups = pl.class_groups;
 }
 
 // Runs the forward kernels of MODE over every position: lse and loss (reduction none) or the per-block
@@ -213,10 +208,7 @@ template <class scalar_t, int MODE>
 void run_forward(ce::Params<scalar_t> a, const Prepared& pr, const Plan& pl, xent_stream_t stream) {
   using acc_t = typename AccType<scalar_t>::type;
   const int64_t P = a.N * a.S;
-  a.chunk = pl.chunk;
-  a.n_chunks = pl.n_chunks;
-  a.row_warps = pl.row_warps;
-  a.class_groups = pl.class_groups;
+  set_plan(a, pl);
   at::Tensor partials;
   if (pl.n_chunks > 1) {
     partials = at::empty({P * pl.n_chunks * 4}, pr.x.options().dtype(acc_dtype(pr.x.scalar_type())));
@@ -226,12 +218,20 @@ void run_forward(ce::Params<scalar_t> a, const Prepared& pr, const Plan& pl, xen
   if (pl.n_chunks > 1) {
     auto* kernel = &ce::fwd_merge_kernel<scalar_t, MODE>;
     XENT_LAUNCH(static_cast<unsigned>(ceil_div(P, kBlock)), kBlock, 0, stream, kernel)(a);
-    XENT_CE_LAUNCH_CHECK();
+    XENT_CUDA_LAUNCH_CHECK();
   }
 }
 
 // Blocks that store one partial each in the forward's last kernel.
 int64_t forward_partial_blocks(int64_t P, const Plan& pl) { return pl.n_chunks > 1 ? ceil_div(P, kBlock) : pl.grid; }
+
+// The options of the cross-entropy ops (the probability-target ops have no ignore_index).
+struct Options {
+  int64_t reduction;
+  int64_t ignore_index;
+  double label_smoothing;
+  bool prob;
+};
 
 template <class scalar_t>
 ce::Params<scalar_t> base_params(
@@ -239,8 +239,7 @@ ce::Params<scalar_t> base_params(
     const at::Tensor& target,
     const at::Tensor& weight,
     const at::Tensor& weight_total,
-    int64_t ignore_index,
-    double label_smoothing) {
+    const Options& o) {
   using acc_t = typename AccType<scalar_t>::type;
   ce::Params<scalar_t> a;
   a.x = cptr<scalar_t>(pr.x);
@@ -257,61 +256,47 @@ ce::Params<scalar_t> base_params(
     a.t_sc = pr.tv.sc;
   }
   a.target = cptr<int64_t>(target);
-  a.ignore_index = ignore_index;
+  a.ignore_index = o.ignore_index;
   a.weight = cptr<acc_t>(weight);
   a.weight_total = cptr<acc_t>(weight_total);
-  a.one_minus_eps = static_cast<acc_t>(1.0 - label_smoothing);
-  a.eps_over_c = a.C > 0 ? static_cast<acc_t>(label_smoothing / static_cast<double>(a.C)) : acc_t(0);
+  a.one_minus_eps = static_cast<acc_t>(1.0 - o.label_smoothing);
+  a.eps_over_c = a.C > 0 ? static_cast<acc_t>(o.label_smoothing / static_cast<double>(a.C)) : acc_t(0);
   return a;
 }
 
-int forward_mode(bool prob, double label_smoothing) {
-  return prob ? ce::kProb : label_smoothing > 0.0 ? ce::kIndexSmooth : ce::kIndex;
+int forward_mode(const Options& o) {
+  return o.prob ? ce::kProb : o.label_smoothing > 0.0 ? ce::kIndexSmooth : ce::kIndex;
 }
 
+// Calls f(std::integral_constant<int, mode>{}) for a mode of forward_mode.
 template <class F>
 void dispatch_mode(int mode, F&& f) {
-  switch (mode) {
-    case ce::kIndex:
-      f(std::integral_constant<int, ce::kIndex>{});
-      break;
-    case ce::kIndexSmooth:
-      f(std::integral_constant<int, ce::kIndexSmooth>{});
-      break;
-    case ce::kProb:
-      f(std::integral_constant<int, ce::kProb>{});
-      break;
-    default:
-      f(std::integral_constant<int, ce::kProbWsum>{});
-      break;
-  }
+  using host::ValueCase;
+  const bool known = host::dispatch_cases<ValueCase<int{ce::kIndex}>, ValueCase<int{ce::kIndexSmooth}>,
+                                          ValueCase<int{ce::kProb}>>(mode, f);
+  TORCH_INTERNAL_ASSERT(known, "cross_entropy: unexpected kernel mode ", mode);
 }
 
 // ---- Forward ----
-std::tuple<at::Tensor, at::Tensor> forward_impl(
-    const at::Tensor& logits,
-    const at::Tensor& target,  // class indices or probabilities
-    const std::optional<at::Tensor>& weight_opt,
-    int64_t reduction,
-    int64_t ignore_index,
-    double label_smoothing,
-    bool prob) {
+std::tuple<at::Tensor, at::Tensor> forward_impl(const at::Tensor& logits,
+                                                const at::Tensor& target,  // class indices or probabilities
+                                                const std::optional<at::Tensor>& weight_opt, const Options& o) {
+  softmax_host::check_args("cross_entropy", logits, target, weight_opt, o.prob, o.reduction, o.label_smoothing);
   host::DeviceGuard guard(logits.device());
   const auto positions = position_sizes(logits);
   const auto acc = acc_dtype(logits.scalar_type());
   at::Tensor lse = at::empty(positions, logits.options().dtype(acc));
   at::Tensor loss =
-      reduction == at::Reduction::None ? at::empty(positions, logits.options()) : at::empty({}, logits.options());
+      o.reduction == at::Reduction::None ? at::empty(positions, logits.options()) : at::empty({}, logits.options());
   const int64_t P = lse.numel();
   if (P == 0) {
-    if (reduction == at::Reduction::Mean) loss.fill_(std::numeric_limits<double>::quiet_NaN());
-    if (reduction == at::Reduction::Sum) loss.zero_();
+    host::fill_empty_reduction(loss, o.reduction);
     return {loss, lse};
   }
-  const Prepared pr = prepare(logits, prob ? &target : nullptr);
-  const at::Tensor target64 = prob ? at::Tensor() : target.to(at::kLong).contiguous();
+  const Prepared pr = prepare(logits, o.prob ? &target : nullptr);
+  const at::Tensor target64 = o.prob ? at::Tensor() : target.to(at::kLong).contiguous();
   const at::Tensor w = weight_for_kernel(logits, weight_opt);
-  const int mode = forward_mode(prob, label_smoothing);
+  const int mode = forward_mode(o);
   const xent_stream_t stream = host::current_stream(logits.device());
   const Plan pl = make_plan(pr, host::sm_count(logits.device()));
   const int64_t n_blocks = forward_partial_blocks(P, pl);
@@ -320,10 +305,10 @@ std::tuple<at::Tensor, at::Tensor> forward_impl(
     using scalar_t = typename decltype(tag)::type;
     using acc_t = typename AccType<scalar_t>::type;
     const at::Tensor wt = mode == ce::kIndexSmooth && w.defined() ? weight_total<scalar_t>(w, stream) : at::Tensor();
-    ce::Params<scalar_t> a = base_params<scalar_t>(pr, target64, w, wt, ignore_index, label_smoothing);
+    ce::Params<scalar_t> a = base_params<scalar_t>(pr, target64, w, wt, o);
     a.lse = mptr<acc_t>(lse);
     at::Tensor block_partials;
-    if (reduction == at::Reduction::None) {
+    if (o.reduction == at::Reduction::None) {
       a.loss = mptr<scalar_t>(loss);
     } else {
       block_partials = at::empty({2 * n_blocks}, lse.options());
@@ -331,40 +316,24 @@ std::tuple<at::Tensor, at::Tensor> forward_impl(
       a.n_blocks = n_blocks;
     }
     dispatch_mode(mode, [&](auto m) { run_forward<scalar_t, decltype(m)::value>(a, pr, pl, stream); });
-    if (reduction != at::Reduction::None) {
-      ce::FinishParams<scalar_t> f;
-      f.num = a.block_partials;
-      f.n = n_blocks;
-      if (reduction == at::Reduction::Mean) {
-        if (prob) {
-          f.den_const = static_cast<acc_t>(P);
-        } else {
-          f.den = a.block_partials + n_blocks;
-        }
-        f.nan_if_den_zero = label_smoothing > 0;
-      }
-      f.loss_out = mptr<scalar_t>(loss);
-      launch_finish(f, stream);
+    if (o.reduction != at::Reduction::None) {
+      softmax_host::launch_forward_reduction(a.block_partials, n_blocks, o.reduction, o.prob, P, o.label_smoothing,
+                                             mptr<scalar_t>(loss), stream);
     }
   });
   return {loss, lse};
 }
 
 // ---- Backward ----
-at::Tensor backward_impl(
-    const at::Tensor& grad_loss,
-    const at::Tensor& logits,
-    const at::Tensor& target,
-    const std::optional<at::Tensor>& weight_opt,
-    const at::Tensor& lse,
-    int64_t reduction,
-    int64_t ignore_index,
-    double label_smoothing,
-    bool prob) {
+at::Tensor backward_impl(const at::Tensor& grad_loss, const at::Tensor& logits, const at::Tensor& target,
+                         const std::optional<at::Tensor>& weight_opt, const at::Tensor& lse, const Options& o) {
+  softmax_host::check_args("cross_entropy backward", logits, target, weight_opt, o.prob, o.reduction,
+                           o.label_smoothing);
+  check_backward_inputs(grad_loss, logits, lse, o.reduction);
   host::DeviceGuard guard(logits.device());
   at::Tensor grad = at::empty_strided(logits.sizes(), dense_strides_like(logits), logits.options());
   if (grad.numel() == 0) return grad;
-  const Prepared pr = prepare(logits, prob ? &target : nullptr);
+  const Prepared pr = prepare(logits, o.prob ? &target : nullptr);
   const int64_t P = pr.xv.N * pr.xv.S;
   // The gradient is written in the kernels' layout: when grad's own layout does not fit it, into a
   // temporary with the (possibly copied) logits' strides, copied into grad at the end.
@@ -375,11 +344,11 @@ at::Tensor backward_impl(
     gv = view_of(gk);
     TORCH_INTERNAL_ASSERT(gv && (pr.kind == Kind::Lanes || rows_ok(*gv)));
   }
-  const at::Tensor target64 = prob ? at::Tensor() : target.to(at::kLong).contiguous();
+  const at::Tensor target64 = o.prob ? at::Tensor() : target.to(at::kLong).contiguous();
   const at::Tensor w = weight_for_kernel(logits, weight_opt);
   const at::Tensor lse_c = lse.contiguous();
   const at::Tensor gl = grad_loss.to(logits.scalar_type()).contiguous();
-  const int mode = forward_mode(prob, label_smoothing);
+  const int mode = forward_mode(o);
   const xent_stream_t stream = host::current_stream(logits.device());
   const Plan pl = make_plan(pr, host::sm_count(logits.device()));
 
@@ -388,41 +357,21 @@ at::Tensor backward_impl(
     using acc_t = typename AccType<scalar_t>::type;
     const auto acc_opts = lse_c.options();
     const at::Tensor wt = mode == ce::kIndexSmooth && w.defined() ? weight_total<scalar_t>(w, stream) : at::Tensor();
-    ce::Params<scalar_t> a = base_params<scalar_t>(pr, target64, w, wt, ignore_index, label_smoothing);
+    ce::Params<scalar_t> a = base_params<scalar_t>(pr, target64, w, wt, o);
 
     // Upstream gradient: per position, or the device scalar grad_loss / denominator.
     at::Tensor scale;
-    if (reduction == at::Reduction::None) {
+    if (o.reduction == at::Reduction::None) {
       a.grad_loss = cptr<scalar_t>(gl);
     } else {
-      scale = at::empty({}, acc_opts);
-      ce::FinishParams<scalar_t> f;
-      f.grad = cptr<scalar_t>(gl);
-      f.acc_out = mptr<acc_t>(scale);
-      at::Tensor weight_partials;
-      if (reduction == at::Reduction::Mean) {
-        f.nan_if_den_zero = label_smoothing > 0;
-        if (prob) {
-          f.den_const = static_cast<acc_t>(P);
-        } else {
-          const int64_t blocks = ceil_div(P, ce::kWeightPositionsPerBlock);
-          TORCH_CHECK(blocks <= std::numeric_limits<int32_t>::max(), "cross_entropy: input too large");
-          weight_partials = at::empty({blocks}, acc_opts);
-          auto* kernel = &ce::target_weight_kernel<acc_t>;
-          XENT_LAUNCH(static_cast<unsigned>(blocks), kBlock, 0, stream, kernel)(
-              a.target, P, a.C, ignore_index, a.weight, mptr<acc_t>(weight_partials));
-          XENT_CE_LAUNCH_CHECK();
-          f.den = cptr<acc_t>(weight_partials);
-          f.n = blocks;
-        }
-      }
-      launch_finish(f, stream);
+      scale = softmax_host::launch_grad_scale(cptr<scalar_t>(gl), o.reduction, o.prob, o.label_smoothing, a.target,
+                                              P, a.C, o.ignore_index, a.weight, acc_opts, "cross_entropy", stream);
       a.grad_scale = cptr<acc_t>(scale);
     }
 
     // Probability targets: Q = sum_c w_c q_c per position first.
     at::Tensor q;
-    if (prob) {
+    if (o.prob) {
       q = at::empty({P}, acc_opts);
       ce::Params<scalar_t> qa = a;
       qa.q_out = mptr<acc_t>(q);
@@ -435,94 +384,47 @@ at::Tensor backward_impl(
     a.g_sn = gv->sn;
     a.g_ss = gv->ss;
     a.g_sc = gv->sc;
-    a.chunk = pl.chunk;
-    a.n_chunks = pl.n_chunks;
-    a.row_warps = pl.row_warps;
-    a.class_groups = pl.class_groups;
+    set_plan(a, pl);
     dispatch_mode(mode, [&](auto m) {
       constexpr int M = decltype(m)::value;
-      if constexpr (M != ce::kProbWsum) {
-        auto* kernel = pr.kind == Kind::Rows ? &ce::bwd_rows_kernel<scalar_t, M> : &ce::bwd_lanes_kernel<scalar_t, M>;
-        XENT_LAUNCH(static_cast<unsigned>(pl.grid), kBlock, 0, stream, kernel)(a);
-        XENT_CE_LAUNCH_CHECK();
-      }
+      auto* kernel = pr.kind == Kind::Rows ? &ce::bwd_rows_kernel<scalar_t, M> : &ce::bwd_lanes_kernel<scalar_t, M>;
+      XENT_LAUNCH(static_cast<unsigned>(pl.grid), kBlock, 0, stream, kernel)(a);
+      XENT_CUDA_LAUNCH_CHECK();
     });
   });
   if (!gk.is_same(grad)) grad.copy_(gk);
   return grad;
 }
 
-// ---- Ops ----
-std::tuple<at::Tensor, at::Tensor> cross_entropy_fwd(
-    const at::Tensor& logits,
-    const at::Tensor& target,
-    const std::optional<at::Tensor>& weight,
-    int64_t reduction,
-    int64_t ignore_index,
-    double label_smoothing) {
-  check_logits(logits, "cross_entropy");
-  check_index_target(logits, target);
-  check_weight(logits, weight);
-  check_reduction(reduction);
-  check_label_smoothing(label_smoothing);
-  return forward_impl(logits, target, weight, reduction, ignore_index, label_smoothing, /*prob=*/false);
+// ---- Ops (schemas in csrc/ops.cpp) ----
+std::tuple<at::Tensor, at::Tensor> cross_entropy_fwd(const at::Tensor& logits, const at::Tensor& target,
+                                                     const std::optional<at::Tensor>& weight, int64_t reduction,
+                                                     int64_t ignore_index, double label_smoothing) {
+  return forward_impl(logits, target, weight, {reduction, ignore_index, label_smoothing, /*prob=*/false});
 }
 
-at::Tensor cross_entropy_bwd(
-    const at::Tensor& grad_loss,
-    const at::Tensor& logits,
-    const at::Tensor& target,
-    const std::optional<at::Tensor>& weight,
-    const at::Tensor& lse,
-    int64_t reduction,
-    int64_t ignore_index,
-    double label_smoothing) {
-  check_logits(logits, "cross_entropy backward");
-  check_index_target(logits, target);
-  check_weight(logits, weight);
-  check_reduction(reduction);
-  check_label_smoothing(label_smoothing);
-  check_backward_inputs(grad_loss, logits, lse, reduction);
-  return backward_impl(
-      grad_loss, logits, target, weight, lse, reduction, ignore_index, label_smoothing, /*prob=*/false);
+at::Tensor cross_entropy_bwd(const at::Tensor& grad_loss, const at::Tensor& logits, const at::Tensor& target,
+                             const std::optional<at::Tensor>& weight, const at::Tensor& lse, int64_t reduction,
+                             int64_t ignore_index, double label_smoothing) {
+  return backward_impl(grad_loss, logits, target, weight, lse, {reduction, ignore_index, label_smoothing, false});
 }
 
-std::tuple<at::Tensor, at::Tensor> cross_entropy_prob_fwd(
-    const at::Tensor& logits,
-    const at::Tensor& target,
-    const std::optional<at::Tensor>& weight,
-    int64_t reduction,
-    double label_smoothing) {
-  check_logits(logits, "cross_entropy");
-  check_prob_target(logits, target);
-  check_weight(logits, weight);
-  check_reduction(reduction);
-  check_label_smoothing(label_smoothing);
-  return forward_impl(logits, target, weight, reduction, /*ignore_index=*/0, label_smoothing, /*prob=*/true);
+std::tuple<at::Tensor, at::Tensor> cross_entropy_prob_fwd(const at::Tensor& logits, const at::Tensor& target,
+                                                          const std::optional<at::Tensor>& weight, int64_t reduction,
+                                                          double label_smoothing) {
+  return forward_impl(logits, target, weight, {reduction, /*ignore_index=*/0, label_smoothing, /*prob=*/true});
 }
 
-at::Tensor cross_entropy_prob_bwd(
-    const at::Tensor& grad_loss,
-    const at::Tensor& logits,
-    const at::Tensor& target,
-    const std::optional<at::Tensor>& weight,
-    const at::Tensor& lse,
-    int64_t reduction,
-    double label_smoothing) {
-  check_logits(logits, "cross_entropy backward");
-  check_prob_target(logits, target);
-  check_weight(logits, weight);
-  check_reduction(reduction);
-  check_label_smoothing(label_smoothing);
-  check_backward_inputs(grad_loss, logits, lse, reduction);
-  return backward_impl(
-      grad_loss, logits, target, weight, lse, reduction, /*ignore_index=*/0, label_smoothing, /*prob=*/true);
+at::Tensor cross_entropy_prob_bwd(const at::Tensor& grad_loss, const at::Tensor& logits, const at::Tensor& target,
+                                  const std::optional<at::Tensor>& weight, const at::Tensor& lse, int64_t reduction,
+                                  double label_smoothing) {
+  return backward_impl(grad_loss, logits, target, weight, lse, {reduction, 0, label_smoothing, true});
 }
 
 } // namespace
 } // namespace xent::cuda
 
-TORCH_LIBRARY_IMPL(XENT_CE_LIBRARY, XENT_CE_DISPATCH_KEY, m) {
+TORCH_LIBRARY_IMPL(XENT_CUDA_LIBRARY, XENT_CUDA_DISPATCH_KEY, m) {
   m.impl("cross_entropy_fwd", TORCH_FN(xent::cuda::cross_entropy_fwd));
   m.impl("cross_entropy_bwd", TORCH_FN(xent::cuda::cross_entropy_bwd));
   m.impl("cross_entropy_prob_fwd", TORCH_FN(xent::cuda::cross_entropy_prob_fwd));

@@ -8,7 +8,7 @@
 //
 // Note [CUDA cross-entropy kernels]
 // ---------------------------------
-// Logits are the strided (N, C, S) view of csrc/cross_entropy_host.h; position p = n * S + s. Two layouts,
+// Logits are the strided (N, C, S) view of csrc/class_losses_host.h; position p = n * S + s. Two layouts,
 // as on the CPU (csrc/cpu/kernels.h, Note [Position layouts]):
 //  * rows:  class stride 1. A row group of `row_warps` warps (1, or all 8 of a 256-thread block) owns one
 //           position. It reads the row with 128-bit loads (Vec<T, 16 / sizeof(T)>) after a scalar head that
@@ -47,20 +47,11 @@
 
 #include "acc_type.cuh"
 #include "compat.cuh"
+#include "reduce.cuh"
+#include "target_check.cuh"
 
 #include <cmath>
 #include <cstdint>
-
-// `#pragma unroll` for nvcc; g++ (the emulator build) gets its own spelling instead of a warning.
-#if defined(__CUDACC__)
-#define XENT_CE_UNROLL _Pragma("unroll")
-#else
-#define XENT_CE_UNROLL _Pragma("GCC unroll 16")
-#endif
-
-// The message of the device-side check of class-index targets (a string literal, as compat.cuh requires).
-#define XENT_CE_TARGET_OUT_OF_BOUNDS \
-  "cross_entropy: target out of bounds: a class-index target must be in [0, C) or equal ignore_index"
 
 namespace xent::cuda::ce {
 
@@ -73,7 +64,6 @@ constexpr int kWarps = kBlock / 32;
 constexpr int kFinishBlock = 512;
 // Positions per block of target_weight_kernel (kBlock threads x 4).
 constexpr int kWeightPositionsPerBlock = kBlock * 4;
-constexpr unsigned kFullMask = 0xffffffffu;
 
 // What a kernel computes.
 enum Mode : int {
@@ -84,14 +74,8 @@ enum Mode : int {
 };
 
 // ---------------------------------------------------------------------------------------------------------
-// Scalar helpers (AccType, to_acc and from_acc are acc_type.cuh's, found from this namespace).
-__device__ inline float acc_exp(float x) { return expf(x); }
-__device__ inline double acc_exp(double x) { return exp(x); }
-__device__ inline float acc_log(float x) { return logf(x); }
-__device__ inline double acc_log(double x) { return log(x); }
-// max that ignores NaN (a NaN logit reaches the loss through the sum of exponentials instead).
-__device__ inline float acc_max(float a, float b) { return fmaxf(a, b); }
-__device__ inline double acc_max(double a, double b) { return fmax(a, b); }
+// Scalar helpers (AccType, to_acc, from_acc and the acc_* math are acc_type.cuh's, the warp and block sums
+// reduce.cuh's, TargetOp target_check.cuh's, all found from this namespace).
 template <class T>
 __device__ inline T neg_inf() {
   return -static_cast<T>(INFINITY);
@@ -99,11 +83,12 @@ __device__ inline T neg_inf() {
 
 template <class T>
 __device__ inline T shfl_xor(T v, int lane_mask) {
-  return __shfl_xor_sync(kFullMask, v, lane_mask);
+  return __shfl_xor_sync(kFullWarpMask, v, lane_mask);
 }
-template <class T>
-__device__ inline T shfl_lane0(T v) {
-  return __shfl_sync(kFullMask, v, 0);
+
+// target_check.cuh's check, naming cross_entropy (softmax focal loss uses it too).
+__device__ inline bool target_in_range(int64_t t, int64_t C) {
+  return ::xent::cuda::target_in_range<TargetOp::kCrossEntropy>(t, C);
 }
 
 // Offset of position p = n * S + s for strides (sn, ss).
@@ -213,7 +198,7 @@ __device__ inline void merge_state(State<acc_t>& a, const State<acc_t>& b) {
 // Butterfly over the warp; lane 0's result is deterministic (only lane 0's is used).
 template <int MODE, class acc_t>
 __device__ inline void warp_merge(State<acc_t>& st) {
-XENT_CE_UNROLL
+XENT_UNROLL
   for (int off = 16; off > 0; off >>= 1) {
     State<acc_t> o;
     if constexpr (MODE != kProbWsum) {
@@ -229,40 +214,30 @@ XENT_CE_UNROLL
   }
 }
 
-template <class acc_t>
-__device__ inline acc_t warp_sum(acc_t v) {
-XENT_CE_UNROLL
-  for (int off = 16; off > 0; off >>= 1) v += shfl_xor(v, off);
-  return v;
-}
+// The States of a block's threads in shared memory, N slots, for the merge across warps.
+template <class acc_t, int N>
+struct StateSlots {
+  acc_t m[N], s[N], dot[N], wdot[N];
 
-// Sums (v0, v1) over the block in a fixed tree; thread 0 stores them to out0[0], out1[0] (out1 may be null).
-// Every thread of the block must call it. smem: 2 * kWarps acc_t.
-template <class acc_t>
-__device__ inline void block_sum2_store(acc_t v0, acc_t v1, acc_t* smem, acc_t* out0, acc_t* out1) {
-  const int warp = static_cast<int>(threadIdx.x) / 32, lane = static_cast<int>(threadIdx.x) % 32;
-  v0 = warp_sum(v0);
-  v1 = warp_sum(v1);
-  if (lane == 0) {
-    smem[warp] = v0;
-    smem[kWarps + warp] = v1;
+  __device__ void put(int i, const State<acc_t>& st) {
+    m[i] = st.m;
+    s[i] = st.s;
+    dot[i] = st.dot;
+    wdot[i] = st.wdot;
   }
-  __syncthreads();
-  if (threadIdx.x == 0) {
-    acc_t s0 = smem[0], s1 = smem[kWarps];
-    for (int w = 1; w < kWarps; ++w) {
-      s0 += smem[w];
-      s1 += smem[kWarps + w];
-    }
-    store_global(out0, s0);
-    if (out1 != nullptr) store_global(out1, s1);
+  __device__ State<acc_t> get(int i) const { return State<acc_t>{m[i], s[i], dot[i], wdot[i]}; }
+  // Slots first, first + stride, ... (count of them) merged in that order.
+  __device__ State<acc_t> merged(int first, int count, int stride) const {
+    State<acc_t> st = get(first);
+    for (int i = 1; i < count; ++i) merge_state(st, get(first + i * stride));
+    return st;
   }
-}
+};
 
-template <class scalar_t>
-__device__ inline typename AccType<scalar_t>::type class_weight(const Params<scalar_t>& a, int64_t c) {
-  using acc_t = typename AccType<scalar_t>::type;
-  return a.weight != nullptr ? load_global(a.weight + c) : acc_t(1);
+// w_c, or 1 without class weights.
+template <class acc_t>
+__device__ inline acc_t class_weight(const acc_t* weight, int64_t c) {
+  return weight != nullptr ? load_global(weight + c) : acc_t(1);
 }
 
 template <class scalar_t>
@@ -282,7 +257,7 @@ __device__ inline void accumulate(
     const Params<scalar_t>& a) {
   if constexpr (MODE != kProbWsum) {
     acc_t vmax = x[0];
-XENT_CE_UNROLL
+XENT_UNROLL
     for (int i = 1; i < V; ++i) vmax = acc_max(vmax, x[i]);
     if (vmax > st.m) {
       st.s *= acc_exp(st.m - vmax);
@@ -291,23 +266,23 @@ XENT_CE_UNROLL
     // Only -inf seen so far: exp(x - 0) is 0 for them (and -inf - -inf would be NaN).
     const acc_t ref = st.m == neg_inf<acc_t>() ? acc_t(0) : st.m;
     acc_t sum = 0;
-XENT_CE_UNROLL
+XENT_UNROLL
     for (int i = 0; i < V; ++i) sum += acc_exp(x[i] - ref);
     st.s += sum;
   }
   if constexpr (MODE == kIndexSmooth) {
     if (a.weight != nullptr) {
-XENT_CE_UNROLL
+XENT_UNROLL
       for (int i = 0; i < V; ++i) st.dot += load_global(a.weight + c0 + i) * x[i];
     } else {
-XENT_CE_UNROLL
+XENT_UNROLL
       for (int i = 0; i < V; ++i) st.dot += x[i];
     }
   }
   if constexpr (MODE == kProb || MODE == kProbWsum) {
-XENT_CE_UNROLL
+XENT_UNROLL
     for (int i = 0; i < V; ++i) {
-      const acc_t wq = class_weight(a, c0 + i) * (a.one_minus_eps * t[i] + a.eps_over_c);
+      const acc_t wq = class_weight(a.weight, c0 + i) * (a.one_minus_eps * t[i] + a.eps_over_c);
       st.wdot += wq;
       if constexpr (MODE == kProb) st.dot += wq * x[i];
     }
@@ -349,20 +324,15 @@ __device__ inline void finish_position(
       loss = lse * st.wdot - st.dot;
       w = 1;
     } else {
-      if (!ignored) {
-        const int64_t C = a.C;
-        const bool valid = t >= 0 && t < C;
-        XENT_DEVICE_ASSERT(t >= 0 && t < C, XENT_CE_TARGET_OUT_OF_BOUNDS);
-        if (valid) {
-          const acc_t xt = to_acc(load_global(a.x + x_off + t * a.x_sc));
-          const acc_t wt = class_weight(a, t);
-          if constexpr (MODE == kIndex) {
-            loss = wt * (lse - xt);
-          } else {
-            loss = a.one_minus_eps * wt * (lse - xt) + a.eps_over_c * (weight_total(a) * lse - st.dot);
-          }
-          w = wt;
+      if (!ignored && target_in_range(t, a.C)) {
+        const acc_t xt = to_acc(load_global(a.x + x_off + t * a.x_sc));
+        const acc_t wt = class_weight(a.weight, t);
+        if constexpr (MODE == kIndex) {
+          loss = wt * (lse - xt);
+        } else {
+          loss = a.one_minus_eps * wt * (lse - xt) + a.eps_over_c * (weight_total(a) * lse - st.dot);
         }
+        w = wt;
       }
     }
     if (a.loss != nullptr) store_global(a.loss + p, from_acc<scalar_t>(loss));
@@ -387,24 +357,189 @@ __device__ inline State<acc_t> load_partial(const acc_t* partials, int64_t index
   return State<acc_t>{load_global(p + 0), load_global(p + 1), load_global(p + 2), load_global(p + 3)};
 }
 
-// The classes [begin, end) a rows-layout block handles: chunk k of a row whose vector head is `head`.
-__device__ inline void row_chunk_range(
-    int64_t C,
-    int64_t head,
-    int64_t k,
-    int64_t chunk,
-    int64_t n_chunks,
-    int64_t& begin,
-    int64_t& end) {
-  if (n_chunks == 1) {
-    begin = 0;
-    end = C;
-    return;
+// Mean / sum (block_partials set): the block's losses and weights w_t, summed in a fixed tree, become its
+// two partials for finish_kernel. Every thread of the block must call it.
+template <class acc_t>
+__device__ inline void store_loss_sums(acc_t* block_partials, int64_t n_blocks, acc_t loss, acc_t w) {
+  __shared__ acc_t sh_sum[2 * kWarps];
+  if (block_partials != nullptr) store_block_sum2<kBlock>(loss, w, sh_sum, block_partials, n_blocks);
+}
+
+// A forward thread's position p: whether the thread has one (active), its class-index target t, whether its
+// logits are skipped (not active, or ignored: not read) and, if not, their offset x_off.
+struct FwdPosition {
+  bool active, skip;
+  int64_t t, x_off;
+};
+
+// kWarpShares: the warp shares p (rows layout), so its lane 0 loads t for all of it.
+template <int MODE, bool kWarpShares, class scalar_t>
+__device__ inline FwdPosition fwd_position(const Params<scalar_t>& a, int64_t p, int lane) {
+  FwdPosition f;
+  f.active = p < a.N * a.S;
+  f.skip = !f.active;
+  f.t = 0;
+  if constexpr (MODE == kIndex || MODE == kIndexSmooth) {
+    if (f.active) {  // uniform over the warp when it shares p
+      if constexpr (kWarpShares) {
+        if (lane == 0) f.t = load_global(a.target + p);
+        f.t = shfl_lane0(f.t);
+      } else {
+        f.t = load_global(a.target + p);
+      }
+      f.skip = f.t == a.ignore_index;
+    }
   }
-  begin = k == 0 ? 0 : head + k * chunk;
-  end = head + (k + 1) * chunk;
-  if (end > C) end = C;
-  if (begin > end) begin = end;
+  f.x_off = f.skip ? 0 : position_offset(p, a.S, a.x_sn, a.x_ss);
+  return f;
+}
+
+// The end of the forward's main kernels, once every thread has put its State in `slots`: the leader thread of
+// each position merges the position's `count` slots (from `first`, `stride` apart) in order, then stores the
+// result as the partial of chunk k (split positions: fwd_merge_kernel finishes them) or finishes the position;
+// then the block's loss sums (whole positions). Every thread of the block must call it.
+template <int MODE, class scalar_t, class acc_t, int N>
+__device__ inline void end_block(
+    const Params<scalar_t>& a,
+    const StateSlots<acc_t, N>& slots,
+    bool leader,
+    int first,
+    int count,
+    int stride,
+    int64_t p,
+    int64_t k,
+    const FwdPosition& pos) {
+  __syncthreads();
+  acc_t loss = 0, w = 0;
+  if (leader) {
+    const State<acc_t> st = slots.merged(first, count, stride);
+    if (a.n_chunks > 1) {
+      store_partial(a.partials, p * a.n_chunks + k, st);
+    } else {
+      finish_position<MODE>(a, p, pos.x_off, pos.t, st, loss, w);
+    }
+  }
+  if (a.n_chunks == 1) store_loss_sums(a.block_partials, a.n_blocks, loss, w);
+}
+
+// ---------------------------------------------------------------------------------------------------------
+// Work decomposition and loops shared by the forward and backward kernels.
+
+// Where a rows-layout thread works: chunk k of position p, as thread rtid of the row_threads threads
+// (row_warps warps) that share the position.
+struct RowsThread {
+  int warp, lane, row_threads, rtid;
+  int64_t k, p;
+};
+
+__device__ inline RowsThread rows_thread(int row_warps, int64_t n_chunks) {
+  RowsThread r;
+  r.warp = static_cast<int>(threadIdx.x) / 32;
+  r.lane = static_cast<int>(threadIdx.x) % 32;
+  r.row_threads = row_warps * 32;
+  r.rtid = (r.warp % row_warps) * 32 + r.lane;
+  const int64_t blk = blockIdx.x;
+  r.k = blk % n_chunks;
+  r.p = (blk / n_chunks) * (kWarps / row_warps) + r.warp / row_warps;
+  return r;
+}
+
+// Where a lanes-layout thread works: chunk k of position p (its lane's in a tile of 32), as class group
+// `group` of the tile's class_groups warps.
+struct LanesThread {
+  int warp, lane, group;
+  int64_t k, p;
+};
+
+__device__ inline LanesThread lanes_thread(int class_groups, int64_t n_chunks) {
+  LanesThread r;
+  r.warp = static_cast<int>(threadIdx.x) / 32;
+  r.lane = static_cast<int>(threadIdx.x) % 32;
+  r.group = r.warp % class_groups;
+  const int64_t blk = blockIdx.x;
+  r.k = blk % n_chunks;
+  r.p = ((blk / n_chunks) * (kWarps / class_groups) + r.warp / class_groups) * 32 + r.lane;
+  return r;
+}
+
+// The classes [begin, end) of a rows-layout chunk: nvec vectors of V classes from vbegin (16-byte aligned),
+// and n_scalar classes one by one: n_head from begin, then from vend to end.
+struct RowSpan {
+  int64_t begin, end, vbegin, vend, nvec, n_head, n_scalar;
+  // Class i of the scalar part, i < n_scalar.
+  __device__ int64_t scalar_class(int64_t i) const { return i < n_head ? begin + i : vend + (i - n_head); }
+};
+
+// Chunk k of a row whose first 16-byte aligned element is `head` (chunk boundaries sit at head + k * chunk).
+template <int V>
+__device__ inline RowSpan row_span(int64_t C, int64_t head, int64_t k, int64_t chunk, int64_t n_chunks) {
+  RowSpan r;
+  if (n_chunks == 1) {
+    r.begin = 0;
+    r.end = C;
+  } else {
+    r.begin = k == 0 ? 0 : head + k * chunk;
+    r.end = head + (k + 1) * chunk;
+    if (r.end > C) r.end = C;
+    if (r.begin > r.end) r.begin = r.end;
+  }
+  r.vbegin = r.begin > head ? r.begin : head;
+  if (r.vbegin > r.end) r.vbegin = r.end;
+  r.nvec = (r.end - r.vbegin) / V;
+  r.vend = r.vbegin + r.nvec * V;
+  r.n_head = r.vbegin - r.begin;
+  r.n_scalar = r.n_head + (r.end - r.vend);
+  return r;
+}
+
+// A vector's logits and probability targets, as loaded (Vec) or converted (acc_t[V]).
+template <class E>
+struct LogitsAndTarget {
+  E x, t;
+};
+
+// Vectors j = first, first + step, ... below n, two in flight per thread: load(j, in) for both vectors before
+// use(j, in) for either (in the backward the compiler cannot move a load above a store to the gradient, which
+// might alias the logits as far as it knows).
+template <class In, class Load, class Use>
+__device__ inline void two_vectors_in_flight(int64_t first, int64_t step, int64_t n, const Load& load, const Use& use) {
+  int64_t j = first;
+  for (; j + step < n; j += 2 * step) {
+    In in0, in1;
+    load(j, in0);
+    load(j + step, in1);
+    use(j, in0);
+    use(j + step, in1);
+  }
+  if (j < n) {
+    In in0;
+    load(j, in0);
+    use(j, in0);
+  }
+}
+
+// Classes c = first, first + step, ... below end, four in flight per thread: load(c, x, t) for four classes
+// before store(c, x, t) for any of them.
+template <class acc_t, class Load, class Store>
+__device__ inline void four_classes_in_flight(
+    int64_t first,
+    int64_t step,
+    int64_t end,
+    const Load& load,
+    const Store& store) {
+  int64_t c = first;
+  for (; c + 3 * step < end; c += 4 * step) {
+    acc_t xv[4], tv[4];
+XENT_UNROLL
+    for (int i = 0; i < 4; ++i) load(c + i * step, xv[i], tv[i]);
+XENT_UNROLL
+    for (int i = 0; i < 4; ++i) store(c + i * step, xv[i], tv[i]);
+  }
+  for (; c < end; c += step) {
+    acc_t x, t;
+    load(c, x, t);
+    store(c, x, t);
+  }
 }
 
 // ---------------------------------------------------------------------------------------------------------
@@ -414,123 +549,65 @@ __global__ void __launch_bounds__(kBlock, 1) fwd_rows_kernel(const Params<scalar
   using acc_t = typename AccType<scalar_t>::type;
   constexpr int V = 16 / sizeof(scalar_t);
   using VecT = Vec<scalar_t, V>;
-  __shared__ acc_t sh_m[kWarps], sh_s[kWarps], sh_dot[kWarps], sh_wdot[kWarps];
-  __shared__ acc_t sh_sum[2 * kWarps];
-
-  const int warp = static_cast<int>(threadIdx.x) / 32, lane = static_cast<int>(threadIdx.x) % 32;
-  const int rw = a.row_warps;
-  const int row_threads = rw * 32;
-  const int rtid = (warp % rw) * 32 + lane;
-  const int64_t blk = blockIdx.x;
-  const int64_t k = blk % a.n_chunks;
-  const int64_t p = (blk / a.n_chunks) * (kWarps / rw) + warp / rw;
-  const int64_t P = a.N * a.S;
-  const bool active = p < P;
-
-  // Class-index targets: the warp's lane 0 loads the target; ignored positions are not read.
-  int64_t t = 0;
-  bool skip = !active;
-  if constexpr (MODE == kIndex || MODE == kIndexSmooth) {
-    if (active) {  // uniform over the warp
-      if (lane == 0) t = load_global(a.target + p);
-      t = shfl_lane0(t);
-      skip = t == a.ignore_index;
-    }
-  }
-
+  using In = LogitsAndTarget<acc_t[V]>;
+  __shared__ StateSlots<acc_t, kWarps> slots;
+  const RowsThread th = rows_thread(a.row_warps, a.n_chunks);
+  const FwdPosition pos = fwd_position<MODE, /*kWarpShares=*/true>(a, th.p, th.lane);
   State<acc_t> st = empty_state<acc_t>();
-  int64_t x_off = 0;
-  if (!skip) {
-    x_off = position_offset(p, a.S, a.x_sn, a.x_ss);
-    const scalar_t* xr = a.x + x_off;
-    const scalar_t* tr = reads_prob_target<MODE>() ? a.tp + position_offset(p, a.S, a.t_sn, a.t_ss) : nullptr;
+  if (!pos.skip) {
+    const scalar_t* xr = a.x + pos.x_off;
+    const scalar_t* tr = reads_prob_target<MODE>() ? a.tp + position_offset(th.p, a.S, a.t_sn, a.t_ss) : nullptr;
     // The vector head follows the pointer every 128-bit load uses: the logits (the target for kProbWsum).
-    const int64_t head = vector_head(reads_logits<MODE>() ? xr : tr, a.C);
-    int64_t begin, end;
-    row_chunk_range(a.C, head, k, a.chunk, a.n_chunks, begin, end);
-    int64_t vbegin = begin > head ? begin : head;
-    if (vbegin > end) vbegin = end;
-    const int64_t nvec = (end - vbegin) / V;
-    const int64_t vend = vbegin + nvec * V;
-    const int64_t n_head = vbegin - begin, n_scalar = n_head + (end - vend);
+    const RowSpan sp = row_span<V>(a.C, vector_head(reads_logits<MODE>() ? xr : tr, a.C), th.k, a.chunk, a.n_chunks);
 
     // Scalar head and tail (fewer than 2 V elements, unless the row cannot be aligned at all).
-    for (int64_t i = rtid; i < n_scalar; i += row_threads) {
-      const int64_t c = i < n_head ? begin + i : vend + (i - n_head);
+    for (int64_t i = th.rtid; i < sp.n_scalar; i += th.row_threads) {
+      const int64_t c = sp.scalar_class(i);
       acc_t x1[1] = {acc_t(0)}, t1[1] = {acc_t(0)};
       if constexpr (reads_logits<MODE>()) x1[0] = to_acc(load_global(xr + c));
       if constexpr (reads_prob_target<MODE>()) t1[0] = to_acc(load_global(tr + c));
       accumulate<MODE, 1>(st, x1, t1, c, a);
     }
 
-    // 128-bit body, two vectors in flight per thread.
+    // 128-bit body.
     const bool t_vec = reads_prob_target<MODE>() && (!reads_logits<MODE>() || same_alignment(xr, tr));
-    const VecT* xvec = reads_logits<MODE>() ? vec_base<scalar_t, V>(xr + vbegin) : nullptr;
-    const VecT* tvec = reads_prob_target<MODE>() ? vec_base<scalar_t, V>(tr + vbegin) : nullptr;
+    const VecT* xvec = reads_logits<MODE>() ? vec_base<scalar_t, V>(xr + sp.vbegin) : nullptr;
+    const VecT* tvec = reads_prob_target<MODE>() ? vec_base<scalar_t, V>(tr + sp.vbegin) : nullptr;
     // Vector j holds classes c = vbegin + j * V.
-    auto load_vec = [&](int64_t j, acc_t (&xv)[V], acc_t (&tv)[V]) {
-      const int64_t c = vbegin + j * V;
+    auto load_vec = [&](int64_t j, In& in) {
+      const int64_t c = sp.vbegin + j * V;
       if constexpr (reads_logits<MODE>()) {
         const VecT v = load_global(xvec + j);
-XENT_CE_UNROLL
-        for (int i = 0; i < V; ++i) xv[i] = to_acc(v.val[i]);
+XENT_UNROLL
+        for (int i = 0; i < V; ++i) in.x[i] = to_acc(v.val[i]);
       } else {
-XENT_CE_UNROLL
-        for (int i = 0; i < V; ++i) xv[i] = 0;
+XENT_UNROLL
+        for (int i = 0; i < V; ++i) in.x[i] = 0;
       }
       if constexpr (reads_prob_target<MODE>()) {
         if (t_vec) {
           const VecT v = load_global(tvec + j);
-XENT_CE_UNROLL
-          for (int i = 0; i < V; ++i) tv[i] = to_acc(v.val[i]);
+XENT_UNROLL
+          for (int i = 0; i < V; ++i) in.t[i] = to_acc(v.val[i]);
         } else {
-XENT_CE_UNROLL
-          for (int i = 0; i < V; ++i) tv[i] = to_acc(load_global(tr + c + i));
+XENT_UNROLL
+          for (int i = 0; i < V; ++i) in.t[i] = to_acc(load_global(tr + c + i));
         }
       } else {
-XENT_CE_UNROLL
-        for (int i = 0; i < V; ++i) tv[i] = 0;
+XENT_UNROLL
+        for (int i = 0; i < V; ++i) in.t[i] = 0;
       }
     };
-    int64_t j = rtid;
-    for (; j + row_threads < nvec; j += 2 * row_threads) {
-      acc_t x0[V], t0[V], x1[V], t1[V];
-      load_vec(j, x0, t0);
-      load_vec(j + row_threads, x1, t1);
-      accumulate<MODE, V>(st, x0, t0, vbegin + j * V, a);
-      accumulate<MODE, V>(st, x1, t1, vbegin + (j + row_threads) * V, a);
-    }
-    if (j < nvec) {
-      acc_t x0[V], t0[V];
-      load_vec(j, x0, t0);
-      accumulate<MODE, V>(st, x0, t0, vbegin + j * V, a);
-    }
+    two_vectors_in_flight<In>(th.rtid, th.row_threads, sp.nvec, load_vec, [&](int64_t j, const In& in) {
+      accumulate<MODE, V>(st, in.x, in.t, sp.vbegin + j * V, a);
+    });
   }
 
   // Merge: warp butterfly, then the row's warps in order through shared memory.
   warp_merge<MODE>(st);
-  if (lane == 0) {
-    sh_m[warp] = st.m;
-    sh_s[warp] = st.s;
-    sh_dot[warp] = st.dot;
-    sh_wdot[warp] = st.wdot;
-  }
-  __syncthreads();
-  acc_t loss = 0, w = 0;
-  if (active && warp % rw == 0 && lane == 0) {
-    State<acc_t> row = State<acc_t>{sh_m[warp], sh_s[warp], sh_dot[warp], sh_wdot[warp]};
-    for (int i = 1; i < rw; ++i) {
-      merge_state(row, State<acc_t>{sh_m[warp + i], sh_s[warp + i], sh_dot[warp + i], sh_wdot[warp + i]});
-    }
-    if (a.n_chunks > 1) {
-      store_partial(a.partials, p * a.n_chunks + k, row);
-    } else {
-      finish_position<MODE>(a, p, x_off, t, row, loss, w);
-    }
-  }
-  if (a.n_chunks == 1 && a.block_partials != nullptr) {
-    block_sum2_store(loss, w, sh_sum, a.block_partials + blk, a.block_partials + a.n_blocks + blk);
-  }
+  if (th.lane == 0) slots.put(th.warp, st);
+  const int rw = a.row_warps;
+  end_block<MODE>(a, slots, pos.active && th.warp % rw == 0 && th.lane == 0, th.warp, rw, 1, th.p, th.k, pos);
 }
 
 // ---------------------------------------------------------------------------------------------------------
@@ -539,44 +616,25 @@ XENT_CE_UNROLL
 template <class scalar_t, int MODE>
 __global__ void __launch_bounds__(kBlock, 1) fwd_lanes_kernel(const Params<scalar_t> a) {
   using acc_t = typename AccType<scalar_t>::type;
-  __shared__ acc_t sh_m[kBlock], sh_s[kBlock], sh_dot[kBlock], sh_wdot[kBlock];
-  __shared__ acc_t sh_sum[2 * kWarps];
-
-  const int warp = static_cast<int>(threadIdx.x) / 32, lane = static_cast<int>(threadIdx.x) % 32;
+  __shared__ StateSlots<acc_t, kBlock> slots;
   const int G = a.class_groups;
-  const int group = warp % G;
-  const int64_t blk = blockIdx.x;
-  const int64_t k = blk % a.n_chunks;
-  const int64_t p = ((blk / a.n_chunks) * (kWarps / G) + warp / G) * 32 + lane;
-  const int64_t P = a.N * a.S;
-  const bool active = p < P;
-
-  int64_t t = 0;
-  bool skip = !active;
-  if constexpr (MODE == kIndex || MODE == kIndexSmooth) {
-    if (active) {
-      t = load_global(a.target + p);
-      skip = t == a.ignore_index;
-    }
-  }
-
+  const LanesThread th = lanes_thread(G, a.n_chunks);
+  const FwdPosition pos = fwd_position<MODE, /*kWarpShares=*/false>(a, th.p, th.lane);
   State<acc_t> st = empty_state<acc_t>();
-  int64_t x_off = 0;
-  if (!skip) {
-    x_off = position_offset(p, a.S, a.x_sn, a.x_ss);
-    const int64_t t_off = reads_prob_target<MODE>() ? position_offset(p, a.S, a.t_sn, a.t_ss) : 0;
-    const int64_t begin = k * a.chunk;
+  if (!pos.skip) {
+    const int64_t x_off = pos.x_off;
+    const int64_t t_off = reads_prob_target<MODE>() ? position_offset(th.p, a.S, a.t_sn, a.t_ss) : 0;
+    const int64_t begin = th.k * a.chunk;
     const int64_t end = begin + a.chunk < a.C ? begin + a.chunk : a.C;
     auto load1 = [&](int64_t c, acc_t& xv, acc_t& tv) {
       xv = reads_logits<MODE>() ? to_acc(load_global(a.x + x_off + c * a.x_sc)) : acc_t(0);
       tv = reads_prob_target<MODE>() ? to_acc(load_global(a.tp + t_off + c * a.t_sc)) : acc_t(0);
     };
-    int64_t c = begin + group;
-    // A thread walks all its position's classes (C / G of them): its dot products, running float sums
-    // of that many terms, would drift by about (C / G) eps / 2 relative (equal-sized terms w q for
-    // uniform probability targets: the loss 6e-4 off at C = 5000). So st.dot and st.wdot hold the sums of
-    // the last kDotBlockSteps steps only, and each such block is added to a double (as the CPU's
-    // LaneSums).
+    int64_t c = begin + th.group;
+    // A thread walks all its position's classes (C / G of them): its dot products, running float sums of
+    // that many terms, would drift by about (C / G) eps / 2 relative (equal-sized terms w q for uniform
+    // probability targets: the loss 6e-4 off at C = 5000). So st.dot and st.wdot hold the sums of the last
+    // kDotBlockSteps steps only, and each such block is added to a double (as the CPU's LaneSums).
     constexpr bool kHasDots = MODE == kIndexSmooth || MODE == kProb || MODE == kProbWsum;
     constexpr int kDotBlockSteps = 8;  // steps of 4 classes
     double dot_total = 0, wdot_total = 0;
@@ -584,11 +642,11 @@ __global__ void __launch_bounds__(kBlock, 1) fwd_lanes_kernel(const Params<scala
     // Four classes in flight per thread; accumulate() sees them as one 4-vector (class c + i * G).
     for (; c + 3 * G < end; c += 4 * G) {
       acc_t xv[4], tv[4];
-XENT_CE_UNROLL
+XENT_UNROLL
       for (int i = 0; i < 4; ++i) load1(c + i * G, xv[i], tv[i]);
       if constexpr (kHasDots) {
         // The dot products need each class's own weight: feed them one by one (same online result).
-XENT_CE_UNROLL
+XENT_UNROLL
         for (int i = 0; i < 4; ++i) {
           acc_t x1[1] = {xv[i]}, t1[1] = {tv[i]};
           accumulate<MODE, 1>(st, x1, t1, c + i * G, a);
@@ -615,26 +673,8 @@ XENT_CE_UNROLL
   }
 
   // Merge the class groups of each tile in group order.
-  sh_m[threadIdx.x] = st.m;
-  sh_s[threadIdx.x] = st.s;
-  sh_dot[threadIdx.x] = st.dot;
-  sh_wdot[threadIdx.x] = st.wdot;
-  __syncthreads();
-  acc_t loss = 0, w = 0;
-  if (active && group == 0) {
-    for (int i = 1; i < G; ++i) {
-      const int o = threadIdx.x + i * 32;
-      merge_state(st, State<acc_t>{sh_m[o], sh_s[o], sh_dot[o], sh_wdot[o]});
-    }
-    if (a.n_chunks > 1) {
-      store_partial(a.partials, p * a.n_chunks + k, st);
-    } else {
-      finish_position<MODE>(a, p, x_off, t, st, loss, w);
-    }
-  }
-  if (a.n_chunks == 1 && a.block_partials != nullptr) {
-    block_sum2_store(loss, w, sh_sum, a.block_partials + blk, a.block_partials + a.n_blocks + blk);
-  }
+  slots.put(threadIdx.x, st);
+  end_block<MODE>(a, slots, pos.active && th.group == 0, threadIdx.x, G, 32, th.p, th.k, pos);
 }
 
 // Forward, split positions: merges each position's n_chunks partials in order and finishes it.
@@ -642,9 +682,7 @@ XENT_CE_UNROLL
 template <class scalar_t, int MODE>
 __global__ void __launch_bounds__(kBlock, 1) fwd_merge_kernel(const Params<scalar_t> a) {
   using acc_t = typename AccType<scalar_t>::type;
-  __shared__ acc_t sh_sum[2 * kWarps];
-  const int64_t blk = blockIdx.x;
-  const int64_t p = blk * kBlock + threadIdx.x;
+  const int64_t p = static_cast<int64_t>(blockIdx.x) * kBlock + threadIdx.x;
   acc_t loss = 0, w = 0;
   if (p < a.N * a.S) {
     const int64_t t = MODE == kIndex || MODE == kIndexSmooth ? load_global(a.target + p) : 0;
@@ -662,9 +700,7 @@ __global__ void __launch_bounds__(kBlock, 1) fwd_merge_kernel(const Params<scala
     st.wdot = static_cast<acc_t>(wdot);
     finish_position<MODE>(a, p, position_offset(p, a.S, a.x_sn, a.x_ss), t, st, loss, w);
   }
-  if (a.block_partials != nullptr) {
-    block_sum2_store(loss, w, sh_sum, a.block_partials + blk, a.block_partials + a.n_blocks + blk);
-  }
+  store_loss_sums(a.block_partials, a.n_blocks, loss, w);
 }
 
 // ---------------------------------------------------------------------------------------------------------
@@ -680,22 +716,18 @@ __global__ void __launch_bounds__(kBlock, 1) target_weight_kernel(
     int64_t ignore_index,
     const acc_t* weight,
     acc_t* partials) {
-  __shared__ acc_t sh_sum[2 * kWarps];
+  __shared__ acc_t sh_sum[kWarps];
   const int64_t blk = blockIdx.x;
   acc_t sum = 0;
-XENT_CE_UNROLL
+XENT_UNROLL
   for (int i = 0; i < kWeightPositionsPerBlock / kBlock; ++i) {
     const int64_t p = blk * kWeightPositionsPerBlock + i * kBlock + threadIdx.x;
     if (p < P) {
       const int64_t t = load_global(target + p);
-      if (t != ignore_index) {
-        const bool valid = t >= 0 && t < C;
-        XENT_DEVICE_ASSERT(t >= 0 && t < C, XENT_CE_TARGET_OUT_OF_BOUNDS);
-        if (valid) sum += weight != nullptr ? load_global(weight + t) : acc_t(1);
-      }
+      if (t != ignore_index && target_in_range(t, C)) sum += class_weight(weight, t);
     }
   }
-  block_sum2_store(sum, acc_t(0), sh_sum, partials + blk, static_cast<acc_t*>(nullptr));
+  store_block_sum<kBlock>(sum, sh_sum, partials);
 }
 
 template <class scalar_t>
@@ -706,7 +738,7 @@ struct FinishParams {
   int64_t n = 0;
   acc_t den_const = 1;
   // A zero denominator gives NaN (num / 0 would be +-inf): a label-smoothed mean, as mean_of in
-  // cross_entropy_host.h.
+  // class_losses_host.h.
   bool nan_if_den_zero = false;
   const scalar_t* grad = nullptr;  // backward: acc_out = grad / den
   scalar_t* loss_out = nullptr;    // forward: loss_out = num / den
@@ -717,28 +749,10 @@ struct FinishParams {
 template <class scalar_t>
 __global__ void __launch_bounds__(kFinishBlock, 1) finish_kernel(const FinishParams<scalar_t> f) {
   using acc_t = typename AccType<scalar_t>::type;
-  constexpr int kFinishWarps = kFinishBlock / 32;
-  __shared__ acc_t sh_num[kFinishWarps], sh_den[kFinishWarps];
-  const int warp = static_cast<int>(threadIdx.x) / 32, lane = static_cast<int>(threadIdx.x) % 32;
-  acc_t num = 0, den = 0;
-  for (int64_t i = threadIdx.x; i < f.n; i += kFinishBlock) {
-    if (f.num != nullptr) num += load_global(f.num + i);
-    if (f.den != nullptr) den += load_global(f.den + i);
-  }
-  num = warp_sum(num);
-  den = warp_sum(den);
-  if (lane == 0) {
-    sh_num[warp] = num;
-    sh_den[warp] = den;
-  }
-  __syncthreads();
+  __shared__ acc_t sh_sum[2 * (kFinishBlock / 32)];
+  acc_t num, den;
+  block_sum2_of<kFinishBlock>(f.num, f.den, f.n, num, den, sh_sum);
   if (threadIdx.x == 0) {
-    num = sh_num[0];
-    den = sh_den[0];
-    for (int w = 1; w < kFinishWarps; ++w) {
-      num += sh_num[w];
-      den += sh_den[w];
-    }
     if (f.den == nullptr) den = f.den_const;
     if (f.nan_if_den_zero && den == acc_t(0)) den = den / den;  // 0 / 0: NaN
     if (f.grad != nullptr) {
@@ -776,24 +790,17 @@ __device__ inline RowCoef<acc_t> load_row_coef(const Params<scalar_t>& a, int64_
   } else {
     const int64_t t = load_global(a.target + p);
     r.t = t;
-    if (t == a.ignore_index) {
+    if (t == a.ignore_index || !target_in_range(t, a.C)) {
       r.zero = true;
     } else {
-      const int64_t C = a.C;
-      const bool valid = t >= 0 && t < C;
-      XENT_DEVICE_ASSERT(t >= 0 && t < C, XENT_CE_TARGET_OUT_OF_BOUNDS);
-      if (!valid) {
-        r.zero = true;
+      const acc_t wt = class_weight(a.weight, t);
+      if constexpr (MODE == kIndex) {
+        r.A = r.s * wt;
+        r.D = r.A;
       } else {
-        const acc_t wt = class_weight(a, t);
-        if constexpr (MODE == kIndex) {
-          r.A = r.s * wt;
-          r.D = r.A;
-        } else {
-          r.A = r.s * (a.one_minus_eps * wt + a.eps_over_c * weight_total(a));
-          r.D = r.s * a.one_minus_eps * wt;
-          r.B = r.s * a.eps_over_c;
-        }
+        r.A = r.s * (a.one_minus_eps * wt + a.eps_over_c * weight_total(a));
+        r.D = r.s * a.one_minus_eps * wt;
+        r.B = r.s * a.eps_over_c;
       }
     }
   }
@@ -803,8 +810,8 @@ __device__ inline RowCoef<acc_t> load_row_coef(const Params<scalar_t>& a, int64_
 template <int MODE, class scalar_t, class acc_t>
 __device__ inline acc_t grad_value(const Params<scalar_t>& a, const RowCoef<acc_t>& r, int64_t c, acc_t x, acc_t t) {
   acc_t g = acc_exp(x - r.lse) * r.A;
-  if constexpr (MODE == kIndexSmooth) g -= r.B * class_weight(a, c);
-  if constexpr (MODE == kProb) g -= r.s * class_weight(a, c) * (a.one_minus_eps * t + a.eps_over_c);
+  if constexpr (MODE == kIndexSmooth) g -= r.B * class_weight(a.weight, c);
+  if constexpr (MODE == kProb) g -= r.s * class_weight(a.weight, c) * (a.one_minus_eps * t + a.eps_over_c);
   if constexpr (MODE != kProb) {
     if (c == r.t) g -= r.D;
   }
@@ -817,18 +824,14 @@ __global__ void __launch_bounds__(kBlock, 1) bwd_rows_kernel(const Params<scalar
   using acc_t = typename AccType<scalar_t>::type;
   constexpr int V = 16 / sizeof(scalar_t);
   using VecT = Vec<scalar_t, V>;
-  const int warp = static_cast<int>(threadIdx.x) / 32, lane = static_cast<int>(threadIdx.x) % 32;
-  const int rw = a.row_warps;
-  const int row_threads = rw * 32;
-  const int rtid = (warp % rw) * 32 + lane;
-  const int64_t blk = blockIdx.x;
-  const int64_t k = blk % a.n_chunks;
-  const int64_t p = (blk / a.n_chunks) * (kWarps / rw) + warp / rw;
+  using In = LogitsAndTarget<VecT>;
+  const RowsThread th = rows_thread(a.row_warps, a.n_chunks);
+  const int64_t p = th.p;
   if (p >= a.N * a.S) return;  // no block-wide synchronisation below
 
   // Lane 0 loads the position's values and the warp shares them.
   RowCoef<acc_t> r{};
-  if (lane == 0) r = load_row_coef<MODE, scalar_t, acc_t>(a, p);
+  if (th.lane == 0) r = load_row_coef<MODE, scalar_t, acc_t>(a, p);
   r.s = shfl_lane0(r.s);
   r.lse = shfl_lane0(r.lse);
   r.A = shfl_lane0(r.A);
@@ -840,14 +843,7 @@ __global__ void __launch_bounds__(kBlock, 1) bwd_rows_kernel(const Params<scalar
   const scalar_t* xr = a.x + position_offset(p, a.S, a.x_sn, a.x_ss);
   const scalar_t* tr = MODE == kProb ? a.tp + position_offset(p, a.S, a.t_sn, a.t_ss) : nullptr;
   scalar_t* gr = a.grad + position_offset(p, a.S, a.g_sn, a.g_ss);
-  const int64_t head = vector_head(xr, a.C);
-  int64_t begin, end;
-  row_chunk_range(a.C, head, k, a.chunk, a.n_chunks, begin, end);
-  int64_t vbegin = begin > head ? begin : head;
-  if (vbegin > end) vbegin = end;
-  const int64_t nvec = (end - vbegin) / V;
-  const int64_t vend = vbegin + nvec * V;
-  const int64_t n_head = vbegin - begin, n_scalar = n_head + (end - vend);
+  const RowSpan sp = row_span<V>(a.C, vector_head(xr, a.C), th.k, a.chunk, a.n_chunks);
   const bool t_vec = MODE == kProb && same_alignment(xr, tr);
 
   // The gradient row is not aligned like the logits row (a fresh gradient next to logits with an odd
@@ -855,31 +851,20 @@ __global__ void __launch_bounds__(kBlock, 1) bwd_rows_kernel(const Params<scalar
   // the same values and addresses, the compiler would merge a scalar fallback inside the vector loop with
   // the 128-bit stores and emit 32/64-bit stores for both.)
   if (!same_alignment(xr, static_cast<const scalar_t*>(gr))) {
-    auto value = [&](int64_t c, acc_t x, acc_t t) {
-      return from_acc<scalar_t>(r.zero ? acc_t(0) : grad_value<MODE>(a, r, c, x, t));
-    };
-    int64_t c = begin + rtid;
-    for (; c + 3 * row_threads < end; c += 4 * row_threads) {
-      acc_t xv[4], tv[4];
-XENT_CE_UNROLL
-      for (int i = 0; i < 4; ++i) {
-        const int64_t ci = c + i * row_threads;
-        xv[i] = r.zero ? acc_t(0) : to_acc(load_global(xr + ci));
-        tv[i] = MODE == kProb && !r.zero ? to_acc(load_global(tr + ci)) : acc_t(0);
-      }
-XENT_CE_UNROLL
-      for (int i = 0; i < 4; ++i) store_global(gr + c + i * row_threads, value(c + i * row_threads, xv[i], tv[i]));
-    }
-    for (; c < end; c += row_threads) {
-      const acc_t x = r.zero ? acc_t(0) : to_acc(load_global(xr + c));
-      const acc_t t = MODE == kProb && !r.zero ? to_acc(load_global(tr + c)) : acc_t(0);
-      store_global(gr + c, value(c, x, t));
-    }
+    four_classes_in_flight<acc_t>(
+        sp.begin + th.rtid, th.row_threads, sp.end,
+        [&](int64_t c, acc_t& x, acc_t& t) {
+          x = r.zero ? acc_t(0) : to_acc(load_global(xr + c));
+          t = MODE == kProb && !r.zero ? to_acc(load_global(tr + c)) : acc_t(0);
+        },
+        [&](int64_t c, acc_t x, acc_t t) {
+          store_global(gr + c, from_acc<scalar_t>(r.zero ? acc_t(0) : grad_value<MODE>(a, r, c, x, t)));
+        });
     return;
   }
 
-  for (int64_t i = rtid; i < n_scalar; i += row_threads) {
-    const int64_t c = i < n_head ? begin + i : vend + (i - n_head);
+  for (int64_t i = th.rtid; i < sp.n_scalar; i += th.row_threads) {
+    const int64_t c = sp.scalar_class(i);
     acc_t g = 0;
     if (!r.zero) {
       const acc_t t = MODE == kProb ? to_acc(load_global(tr + c)) : acc_t(0);
@@ -888,55 +873,40 @@ XENT_CE_UNROLL
     store_global(gr + c, from_acc<scalar_t>(g));
   }
 
+  VecT* gvec = vec_base<scalar_t, V>(gr + sp.vbegin);
   if (r.zero) {
     VecT z;
-XENT_CE_UNROLL
+XENT_UNROLL
     for (int i = 0; i < V; ++i) z.val[i] = from_acc<scalar_t>(acc_t(0));
-    VecT* gvec = vec_base<scalar_t, V>(gr + vbegin);
-    for (int64_t j = rtid; j < nvec; j += row_threads) store_global(gvec + j, z);
+    for (int64_t j = th.rtid; j < sp.nvec; j += th.row_threads) store_global(gvec + j, z);
     return;
   }
   // Vector j holds classes c = vbegin + j * V.
-  const VecT* xvec = vec_base<scalar_t, V>(xr + vbegin);
-  const VecT* tvec = MODE == kProb ? vec_base<scalar_t, V>(tr + vbegin) : nullptr;
-  VecT* gvec = vec_base<scalar_t, V>(gr + vbegin);
-  auto load_vec = [&](int64_t j, VecT& xv, VecT& tv) {
-    xv = load_global(xvec + j);
+  const VecT* xvec = vec_base<scalar_t, V>(xr + sp.vbegin);
+  const VecT* tvec = MODE == kProb ? vec_base<scalar_t, V>(tr + sp.vbegin) : nullptr;
+  auto load_vec = [&](int64_t j, In& in) {
+    in.x = load_global(xvec + j);
     if constexpr (MODE == kProb) {
       if (t_vec) {
-        tv = load_global(tvec + j);
+        in.t = load_global(tvec + j);
       } else {
-        const int64_t c = vbegin + j * V;
-XENT_CE_UNROLL
-        for (int i = 0; i < V; ++i) tv.val[i] = load_global(tr + c + i);
+        const int64_t c = sp.vbegin + j * V;
+XENT_UNROLL
+        for (int i = 0; i < V; ++i) in.t.val[i] = load_global(tr + c + i);
       }
     }
   };
-  auto emit_vec = [&](int64_t j, const VecT& xv, const VecT& tv) {
-    const int64_t c = vbegin + j * V;
+  auto emit_vec = [&](int64_t j, const In& in) {
+    const int64_t c = sp.vbegin + j * V;
     VecT gv;
-XENT_CE_UNROLL
+XENT_UNROLL
     for (int i = 0; i < V; ++i) {
-      const acc_t t = MODE == kProb ? to_acc(tv.val[i]) : acc_t(0);
-      gv.val[i] = from_acc<scalar_t>(grad_value<MODE>(a, r, c + i, to_acc(xv.val[i]), t));
+      const acc_t t = MODE == kProb ? to_acc(in.t.val[i]) : acc_t(0);
+      gv.val[i] = from_acc<scalar_t>(grad_value<MODE>(a, r, c + i, to_acc(in.x.val[i]), t));
     }
     store_global(gvec + j, gv);
   };
-  // Two vectors in flight per thread: both loads are issued before the first store (the compiler cannot
-  // move a load above a store to the gradient, which might alias the logits as far as it knows).
-  int64_t j = rtid;
-  for (; j + row_threads < nvec; j += 2 * row_threads) {
-    VecT x0, t0, x1, t1;
-    load_vec(j, x0, t0);
-    load_vec(j + row_threads, x1, t1);
-    emit_vec(j, x0, t0);
-    emit_vec(j + row_threads, x1, t1);
-  }
-  if (j < nvec) {
-    VecT x0, t0;
-    load_vec(j, x0, t0);
-    emit_vec(j, x0, t0);
-  }
+  two_vectors_in_flight<In>(th.rtid, th.row_threads, sp.nvec, load_vec, emit_vec);
 }
 
 // Backward, lanes layout: same blocks as fwd_lanes_kernel; each thread writes its position's classes
@@ -944,45 +914,32 @@ XENT_CE_UNROLL
 template <class scalar_t, int MODE>
 __global__ void __launch_bounds__(kBlock, 1) bwd_lanes_kernel(const Params<scalar_t> a) {
   using acc_t = typename AccType<scalar_t>::type;
-  const int warp = static_cast<int>(threadIdx.x) / 32, lane = static_cast<int>(threadIdx.x) % 32;
   const int G = a.class_groups;
-  const int group = warp % G;
-  const int64_t blk = blockIdx.x;
-  const int64_t k = blk % a.n_chunks;
-  const int64_t p = ((blk / a.n_chunks) * (kWarps / G) + warp / G) * 32 + lane;
+  const LanesThread th = lanes_thread(G, a.n_chunks);
+  const int64_t p = th.p;
   if (p >= a.N * a.S) return;
 
   const RowCoef<acc_t> r = load_row_coef<MODE, scalar_t, acc_t>(a, p);
   const int64_t x_off = position_offset(p, a.S, a.x_sn, a.x_ss);
   const int64_t t_off = MODE == kProb ? position_offset(p, a.S, a.t_sn, a.t_ss) : 0;
   const int64_t g_off = position_offset(p, a.S, a.g_sn, a.g_ss);
-  const int64_t begin = k * a.chunk;
+  const int64_t begin = th.k * a.chunk;
   const int64_t end = begin + a.chunk < a.C ? begin + a.chunk : a.C;
   if (r.zero) {
-    for (int64_t c = begin + group; c < end; c += G) {
+    for (int64_t c = begin + th.group; c < end; c += G) {
       store_global(a.grad + g_off + c * a.g_sc, from_acc<scalar_t>(acc_t(0)));
     }
     return;
   }
-  int64_t c = begin + group;
-  for (; c + 3 * G < end; c += 4 * G) {
-    acc_t xv[4], tv[4];
-XENT_CE_UNROLL
-    for (int i = 0; i < 4; ++i) {
-      xv[i] = to_acc(load_global(a.x + x_off + (c + i * G) * a.x_sc));
-      tv[i] = MODE == kProb ? to_acc(load_global(a.tp + t_off + (c + i * G) * a.t_sc)) : acc_t(0);
-    }
-XENT_CE_UNROLL
-    for (int i = 0; i < 4; ++i) {
-      const int64_t ci = c + i * G;
-      store_global(a.grad + g_off + ci * a.g_sc, from_acc<scalar_t>(grad_value<MODE>(a, r, ci, xv[i], tv[i])));
-    }
-  }
-  for (; c < end; c += G) {
-    const acc_t x = to_acc(load_global(a.x + x_off + c * a.x_sc));
-    const acc_t t = MODE == kProb ? to_acc(load_global(a.tp + t_off + c * a.t_sc)) : acc_t(0);
-    store_global(a.grad + g_off + c * a.g_sc, from_acc<scalar_t>(grad_value<MODE>(a, r, c, x, t)));
-  }
+  four_classes_in_flight<acc_t>(
+      begin + th.group, G, end,
+      [&](int64_t c, acc_t& x, acc_t& t) {
+        x = to_acc(load_global(a.x + x_off + c * a.x_sc));
+        t = MODE == kProb ? to_acc(load_global(a.tp + t_off + c * a.t_sc)) : acc_t(0);
+      },
+      [&](int64_t c, acc_t x, acc_t t) {
+        store_global(a.grad + g_off + c * a.g_sc, from_acc<scalar_t>(grad_value<MODE>(a, r, c, x, t)));
+      });
 }
 
 } // namespace xent::cuda::ce

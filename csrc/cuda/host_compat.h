@@ -10,17 +10,23 @@
 //                                              throws from the launch itself);
 //   xent::cuda::host::DeviceGuard, current_stream(device), sm_count(device).
 // Also the host helpers every .cu uses alike (same reason: one definition for the shared translation
-// unit): ceil_div, the dtype dispatchers and typed data pointers.
+// unit): ceil_div, the dtype and value dispatchers, typed data pointers, merged dims, empty reductions.
 #pragma once
 
 #include "compat.cuh"
+#include "merged_dims.cuh"
 
+#include <ATen/core/Reduction.h>
 #include <ATen/core/Tensor.h>
 #include <c10/util/Exception.h>
 
 #include <atomic>
 #include <cstdint>
 #include <cstdlib>
+#include <limits>
+#include <optional>
+#include <type_traits>
+#include <vector>
 
 #ifdef XENT_SIMT_EMULATOR
 #define XENT_CUDA_LIBRARY xent_emulated
@@ -77,28 +83,38 @@ struct Tag {
   using type = T;
 };
 
+// The cases of dispatch_cases: a dtype S handled with the device type T (passed on as Tag<T>), or a value V
+// (passed on as std::integral_constant, a template argument in the callee).
+template <at::ScalarType S, class T>
+struct DtypeCase : Tag<T> {
+  static constexpr at::ScalarType key = S;
+};
+template <auto V>
+struct ValueCase : std::integral_constant<decltype(V), V> {
+  static constexpr decltype(V) key = V;
+};
+
+// Calls f(Case{}) for the first of Cases whose key equals `key`; false when none does.
+template <class... Cases, class K, class F>
+bool dispatch_cases(K key, F&& f) {
+  return ((key == Cases::key ? (f(Cases{}), true) : false) || ...);
+}
+
 // Calls f(Tag<T>{}) with T the device type of a floating dtype (__nv_bfloat16 and __half for the 16-bit
 // ones); `op` names the op in the error for any other dtype.
 template <class F>
 void dispatch_float_dtype(at::ScalarType st, const char* op, F&& f) {
-  switch (st) {
-    case at::kFloat: f(Tag<float>{}); break;
-    case at::kDouble: f(Tag<double>{}); break;
-    case at::kBFloat16: f(Tag<__nv_bfloat16>{}); break;
-    case at::kHalf: f(Tag<__half>{}); break;
-    default: TORCH_CHECK(false, op, ": unsupported dtype ", st);
-  }
+  const bool known = dispatch_cases<DtypeCase<at::kFloat, float>, DtypeCase<at::kDouble, double>,
+                                    DtypeCase<at::kBFloat16, __nv_bfloat16>, DtypeCase<at::kHalf, __half>>(st, f);
+  TORCH_CHECK(known, op, ": unsupported dtype ", st);
 }
 
 // The same for class-index target dtypes (int64, int32, uint8).
 template <class F>
 void dispatch_index_dtype(at::ScalarType st, const char* op, F&& f) {
-  switch (st) {
-    case at::kLong: f(Tag<int64_t>{}); break;
-    case at::kInt: f(Tag<int32_t>{}); break;
-    case at::kByte: f(Tag<uint8_t>{}); break;
-    default: TORCH_CHECK(false, op, ": unsupported target dtype ", st);
-  }
+  const bool known =
+      dispatch_cases<DtypeCase<at::kLong, int64_t>, DtypeCase<at::kInt, int32_t>, DtypeCase<at::kByte, uint8_t>>(st, f);
+  TORCH_CHECK(known, op, ": unsupported target dtype ", st);
 }
 
 // A tensor's data as T (the device type of its dtype), or null for an undefined (absent optional) tensor.
@@ -109,6 +125,37 @@ const T* cptr(const at::Tensor& t) {
 template <class T>
 T* mptr(const at::Tensor& t) {
   return t.defined() ? reinterpret_cast<T*>(t.mutable_data_ptr()) : nullptr;
+}
+
+// t's dims, dim `skip` (if >= 0) and size-1 dims dropped, contiguous runs merged (MergedDims, outermost
+// first); nullopt when more than kMaxMergedDims remain.
+inline std::optional<MergedDims> merge_dims(const at::Tensor& t, int64_t skip = -1) {
+  std::vector<int64_t> sizes, strides;
+  for (int64_t d = 0; d < t.dim(); ++d) {
+    if (d == skip || t.size(d) == 1) continue;
+    if (!sizes.empty() && strides.back() == t.stride(d) * t.size(d)) {
+      sizes.back() *= t.size(d);
+      strides.back() = t.stride(d);
+    } else {
+      sizes.push_back(t.size(d));
+      strides.push_back(t.stride(d));
+    }
+  }
+  if (sizes.size() > static_cast<size_t>(kMaxMergedDims)) return std::nullopt;
+  MergedDims md;
+  if (sizes.empty()) return md;  // one element: offset 0
+  md.ndim = static_cast<int>(sizes.size());
+  for (int i = 0; i < md.ndim; ++i) {
+    md.size[i] = sizes[i];
+    md.stride[i] = strides[i];
+  }
+  return md;
+}
+
+// The loss of an empty input: mean is 0 / 0 = NaN and sum 0, as PyTorch's; reduction none leaves it empty.
+inline void fill_empty_reduction(at::Tensor& loss, int64_t reduction) {
+  if (reduction == at::Reduction::Mean) loss.fill_(std::numeric_limits<double>::quiet_NaN());
+  if (reduction == at::Reduction::Sum) loss.zero_();
 }
 
 } // namespace xent::cuda::host

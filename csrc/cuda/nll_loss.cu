@@ -21,7 +21,6 @@
 #include <limits>
 #include <optional>
 #include <tuple>
-#include <vector>
 
 namespace xent::cuda::nll_host {
 namespace {
@@ -30,32 +29,38 @@ using host::ceil_div;
 using host::cptr;
 using host::mptr;
 
-// The position dims (N, d1, ..., dk) of `t` (shaped like the input), size-1 dims dropped and each run of
-// dims that is contiguous in `t` merged into one; nullopt when more than kMaxPositionDims remain.
-std::optional<nll::PositionDims> position_dims(const at::Tensor& t) {
-  std::vector<int64_t> sizes, strides;  // outermost first
-  for (int64_t d = 0; d < t.dim(); ++d) {
-    if (d == 1 || t.size(d) == 1) continue;
-    if (!sizes.empty() && strides.back() == t.stride(d) * t.size(d)) {
-      sizes.back() *= t.size(d);
-      strides.back() = t.stride(d);
-    } else {
-      sizes.push_back(t.size(d));
-      strides.push_back(t.stride(d));
-    }
-  }
-  if (sizes.size() > static_cast<size_t>(nll::kMaxPositionDims)) return std::nullopt;
-  nll::PositionDims pd;
-  if (sizes.empty()) return pd;  // one position: offset 0
-  pd.ndim = static_cast<int>(sizes.size());
-  for (int i = 0; i < pd.ndim; ++i) {
-    pd.size[i] = sizes[i];
-    pd.stride[i] = strides[i];
-  }
-  return pd;
-}
+// The position dims (N, d1, ..., dk) of `t` (shaped like the input): its merged dims without the class dim;
+// nullopt when more than kMaxPositionDims remain.
+std::optional<nll::PositionDims> position_dims(const at::Tensor& t) { return host::merge_dims(t, /*skip=*/1); }
 
 int64_t class_stride(const at::Tensor& t) { return t.size(1) == 1 ? 0 : t.stride(1); }
+
+// The arguments of a kernel (Params: nll::FwdParams or nll::ScatterParams) with what both read per position
+// filled in (`pos`), for the tensor the kernel indexes (`indexed`: the input in the forward, the gradient in
+// the backward) with its position dims.
+template <template <class, class> class Params, class scalar_t, class target_t>
+Params<scalar_t, target_t> with_positions(const at::Tensor& indexed, const nll::PositionDims& dims,
+                                          const at::Tensor& target, int64_t P, int64_t ignore_index,
+                                          const at::Tensor& weight) {
+  using acc_t = typename nll::AccType<scalar_t>::type;
+  Params<scalar_t, target_t> a;
+  a.pos.dims = dims;
+  a.pos.sc = class_stride(indexed);
+  a.pos.target = cptr<target_t>(target);
+  a.pos.P = P;
+  a.pos.C = indexed.size(1);
+  a.pos.ignore_index = ignore_index;
+  a.pos.weight = cptr<acc_t>(weight);
+  return a;
+}
+
+// Calls f(Tag<scalar_t>{}, Tag<target_t>{}) for the input's and the target's dtypes.
+template <class F>
+void dispatch_dtypes(const at::Tensor& input, const at::Tensor& target, F&& f) {
+  host::dispatch_float_dtype(input.scalar_type(), "nll_loss", [&](auto tag) {
+    host::dispatch_index_dtype(target.scalar_type(), "nll_loss", [&](auto ttag) { f(tag, ttag); });
+  });
+}
 
 int64_t num_positions(const at::Tensor& input) {
   int64_t P = 1;
@@ -89,8 +94,7 @@ std::tuple<at::Tensor, at::Tensor> nll_loss_fwd(const at::Tensor& input, const a
   const int64_t P = num_positions(input);
   if (P == 0) {
     total_weight.zero_();
-    if (reduction == at::Reduction::Mean) loss.fill_(std::numeric_limits<double>::quiet_NaN());
-    if (reduction == at::Reduction::Sum) loss.zero_();
+    host::fill_empty_reduction(loss, reduction);
     return {loss, total_weight};
   }
   at::Tensor x = input;
@@ -106,35 +110,25 @@ std::tuple<at::Tensor, at::Tensor> nll_loss_fwd(const at::Tensor& input, const a
   const unsigned blocks = position_blocks(P);
   at::Tensor partials = at::empty({2 * static_cast<int64_t>(blocks)}, input.options().dtype(at::kDouble));
 
-  host::dispatch_float_dtype(input.scalar_type(), "nll_loss", [&](auto tag) {
+  dispatch_dtypes(input, t, [&](auto tag, auto ttag) {
     using scalar_t = typename decltype(tag)::type;
-    using acc_t = typename nll::AccType<scalar_t>::type;
-    host::dispatch_index_dtype(t.scalar_type(), "nll_loss", [&](auto ttag) {
-      using target_t = typename decltype(ttag)::type;
-      nll::FwdParams<scalar_t, target_t> a;
-      a.x = cptr<scalar_t>(x);
-      a.x_dims = *dims;
-      a.x_sc = class_stride(x);
-      a.target = cptr<target_t>(t);
-      a.P = P;
-      a.C = x.size(1);
-      a.ignore_index = ignore_index;
-      a.weight = cptr<acc_t>(w);
-      a.loss = none ? mptr<scalar_t>(loss) : nullptr;
-      a.partials = mptr<double>(partials);
-      a.n_blocks = blocks;
-      auto* kernel = &nll::fwd_kernel<scalar_t, target_t>;
-      XENT_LAUNCH(blocks, nll::kBlock, 0, stream, kernel)(a);
-      XENT_CUDA_LAUNCH_CHECK();
-    });
+    using target_t = typename decltype(ttag)::type;
+    auto a = with_positions<nll::FwdParams, scalar_t, target_t>(x, *dims, t, P, ignore_index, w);
+    a.x = cptr<scalar_t>(x);
+    a.loss = none ? mptr<scalar_t>(loss) : nullptr;
+    a.partials = mptr<double>(partials);
+    a.n_blocks = blocks;
+    auto* fwd = &nll::fwd_kernel<scalar_t, target_t>;
+    XENT_LAUNCH(blocks, nll::kBlock, 0, stream, fwd)(a);
+    XENT_CUDA_LAUNCH_CHECK();
     nll::FinishParams<scalar_t> f;
     f.partials = cptr<double>(partials);
     f.n = blocks;
     f.mean = reduction == at::Reduction::Mean;
     f.loss = none ? nullptr : mptr<scalar_t>(loss);
     f.total_weight = mptr<scalar_t>(total_weight);
-    auto* kernel = &nll::finish_kernel<scalar_t>;
-    XENT_LAUNCH(1, nll::kFinishBlock, 0, stream, kernel)(f);
+    auto* finish = &nll::finish_kernel<scalar_t>;
+    XENT_LAUNCH(1, nll::kFinishBlock, 0, stream, finish)(f);
     XENT_CUDA_LAUNCH_CHECK();
   });
   return {loss, total_weight};
@@ -201,29 +195,20 @@ at::Tensor nll_loss_bwd(const at::Tensor& grad_loss, const at::Tensor& input, co
   }
   // 2. Then (same stream) one element per non-ignored position. Runs even when the gradient is empty
   // (C == 0): it still checks the targets, as the CPU op does.
-  host::dispatch_float_dtype(input.scalar_type(), "nll_loss", [&](auto tag) {
+  dispatch_dtypes(input, t, [&](auto tag, auto ttag) {
     using scalar_t = typename decltype(tag)::type;
+    using target_t = typename decltype(ttag)::type;
     using acc_t = typename nll::AccType<scalar_t>::type;
-    host::dispatch_index_dtype(t.scalar_type(), "nll_loss", [&](auto ttag) {
-      using target_t = typename decltype(ttag)::type;
-      nll::ScatterParams<scalar_t, target_t> a;
-      a.grad = mptr<scalar_t>(gk);
-      a.g_dims = *dims;
-      a.g_sc = class_stride(gk);
-      a.target = cptr<target_t>(t);
-      a.P = P;
-      a.C = gk.size(1);
-      a.ignore_index = ignore_index;
-      a.weight = cptr<acc_t>(w);
-      a.grad_loss_s = cptr<scalar_t>(gl_s);
-      a.grad_loss_a = cptr<acc_t>(gl_a);
-      a.grad_loss_d = cptr<double>(gl_d);
-      a.total_weight_d = cptr<double>(tw_d);
-      a.per_position = none;
-      auto* kernel = &nll::scatter_kernel<scalar_t, target_t>;
-      XENT_LAUNCH(blocks, nll::kBlock, 0, stream, kernel)(a);
-      XENT_CUDA_LAUNCH_CHECK();
-    });
+    auto a = with_positions<nll::ScatterParams, scalar_t, target_t>(gk, *dims, t, P, ignore_index, w);
+    a.grad = mptr<scalar_t>(gk);
+    a.grad_loss_s = cptr<scalar_t>(gl_s);
+    a.grad_loss_a = cptr<acc_t>(gl_a);
+    a.grad_loss_d = cptr<double>(gl_d);
+    a.total_weight_d = cptr<double>(tw_d);
+    a.per_position = none;
+    auto* kernel = &nll::scatter_kernel<scalar_t, target_t>;
+    XENT_LAUNCH(blocks, nll::kBlock, 0, stream, kernel)(a);
+    XENT_CUDA_LAUNCH_CHECK();
   });
   if (!gk.is_same(grad)) grad.copy_(gk);
   return grad;

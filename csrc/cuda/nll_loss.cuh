@@ -11,7 +11,7 @@
 // The input holds log-probabilities (N, C, d1, ..., dk); a position p = (n, s) is numbered as in the
 // contiguous (N, d1, ..., dk) target, loss and grad_loss tensors. loss_p = -w[t_p] * x[n, t_p, s], 0 where
 // t_p == ignore_index (compared before the bounds check); a target outside [0, C) otherwise fails the
-// device-side assert XENT_NLL_TARGET_OUT_OF_BOUNDS.
+// device-side assert of target_check.cuh.
 //
 // No pass over the classes. The position dims (N, d1, ..., dk) of the tensor a kernel indexes (the input in
 // the forward, the gradient in the backward) come as up to kMaxPositionDims merged (size, stride) pairs
@@ -45,20 +45,11 @@
 
 #include "acc_type.cuh"
 #include "compat.cuh"
+#include "merged_dims.cuh"
 #include "reduce.cuh"
+#include "target_check.cuh"
 
 #include <cstdint>
-
-// `#pragma unroll` for nvcc; g++ (the emulator build) gets its own spelling instead of a warning.
-#if defined(__CUDACC__)
-#define XENT_NLL_UNROLL _Pragma("unroll")
-#else
-#define XENT_NLL_UNROLL _Pragma("GCC unroll 16")
-#endif
-
-// The message of the device-side check of the targets (a string literal, as compat.cuh requires).
-#define XENT_NLL_TARGET_OUT_OF_BOUNDS \
-  "nll_loss: target out of bounds: a class-index target must be in [0, C) or equal ignore_index"
 
 namespace xent::cuda::nll {
 
@@ -74,24 +65,20 @@ constexpr int kFinishBlock = 512;
 constexpr int kFillVectorsPerThread = 4;
 constexpr int kFillVectorsPerBlock = kBlock * kFillVectorsPerThread;
 // Merged position dims a kernel indexes directly (more: the host makes the tensor contiguous).
-constexpr int kMaxPositionDims = 4;
+constexpr int kMaxPositionDims = kMaxMergedDims;
 
-// AccType, to_acc, from_acc: acc_type.cuh; block_sum2: reduce.cuh (both in xent::cuda). The host code
+// AccType, to_acc, from_acc: acc_type.cuh; the block sums: reduce.cuh (both in xent::cuda). The host code
 // names nll::AccType.
 using ::xent::cuda::AccType;
 
-// The position dims (N, d1, ..., dk) of one tensor after the host dropped size-1 dims and merged the
-// contiguous runs: ndim >= 1 (size, stride) pairs, outermost first. size[0] is never needed.
-struct PositionDims {
-  int ndim = 1;
-  int64_t size[kMaxPositionDims] = {1, 1, 1, 1};
-  int64_t stride[kMaxPositionDims] = {0, 0, 0, 0};
-};
+// The position dims (N, d1, ..., dk) of one tensor (merged_dims.cuh: the class dim dropped too). size[0] is
+// never needed.
+using PositionDims = MergedDims;
 
 // Element offset of position p (row-major over the dims).
 __device__ inline int64_t position_offset(const PositionDims& d, int64_t p) {
   int64_t off = 0;
-XENT_NLL_UNROLL
+XENT_UNROLL
   for (int i = kMaxPositionDims - 1; i >= 1; --i) {
     if (i < d.ndim) {
       const int64_t q = p / d.size[i];
@@ -102,20 +89,44 @@ XENT_NLL_UNROLL
   return off + p * d.stride[0];
 }
 
+// What both kernels read per position: the class-index targets and class weights, and where class t of
+// position p lies in the tensor they index (the input in the forward, the gradient in the backward).
+template <class acc_t, class target_t>
+struct Positions {
+  PositionDims dims;  // the indexed tensor's position dims
+  int64_t sc = 0;     // its class stride
+  const target_t* target = nullptr;  // (P) contiguous
+  int64_t P = 0, C = 0, ignore_index = -100;
+  const acc_t* weight = nullptr;  // (C) or null
+
+  __device__ int64_t offset(int64_t p, int64_t t) const { return position_offset(dims, p) + t * sc; }
+  __device__ acc_t weight_of(int64_t t) const { return weight != nullptr ? load_global(weight + t) : acc_t(1); }
+};
+
+// The targets of a thread's K positions p0 + i * kBlock, loaded first (K loads in flight), and whether each
+// is used: inside [0, P), not ignore_index, and in [0, C) (else the device-side assert fails).
+template <int K, class acc_t, class target_t>
+__device__ inline void load_targets(const Positions<acc_t, target_t>& pos, int64_t p0, int64_t (&t)[K],
+                                    bool (&use)[K]) {
+XENT_UNROLL
+  for (int i = 0; i < K; ++i) {
+    const int64_t p = p0 + i * kBlock;
+    t[i] = p < pos.P ? static_cast<int64_t>(load_global(pos.target + p)) : pos.ignore_index;
+    use[i] = false;
+    if (p < pos.P && t[i] != pos.ignore_index) use[i] = target_in_range<TargetOp::kNllLoss>(t[i], pos.C);
+  }
+}
+
 // ---------------------------------------------------------------------------------------------------------
 // Forward.
 
 template <class scalar_t, class target_t>
 struct FwdParams {
   using acc_t = typename AccType<scalar_t>::type;
-  const scalar_t* x = nullptr;  // the input
-  PositionDims x_dims;          // its position dims
-  int64_t x_sc = 0;             // its class stride
-  const target_t* target = nullptr;  // (P) contiguous
-  int64_t P = 0, C = 0, ignore_index = -100;
-  const acc_t* weight = nullptr;  // (C) or null
-  scalar_t* loss = nullptr;       // reduction none: (P) contiguous; else null
-  double* partials = nullptr;     // [n_blocks] loss sums, then [n_blocks] weight sums
+  const scalar_t* x = nullptr;          // the input
+  Positions<acc_t, target_t> pos;       // indexing the input
+  scalar_t* loss = nullptr;             // reduction none: (P) contiguous; else null
+  double* partials = nullptr;           // [n_blocks] loss sums, then [n_blocks] weight sums
   int64_t n_blocks = 0;
 };
 
@@ -124,46 +135,31 @@ __global__ void __launch_bounds__(kBlock, 1) fwd_kernel(const FwdParams<scalar_t
   using acc_t = typename AccType<scalar_t>::type;
   constexpr int K = kPositionsPerThread;
   __shared__ double sh_sum[2 * kWarps];
-  const int64_t blk = blockIdx.x;
-  const int64_t p0 = blk * kPositionsPerBlock + threadIdx.x;
+  const int64_t p0 = static_cast<int64_t>(blockIdx.x) * kPositionsPerBlock + threadIdx.x;
   // Targets first, then every gathered value: K independent loads in flight per thread and phase.
   int64_t t[K];
   bool use[K];
-XENT_NLL_UNROLL
-  for (int i = 0; i < K; ++i) {
-    const int64_t p = p0 + i * kBlock;
-    t[i] = p < a.P ? static_cast<int64_t>(load_global(a.target + p)) : a.ignore_index;
-    use[i] = false;
-    if (p < a.P && t[i] != a.ignore_index) {
-      const bool valid = t[i] >= 0 && t[i] < a.C;
-      XENT_DEVICE_ASSERT(t[i] >= 0 && t[i] < a.C, XENT_NLL_TARGET_OUT_OF_BOUNDS);
-      use[i] = valid;
-    }
-  }
+  load_targets<K>(a.pos, p0, t, use);
   acc_t w[K], x[K];
-XENT_NLL_UNROLL
+XENT_UNROLL
   for (int i = 0; i < K; ++i) {
     w[i] = acc_t(0);
     x[i] = acc_t(0);
     if (use[i]) {
-      w[i] = a.weight != nullptr ? load_global(a.weight + t[i]) : acc_t(1);
-      x[i] = to_acc(load_global(a.x + position_offset(a.x_dims, p0 + i * kBlock) + t[i] * a.x_sc));
+      w[i] = a.pos.weight_of(t[i]);
+      x[i] = to_acc(load_global(a.x + a.pos.offset(p0 + i * kBlock, t[i])));
     }
   }
   double loss_sum = 0, weight_sum = 0;
-XENT_NLL_UNROLL
+XENT_UNROLL
   for (int i = 0; i < K; ++i) {
     const int64_t p = p0 + i * kBlock;
     const acc_t l = use[i] ? -w[i] * x[i] : acc_t(0);
     loss_sum += static_cast<double>(l);
     weight_sum += static_cast<double>(w[i]);
-    if (a.loss != nullptr && p < a.P) store_global(a.loss + p, from_acc<scalar_t>(l));
+    if (a.loss != nullptr && p < a.pos.P) store_global(a.loss + p, from_acc<scalar_t>(l));
   }
-  block_sum2<kBlock>(loss_sum, weight_sum, sh_sum);
-  if (threadIdx.x == 0) {
-    store_global(a.partials + blk, loss_sum);
-    store_global(a.partials + a.n_blocks + blk, weight_sum);
-  }
+  store_block_sum2<kBlock>(loss_sum, weight_sum, sh_sum, a.partials, a.n_blocks);
 }
 
 template <class scalar_t>
@@ -180,12 +176,8 @@ template <class scalar_t>
 __global__ void __launch_bounds__(kFinishBlock, 1) finish_kernel(const FinishParams<scalar_t> f) {
   using acc_t = typename AccType<scalar_t>::type;
   __shared__ double sh_sum[2 * (kFinishBlock / 32)];
-  double num = 0, den = 0;
-  for (int64_t i = threadIdx.x; i < f.n; i += kFinishBlock) {
-    num += load_global(f.partials + i);
-    den += load_global(f.partials + f.n + i);
-  }
-  block_sum2<kFinishBlock>(num, den, sh_sum);
+  double num, den;
+  block_sum2_of<kFinishBlock>(f.partials, f.partials + f.n, f.n, num, den, sh_sum);
   if (threadIdx.x == 0) {
     // Rounded to the accumulation dtype, then to scalar_t (as the CPU op's double results).
     store_global(f.total_weight, from_acc<scalar_t>(static_cast<acc_t>(den)));
@@ -217,7 +209,7 @@ __global__ void __launch_bounds__(kBlock, 1) zero_fill_kernel(unsigned char* bas
   V* vec = reinterpret_cast<V*>(base + head);
   const V z{{0u, 0u, 0u, 0u}};
   const int64_t j0 = blk * kFillVectorsPerBlock + threadIdx.x;
-XENT_NLL_UNROLL
+XENT_UNROLL
   for (int i = 0; i < kFillVectorsPerThread; ++i) {
     const int64_t j = j0 + i * kBlock;
     if (j < nvec) store_global(vec + j, z);
@@ -227,12 +219,8 @@ XENT_NLL_UNROLL
 template <class scalar_t, class target_t>
 struct ScatterParams {
   using acc_t = typename AccType<scalar_t>::type;
-  scalar_t* grad = nullptr;  // the gradient, zeroed by zero_fill_kernel
-  PositionDims g_dims;       // its position dims
-  int64_t g_sc = 0;          // its class stride
-  const target_t* target = nullptr;  // (P) contiguous
-  int64_t P = 0, C = 0, ignore_index = -100;
-  const acc_t* weight = nullptr;  // (C) or null
+  scalar_t* grad = nullptr;        // the gradient, zeroed by zero_fill_kernel
+  Positions<acc_t, target_t> pos;  // indexing the gradient
   // Upstream gradient. Reduction none: grad_loss (P) contiguous, in the input's dtype (grad_loss_s) or in
   // the accumulation dtype (grad_loss_a). Sum / mean: the 0-d grad_loss_d (double), divided by the 0-d
   // total_weight_d (double; mean only, else null).
@@ -261,22 +249,12 @@ __global__ void __launch_bounds__(kBlock, 1) scatter_kernel(const ScatterParams<
   const int64_t p0 = static_cast<int64_t>(blockIdx.x) * kPositionsPerBlock + threadIdx.x;
   int64_t t[K];
   bool use[K];
-XENT_NLL_UNROLL
-  for (int i = 0; i < K; ++i) {
-    const int64_t p = p0 + i * kBlock;
-    t[i] = p < a.P ? static_cast<int64_t>(load_global(a.target + p)) : a.ignore_index;
-    use[i] = false;
-    if (p < a.P && t[i] != a.ignore_index) {
-      const bool valid = t[i] >= 0 && t[i] < a.C;
-      XENT_DEVICE_ASSERT(t[i] >= 0 && t[i] < a.C, XENT_NLL_TARGET_OUT_OF_BOUNDS);
-      use[i] = valid;
-    }
-  }
-XENT_NLL_UNROLL
+  load_targets<K>(a.pos, p0, t, use);
+XENT_UNROLL
   for (int i = 0; i < K; ++i) {
     if (!use[i]) continue;
     const int64_t p = p0 + i * kBlock;
-    const acc_t w = a.weight != nullptr ? load_global(a.weight + t[i]) : acc_t(1);
+    const acc_t w = a.pos.weight_of(t[i]);
     acc_t g;
     if (a.per_position) {
       const acc_t s = a.grad_loss_s != nullptr ? to_acc(load_global(a.grad_loss_s + p)) : load_global(a.grad_loss_a + p);
@@ -284,7 +262,7 @@ XENT_NLL_UNROLL
     } else {
       g = static_cast<acc_t>(-static_cast<double>(w) * scale);
     }
-    store_global(a.grad + position_offset(a.g_dims, p) + t[i] * a.g_sc, from_acc<scalar_t>(g));
+    store_global(a.grad + a.pos.offset(p, t[i]), from_acc<scalar_t>(g));
   }
 }
 

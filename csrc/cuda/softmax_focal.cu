@@ -5,10 +5,11 @@
 // translation unit as cross_entropy.cu: hence the namespace of its own). Differences: host_compat.h.
 //
 // No host synchronisation: the reductions and the mean's denominators are computed on the device in a fixed
-// order (cross-entropy's finish_kernel and target_weight_kernel).
-#include "softmax_focal.cuh"
+// order (cross-entropy's finish_kernel and target_weight_kernel, launched by softmax_host.h).
 #include "class_losses_host.h"
 #include "host_compat.h"
+#include "softmax_focal.cuh"
+#include "softmax_host.h"
 
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
@@ -61,12 +62,7 @@ struct Prepared {
 
 void check_args(const at::Tensor& logits, const at::Tensor& target, const std::optional<at::Tensor>& weight, bool prob,
                 double gamma, int64_t reduction, double label_smoothing) {
-  check_logits(logits, "softmax_focal_loss");
-  if (prob) check_prob_target(logits, target);
-  else check_index_target(logits, target);
-  check_weight(logits, weight);
-  check_reduction(reduction);
-  check_label_smoothing(label_smoothing);
+  softmax_host::check_args("softmax_focal_loss", logits, target, weight, prob, reduction, label_smoothing);
   check_gamma(gamma);
 }
 
@@ -115,13 +111,6 @@ focal::Params<scalar_t> base_params(const Prepared& pr, bool prob, double gamma,
   return a;
 }
 
-template <class scalar_t>
-void launch_finish(const ce::FinishParams<scalar_t>& f, xent_stream_t stream) {
-  auto* kernel = &ce::finish_kernel<scalar_t>;
-  XENT_LAUNCH(1, ce::kFinishBlock, 0, stream, kernel)(f);
-  XENT_CUDA_LAUNCH_CHECK();
-}
-
 std::tuple<at::Tensor, at::Tensor> forward_impl(const at::Tensor& logits, const at::Tensor& target,
                                                 const std::optional<at::Tensor>& weight, bool prob, double gamma,
                                                 int64_t reduction, int64_t ignore_index, double label_smoothing) {
@@ -132,8 +121,7 @@ std::tuple<at::Tensor, at::Tensor> forward_impl(const at::Tensor& logits, const 
   at::Tensor loss =
       reduction == at::Reduction::None ? at::empty(positions, logits.options()) : at::empty({}, logits.options());
   if (lse.numel() == 0) {
-    if (reduction == at::Reduction::Mean) loss.fill_(std::numeric_limits<double>::quiet_NaN());
-    if (reduction == at::Reduction::Sum) loss.zero_();
+    host::fill_empty_reduction(loss, reduction);
     return {loss, lse};
   }
   const Prepared pr = prepare(logits, target, weight, prob);
@@ -155,17 +143,8 @@ std::tuple<at::Tensor, at::Tensor> forward_impl(const at::Tensor& logits, const 
     XENT_LAUNCH(static_cast<unsigned>(pr.grid), kBlock, 0, stream, kernel)(a);
     XENT_CUDA_LAUNCH_CHECK();
     if (reduction != at::Reduction::None) {
-      ce::FinishParams<scalar_t> f;
-      f.num = a.block_partials;
-      f.n = pr.grid;
-      if (reduction == at::Reduction::Mean) {
-        // Probability targets: every position counts 1; class indices: the summed w_y (0 / 0 = NaN).
-        if (prob) f.den_const = static_cast<acc_t>(pr.P);
-        else f.den = a.block_partials + pr.grid;
-        f.nan_if_den_zero = label_smoothing > 0;
-      }
-      f.loss_out = mptr<scalar_t>(loss);
-      launch_finish(f, stream);
+      softmax_host::launch_forward_reduction(a.block_partials, pr.grid, reduction, prob, pr.P, label_smoothing,
+                                             mptr<scalar_t>(loss), stream);
     }
   });
   return {loss, lse};
@@ -190,32 +169,14 @@ at::Tensor backward_impl(const at::Tensor& grad_loss, const at::Tensor& logits, 
     using scalar_t = typename decltype(tag)::type;
     using acc_t = typename AccType<scalar_t>::type;
     focal::Params<scalar_t> a = base_params<scalar_t>(pr, prob, gamma, ignore_index, label_smoothing);
-    at::Tensor scale, weight_partials;
+    at::Tensor scale;
     if (reduction == at::Reduction::None) {
       a.grad_loss = cptr<scalar_t>(gl);
     } else {
       // The device scalar grad_loss / denominator.
-      scale = at::empty({}, lse_c.options());
-      ce::FinishParams<scalar_t> f;
-      f.grad = cptr<scalar_t>(gl);
-      f.acc_out = mptr<acc_t>(scale);
-      if (reduction == at::Reduction::Mean) {
-        f.nan_if_den_zero = label_smoothing > 0;
-        if (prob) {
-          f.den_const = static_cast<acc_t>(pr.P);
-        } else {
-          const int64_t blocks = ceil_div(pr.P, ce::kWeightPositionsPerBlock);
-          TORCH_CHECK(blocks <= std::numeric_limits<int32_t>::max(), "softmax_focal_loss: input too large");
-          weight_partials = at::empty({blocks}, lse_c.options());
-          auto* kernel = &ce::target_weight_kernel<acc_t>;
-          XENT_LAUNCH(static_cast<unsigned>(blocks), kBlock, 0, stream, kernel)(
-              a.target, pr.P, a.C, ignore_index, a.weight, mptr<acc_t>(weight_partials));
-          XENT_CUDA_LAUNCH_CHECK();
-          f.den = cptr<acc_t>(weight_partials);
-          f.n = blocks;
-        }
-      }
-      launch_finish(f, stream);
+      scale = softmax_host::launch_grad_scale(cptr<scalar_t>(gl), reduction, prob, label_smoothing, a.target, pr.P,
+                                              a.C, ignore_index, a.weight, lse_c.options(), "softmax_focal_loss",
+                                              stream);
       a.grad_scale = cptr<acc_t>(scale);
     }
     a.lse_in = cptr<acc_t>(lse_c);

@@ -1,9 +1,10 @@
 // Softmax focal loss device code: forward and backward (formulas: Note [Focal loss formula],
 // csrc/cpu/focal_kernels.h). Host launch code: softmax_focal.cu.
 //
-// Device code only, like cross_entropy.cuh, whose helpers it reuses (conversions, online log-sum-exp State,
-// warp and block reductions, finish_kernel, target_weight_kernel): it compiles under nvcc and, as plain C++,
-// under the SIMT emulator.
+// Device code only, like cross_entropy.cuh, whose helpers it reuses (online log-sum-exp State, class weights,
+// the target check, the block's loss sums, finish_kernel, target_weight_kernel; conversions, math and warp
+// sums come from acc_type.cuh and reduce.cuh): it compiles under nvcc and, as plain C++, under the SIMT
+// emulator.
 //
 // Note [CUDA softmax focal kernels]
 // ---------------------------------
@@ -57,13 +58,7 @@ struct Params {
   int64_t g_sn = 0, g_sc = 1, g_ss = 0;
 };
 
-template <class acc_t>
-__device__ inline acc_t class_weight(const acc_t* weight, int64_t c) {
-  return weight != nullptr ? load_global(weight + c) : acc_t(1);
-}
-
-__device__ inline float acc_expm1(float x) { return expm1f(x); }
-__device__ inline double acc_expm1(double x) { return expm1(x); }
+using ce::class_weight;
 
 // The focal terms of one class from l = log p (Note [Focal loss formula]): f = -(1 - p)^gamma l and
 // h = p f'(p). NaN stays NaN.
@@ -75,7 +70,7 @@ struct Terms {
 template <class scalar_t, class acc_t>
 __device__ inline Terms<acc_t> focal_terms(const Params<scalar_t>& a, acc_t l) {
   Terms<acc_t> r;
-  r.p = ce::acc_exp(l);
+  r.p = acc_exp(l);
   // 1 - p from expm1: accurate near p = 1, the confident predictions the focal term is about.
   r.om = -acc_expm1(l);
   if (a.gamma == acc_t(0)) {
@@ -88,7 +83,7 @@ __device__ inline Terms<acc_t> focal_terms(const Params<scalar_t>& a, acc_t l) {
     pw_m1 = acc_t(1);
     for (int k = 1; k < a.int_gamma; ++k) pw_m1 *= r.om;
   } else {
-    pw_m1 = ce::acc_exp((a.gamma - acc_t(1)) * ce::acc_log(r.om));
+    pw_m1 = acc_exp((a.gamma - acc_t(1)) * acc_log(r.om));
   }
   r.f = pw_m1 * r.om * -l;
   r.h = pw_m1 * (a.gamma * r.p * l - r.om);
@@ -118,17 +113,38 @@ __device__ inline typename AccType<scalar_t>::type warp_row_lse(const Params<sca
   ce::State<acc_t> st = ce::empty_state<acc_t>();
   for (int64_t c = lane; c < a.C; c += 32) {
     const acc_t v = to_acc(load_global(a.x + x_off + c * a.x_sc));
-    const acc_t m = ce::acc_max(st.m, v);
+    const acc_t m = acc_max(st.m, v);
     if (m == ce::neg_inf<acc_t>()) {
-      st.s += ce::acc_exp(v);  // v is -inf (adds 0) or NaN (propagates)
+      st.s += acc_exp(v);  // v is -inf (adds 0) or NaN (propagates)
     } else {
-      st.s = st.s * ce::acc_exp(st.m - m) + ce::acc_exp(v - m);
+      st.s = st.s * acc_exp(st.m - m) + acc_exp(v - m);
     }
     st.m = m;
   }
   ce::warp_merge<ce::kIndex>(st);
-  const acc_t m = ce::shfl_lane0(st.m), s = ce::shfl_lane0(st.s);
-  return m + ce::acc_log(s);
+  const acc_t m = shfl_lane0(st.m), s = shfl_lane0(st.s);
+  return m + acc_log(s);
+}
+
+// A warp per position, kWarps per block: the thread's lane and its warp's position p.
+struct WarpThread {
+  int lane;
+  int64_t p;
+};
+
+__device__ inline WarpThread warp_thread() {
+  return WarpThread{static_cast<int>(threadIdx.x) % 32,
+                    static_cast<int64_t>(blockIdx.x) * kWarps + static_cast<int>(threadIdx.x) / 32};
+}
+
+// Position p's class-index target y (-1 for probability targets), loaded by lane 0 and shared by the warp.
+// False when the position is skipped: y == ignore_index, or y out of range (the device-side assert fails).
+template <class scalar_t>
+__device__ inline bool read_target(const Params<scalar_t>& a, int64_t p, int lane, int64_t& y) {
+  y = -1;
+  if (a.target == nullptr) return true;
+  y = shfl_lane0(lane == 0 ? load_global(a.target + p) : int64_t(0));
+  return y != a.ignore_index && ce::target_in_range(y, a.C);
 }
 
 // ---------------------------------------------------------------------------------------------------------
@@ -136,25 +152,11 @@ __device__ inline typename AccType<scalar_t>::type warp_row_lse(const Params<sca
 template <class scalar_t>
 __global__ void __launch_bounds__(kBlock, 1) fwd_kernel(const Params<scalar_t> a) {
   using acc_t = typename AccType<scalar_t>::type;
-  __shared__ acc_t smem[2 * kWarps];
-  const int warp = static_cast<int>(threadIdx.x) / 32, lane = static_cast<int>(threadIdx.x) % 32;
-  const int64_t P = a.N * a.S;
-  const int64_t p = static_cast<int64_t>(blockIdx.x) * kWarps + warp;
+  const auto [lane, p] = warp_thread();
   acc_t loss = 0, wy = 0;
-  if (p < P) {
-    int64_t y = -1;
-    bool skip = false;
-    if (a.target != nullptr) {
-      y = ce::shfl_lane0(lane == 0 ? load_global(a.target + p) : int64_t(0));
-      if (y == a.ignore_index) {
-        skip = true;
-      } else {
-        const bool valid = y >= 0 && y < a.C;
-        XENT_DEVICE_ASSERT(y >= 0 && y < a.C, XENT_CE_TARGET_OUT_OF_BOUNDS);
-        skip = !valid;
-      }
-    }
-    if (!skip) {
+  if (p < a.N * a.S) {
+    int64_t y;
+    if (read_target(a, p, lane, y)) {
       const int64_t x_off = ce::position_offset(p, a.S, a.x_sn, a.x_ss);
       const acc_t lse = warp_row_lse(a, x_off, lane);
       if (!a.dense) {
@@ -173,7 +175,7 @@ __global__ void __launch_bounds__(kBlock, 1) fwd_kernel(const Params<scalar_t> a
           // As on the CPU, a_c == 0 still multiplies f (0 * inf = NaN where p_c == 0).
           sum += ac * focal_terms(a, l).f;
         }
-        loss = ce::shfl_lane0(ce::warp_sum(sum));
+        loss = shfl_lane0(warp_sum(sum));
       }
       if (lane == 0) store_global(a.lse + p, lse);
     } else if (lane == 0) {
@@ -181,10 +183,8 @@ __global__ void __launch_bounds__(kBlock, 1) fwd_kernel(const Params<scalar_t> a
     }
     if (lane == 0 && a.loss != nullptr) store_global(a.loss + p, from_acc<scalar_t>(loss));
   }
-  if (a.block_partials != nullptr) {
-    if (lane != 0) loss = wy = acc_t(0);
-    ce::block_sum2_store(loss, wy, smem, a.block_partials + blockIdx.x, a.block_partials + a.n_blocks + blockIdx.x);
-  }
+  if (lane != 0) loss = wy = acc_t(0);  // only lane 0's are the position's
+  ce::store_loss_sums(a.block_partials, a.n_blocks, loss, wy);
 }
 
 // ---------------------------------------------------------------------------------------------------------
@@ -192,24 +192,11 @@ __global__ void __launch_bounds__(kBlock, 1) fwd_kernel(const Params<scalar_t> a
 template <class scalar_t>
 __global__ void __launch_bounds__(kBlock, 1) bwd_kernel(const Params<scalar_t> a) {
   using acc_t = typename AccType<scalar_t>::type;
-  const int warp = static_cast<int>(threadIdx.x) / 32, lane = static_cast<int>(threadIdx.x) % 32;
-  const int64_t P = a.N * a.S;
-  const int64_t p = static_cast<int64_t>(blockIdx.x) * kWarps + warp;
-  if (p >= P) return;
+  const auto [lane, p] = warp_thread();
+  if (p >= a.N * a.S) return;
   const int64_t g_off = ce::position_offset(p, a.S, a.g_sn, a.g_ss);
-  int64_t y = -1;
-  bool skip = false;
-  if (a.target != nullptr) {
-    y = ce::shfl_lane0(lane == 0 ? load_global(a.target + p) : int64_t(0));
-    if (y == a.ignore_index) {
-      skip = true;
-    } else {
-      const bool valid = y >= 0 && y < a.C;
-      XENT_DEVICE_ASSERT(y >= 0 && y < a.C, XENT_CE_TARGET_OUT_OF_BOUNDS);
-      skip = !valid;
-    }
-  }
-  if (skip) {
+  int64_t y;
+  if (!read_target(a, p, lane, y)) {
     for (int64_t c = lane; c < a.C; c += 32) store_global(a.grad + g_off + c * a.g_sc, from_acc<scalar_t>(acc_t(0)));
     return;
   }
@@ -219,8 +206,8 @@ __global__ void __launch_bounds__(kBlock, 1) bwd_kernel(const Params<scalar_t> a
     g = a.grad_loss != nullptr ? to_acc(load_global(a.grad_loss + p)) : load_global(a.grad_scale);
     lse = load_global(a.lse_in + p);
   }
-  g = ce::shfl_lane0(g);
-  lse = ce::shfl_lane0(lse);
+  g = shfl_lane0(g);
+  lse = shfl_lane0(lse);
   const int64_t x_off = ce::position_offset(p, a.S, a.x_sn, a.x_ss);
   if (!a.dense) {
     acc_t k = 0, om_y = 0;  // g w_y h_y and 1 - p_y
@@ -229,14 +216,14 @@ __global__ void __launch_bounds__(kBlock, 1) bwd_kernel(const Params<scalar_t> a
       k = g * class_weight(a.weight, y) * ty.h;
       om_y = ty.om;
     }
-    k = ce::shfl_lane0(k);
-    om_y = ce::shfl_lane0(om_y);
+    k = shfl_lane0(k);
+    om_y = shfl_lane0(om_y);
     for (int64_t c = lane; c < a.C; c += 32) {
       acc_t d;
       if (c == y) {
         d = k * om_y;
       } else {
-        d = -k * ce::acc_exp(to_acc(load_global(a.x + x_off + c * a.x_sc)) - lse);
+        d = -k * acc_exp(to_acc(load_global(a.x + x_off + c * a.x_sc)) - lse);
       }
       store_global(a.grad + g_off + c * a.g_sc, from_acc<scalar_t>(d));
     }
@@ -248,7 +235,7 @@ __global__ void __launch_bounds__(kBlock, 1) bwd_kernel(const Params<scalar_t> a
     const acc_t ac = coef<scalar_t, acc_t>(a, t_off, c, y);
     H += ac * focal_terms(a, to_acc(load_global(a.x + x_off + c * a.x_sc)) - lse).h;
   }
-  H = ce::shfl_lane0(ce::warp_sum(H));
+  H = shfl_lane0(warp_sum(H));
   for (int64_t c = lane; c < a.C; c += 32) {
     const acc_t ac = coef<scalar_t, acc_t>(a, t_off, c, y);
     const Terms<acc_t> tc = focal_terms(a, to_acc(load_global(a.x + x_off + c * a.x_sc)) - lse);
