@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""Fits the polynomial of the CPU kernels' exp (csrc/cpu/simd.h: kExpC2..kExpC6).
+"""Fits the polynomial of the CPU kernels' exp (csrc/cpu/simd/vec.h: kExpC2..kExpC6).
 
 exp(x) = 2^n exp(r) with |r| <= ln2/2, and exp(r) ~ 1 + r + c2 r^2 + ... + c6 r^6: the first two
 coefficients are fixed to 1, so that exp(0) is exactly 1 and the evaluation 1 + r (1 + r (c2 + ...)) adds

@@ -1,6 +1,6 @@
 """The loss kernels' AVX512_BF16 tables against their plain AVX-512 tables.
 
-On a CPU with AVX512_BF16 the kernels round bf16 outputs with vcvtneps2bf16 (simd.h, VecF::store),
+On a CPU with AVX512_BF16 the kernels round bf16 outputs with vcvtneps2bf16 (csrc/cpu/simd/vec.h, VecF::store),
 which treats subnormal inputs as zero and keeps NaN signs and payloads; vectors holding either must take
 the integer rounding, so every output (losses with reduction='none', gradients of the separate and the
 fused ops) has the same bits as with the plain table (XENT_CPU_AVX512_BF16=0). The inputs put subnormal

@@ -131,7 +131,7 @@ def loss_tolerances(kind, dtype, x, y, w, pw, reduction, alpha, gamma):
     cancel = Bound.cancellation(torch.nan_to_num(cancel, nan=0.0, posinf=0.0), F64).atol
     rtol = torch.zeros_like(cancel)
     if dtype != F64 and kind == "focal" and gamma != int(gamma):
-        # exp(gamma log m) carries log's error times gamma |log m| (simd.h: vpow).
+        # exp(gamma log m) carries log's error times gamma |log m| (csrc/cpu/simd/math.h: vpow).
         rtol = (gamma * torch.nan_to_num(log_m, posinf=0.0) + 2) * UNIT_ROUNDOFF[F32]
     if reduction == "none":
         return rtol, cancel
@@ -300,7 +300,7 @@ def test_empty_reductions(backend):
 
 
 # ================================================================================================
-# weight / pos_weight broadcasts (Note [Binary loss operands] in csrc/cpu/binary_kernels.h).
+# weight / pos_weight broadcasts (Note [Binary loss operands] in csrc/cpu/binary_loss_kernels.h).
 
 OPERAND_SHAPES = {
     # name: shape for a (N, C) = (37, 80) input and for a K-dim (2, 3, 5, 7) input
@@ -449,12 +449,12 @@ def test_focal_alpha_gamma(backend, dtype, alpha, gamma):
 
 
 # ================================================================================================
-# Accuracy of the vectorized math, per instruction set (simd.h: vlog, vlog1p, exp, vpow).
+# Accuracy of the vectorized math, per instruction set (csrc/cpu/simd/: vlog, vlog1p, exp, vpow).
 
 
 def _ulp_error_ok(actual, exact, ulps, what, floor=2.0**-126):
     """|actual - exact| <= ulps * 2**-23 |exact| + floor: results below the normal range have no relative
-    accuracy (the AVX2 and generic exp of simd.h flush them to 0)."""
+    accuracy (the AVX2 and generic exp of csrc/cpu/simd/vec.h flush them to 0)."""
     a, e = actual.double(), exact.double()
     err = (a - e).abs()
     tol = ulps * 2.0**-23 * e.abs() + floor
@@ -501,7 +501,7 @@ def test_logits_softplus_and_sigmoid_accuracy(isa):
 @pytest.mark.parametrize("gamma", [2.0, 2.5, 0.5])
 def test_focal_accuracy(isa, gamma):
     """The focal loss in float32 over a sweep of logits, against float64: integer gamma within a few ulp,
-    other gamma within (gamma |log m| + 8) ulp (exp(gamma log m), see simd.h vpow)."""
+    other gamma within (gamma |log m| + 8) ulp (exp(gamma log m), see csrc/cpu/simd/math.h vpow)."""
     x = torch.linspace(-30, 30, 20001, dtype=F64).to(F32)
     for y in (0.0, 1.0):
         t = torch.full_like(x, y)

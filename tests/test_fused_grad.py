@@ -93,7 +93,7 @@ def _sigmoid_focal_real_gamma_call(x, t, w, reduction):
 
 
 def _unweighted(call):
-    # The kernels' other instance (no weight and no pos_weight, binary_kernels_impl.h: kPlain).
+    # The kernels' other instance (no weight and no pos_weight, binary_loss_kernels_impl.h: kPlain).
     return lambda x, t, w, reduction: call(x, t, None, reduction)
 
 
@@ -226,7 +226,7 @@ def test_fused_gradient_equals_separate_backward(case, dtype, reduction, grad_lo
 
 
 # Gradients large enough to be written with non-temporal stores (csrc/cpu/grad_buffer.h): short rows through
-# a staging buffer from 8 MiB on (Note [Short rows' gradient] in csrc/cpu/kernels_impl.h; softmax focal's
+# a staging buffer from 8 MiB on (Note [Short rows' gradient] in csrc/cpu/cross_entropy_kernels_impl.h; softmax focal's
 # from 4 MiB on), rows longer than the stage straight from the exp loop from 32 MiB on. The small cases
 # above never stream.
 STREAMED_SHAPES = {

@@ -11,7 +11,7 @@ e.g. for gradient penalties) through the second-derivative formulas below.
 Gradients with respect to ``weight`` and ``pos_weight`` are not defined, as in PyTorch (whose ops raise
 "not differentiable with respect to argument 'weight'"; xent.functional raises the same error).
 
-Notation, per element (see csrc/cpu/binary_kernels_impl.h for the kernels' side): x = input, y = target,
+Notation, per element (see csrc/cpu/binary_loss_kernels_impl.h for the kernels' side): x = input, y = target,
 w = weight, pw = pos_weight, s = upstream gradient (divided by numel for 'mean'), p = sigmoid(x),
 q = sigmoid(-x), L = 1 + (pw - 1) y. G(x, y) denotes the gradient w.r.t. x for a unit upstream gradient,
 so that grad_input = s * G; the double backward needs dG/dx and dG/dy.

@@ -179,7 +179,7 @@ def fake_softmax_outputs(logits: Tensor, kw) -> tuple:
 
 
 def fake_grad_like(input: Tensor) -> Tensor:
-    """A class loss's grad_input: the kernels' rule (csrc/cross_entropy_host.h: dense_strides_like)."""
+    """A class loss's grad_input: the kernels' rule (csrc/class_losses_host.h: dense_strides_like)."""
     return torch.empty_like(input, memory_format=torch.preserve_format)
 
 

@@ -2,7 +2,7 @@
 ``softmax_focal_loss_prob_*`` for class probabilities; schemas in csrc/ops.cpp): their entries in the op
 table (xent/_registrar.py), the gamma check, and the formulas written with PyTorch ops.
 
-The loss of a position with target distribution q (see csrc/cpu/focal_kernels.h, Note [Focal loss
+The loss of a position with target distribution q (see csrc/cpu/softmax_focal_kernels_impl.h, Note [Focal loss
 formula]) is sum_c w_c q_c f(p_c), f(p) = -(1 - p)^gamma log p, p = softmax(logits). The forward ops
 return (loss, lse) like the cross-entropy ops; lse is saved for the backward op and not differentiable.
 

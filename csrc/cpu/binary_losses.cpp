@@ -1,6 +1,6 @@
 // CPU binary losses: binary_cross_entropy, binary_cross_entropy_with_logits and sigmoid_focal_loss.
-// Argument checks, operand description (Note [Binary loss operands] in binary_kernels.h), threading and
-// reductions around the per-ISA kernels of binary_kernels_impl.h.
+// Argument checks, operand description (Note [Binary loss operands] in binary_loss_kernels.h), threading and
+// reductions around the per-ISA kernels of binary_loss_kernels_impl.h.
 //
 // Layout: the kernels read input and target as flat contiguous arrays (an elementwise loss has no
 // better order to exploit), so a non-contiguous input or target is copied to contiguous memory first;

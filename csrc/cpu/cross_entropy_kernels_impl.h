@@ -699,9 +699,8 @@ struct CrossEntropyLanes : SoftmaxLanes<T> {
     acc* loss_out = static_cast<acc*>(a.loss);
     const bool prob = a.prob_target != nullptr;
     const bool want_dot = prob || a.label_smoothing > 0;
-    for_each_tile(a, p_begin, p_end, [&](int64_t n, int64_t s, int64_t lanes) {
-      const T* x = Base::tile_logits(a, n, s);
-      const T* tq = prob ? Base::tile_target(a, n, s) : nullptr;
+    for_each_tile(a, p_begin, p_end, [&](const typename Base::Tile& tile) {
+      const auto& [n, s, lanes, x, tq, g] = tile;
       V m = V::set1(-static_cast<acc>(kInf));
       // Per-lane sums in double over blocks of classes (LaneSums): sum w q x (index targets: sum w x),
       // sum w q, sum exp(x - m).
@@ -753,10 +752,8 @@ struct CrossEntropyLanes : SoftmaxLanes<T> {
     const acc* w = coef.weight;
     const acc* lse_in = static_cast<const acc*>(a.lse_in);
     const bool prob = a.prob_target != nullptr;
-    for_each_tile(a, p_begin, p_end, [&](int64_t n, int64_t s, int64_t lanes) {
-      const T* x = Base::tile_logits(a, n, s);
-      const T* tq = prob ? Base::tile_target(a, n, s) : nullptr;
-      T* g = Base::tile_grad(a, n, s);
+    for_each_tile(a, p_begin, p_end, [&](const typename Base::Tile& tile) {
+      const auto& [n, s, lanes, x, tq, g] = tile;
       // Per-lane coefficients: grad = soft_coef * exp(x - lse) - scale * w_c * (eps / C  or  q_c).
       acc soft[W], scale[W], lse[W];
       for (int i = 0; i < W; ++i) soft[i] = scale[i] = lse[i] = 0;

@@ -541,9 +541,8 @@ struct SoftmaxFocalLanes : SoftmaxLanes<T> {
     acc* loss_out = static_cast<acc*>(a.loss);
     const bool prob = a.prob_target != nullptr;
     const bool dense = prob || a.label_smoothing > 0;
-    for_each_tile(a, p_begin, p_end, [&](int64_t n, int64_t s, int64_t lanes) {
-      const T* x = Base::tile_logits(a, n, s);
-      const T* tq = prob ? Base::tile_target(a, n, s) : nullptr;
+    for_each_tile(a, p_begin, p_end, [&](const typename Base::Tile& tile) {
+      const auto& [n, s, lanes, x, tq, g] = tile;
       const V lse_v = tile_lse(a, x, lanes);
       LaneSums<V> dense_sum;  // sum_c a_c f_c per lane
       if (dense) dense_sum = coef_sum(a, terms, x, tq, lse_v, lanes, [](V f, V) { return f; });
@@ -585,10 +584,8 @@ struct SoftmaxFocalLanes : SoftmaxLanes<T> {
     const acc* lse_in = static_cast<const acc*>(a.lse_in);
     const bool prob = a.prob_target != nullptr;
     const bool dense = prob || a.label_smoothing > 0;
-    for_each_tile(a, p_begin, p_end, [&](int64_t n, int64_t s, int64_t lanes) {
-      const T* x = Base::tile_logits(a, n, s);
-      const T* tq = prob ? Base::tile_target(a, n, s) : nullptr;
-      T* g = Base::tile_grad(a, n, s);
+    for_each_tile(a, p_begin, p_end, [&](const typename Base::Tile& tile) {
+      const auto& [n, s, lanes, x, tq, g] = tile;
       const int64_t p0 = n * a.S + s;
       acc lse[W], scale[W], l_t[W], a_y[W];
       for (int i = 0; i < W; ++i) lse[i] = scale[i] = l_t[i] = a_y[i] = 0;

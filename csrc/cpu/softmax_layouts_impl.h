@@ -51,7 +51,16 @@ struct SoftmaxLanes {
   // `lanes` <= W consecutive elements at p, zeros in the other lanes.
   static V load_lanes(const T* p, int64_t lanes) { return lanes == W ? V::load(p) : load_partial<V>(p, lanes, 0); }
 
-  // Calls f(n, s, lanes) for every tile of up to W positions of [p_begin, p_end) within one batch row.
+  // A tile: `lanes` (<= W) consecutive positions of batch row n from spatial position s on, and the first of
+  // their logits, probability targets (null for class indices) and gradient elements (null without one).
+  struct Tile {
+    int64_t n, s, lanes;
+    const T* x;
+    const T* tq;
+    T* g;
+  };
+
+  // Calls f(const Tile&) for every tile of up to W positions of [p_begin, p_end) within one batch row.
   template <class F>
   static void for_each_tile(const SoftmaxLossArgs& a, int64_t p_begin, int64_t p_end, F&& f) {
     int64_t p = p_begin;
@@ -60,12 +69,14 @@ struct SoftmaxLanes {
       int64_t lanes = a.S - s;
       if (lanes > W) lanes = W;
       if (lanes > p_end - p) lanes = p_end - p;
-      f(n, s, lanes);
+      f(Tile{n, s, lanes, tile_logits(a, n, s), a.prob_target ? tile_target(a, n, s) : nullptr,
+             a.grad ? tile_grad(a, n, s) : nullptr});
       p += lanes;
     }
   }
 
-  // The first elements of the tile at (n, s): of the logits, the probability target and the gradient.
+  // The first elements of the tile (or block) at (n, s): of the logits, the probability target and the
+  // gradient.
   static const T* tile_logits(const SoftmaxLossArgs& a, int64_t n, int64_t s) {
     return static_cast<const T*>(a.logits) + n * a.stride_n + s;
   }

@@ -36,7 +36,7 @@
 //
 // Arithmetic (per element, in acc_t = float, or double for double inputs; x = input, y = target, w =
 // weight, pw = pos_weight, s = upstream gradient, p = sigmoid(x), q = sigmoid(-x), L = 1 + (pw - 1) y),
-// the formulas of the CPU kernels (csrc/cpu/binary_kernels_impl.h, which derives them):
+// the formulas of the CPU kernels (csrc/cpu/binary_loss_kernels_impl.h, which derives them):
 //   bce      loss = w ((y - 1) max(log1p(-x), -100) - y max(log x, -100)); x or y outside [0, 1] (or NaN)
 //            fails the device-side assert XENT_BCE_INPUT_OUT_OF_RANGE / XENT_BCE_TARGET_OUT_OF_RANGE (the
 //            CPU op raises, PyTorch's CUDA kernel asserts).

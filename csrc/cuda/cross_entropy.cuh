@@ -9,7 +9,7 @@
 // Note [CUDA cross-entropy kernels]
 // ---------------------------------
 // Logits are the strided (N, C, S) view of csrc/class_losses_host.h; position p = n * S + s. Two layouts,
-// as on the CPU (csrc/cpu/kernels.h, Note [Position layouts]):
+// as on the CPU (csrc/cpu/softmax_loss_kernels.h, Note [Position layouts]):
 //  * rows:  class stride 1. A row group of `row_warps` warps (1, or all 8 of a 256-thread block) owns one
 //           position. It reads the row with 128-bit loads (Vec<T, 16 / sizeof(T)>) after a scalar head that
 //           reaches 16-byte alignment (rows may start anywhere: a storage offset of 1 is a normal input)

@@ -1,5 +1,5 @@
 // Softmax focal loss device code: forward and backward (formulas: Note [Focal loss formula],
-// csrc/cpu/focal_kernels.h). Host launch code: softmax_focal.cu.
+// csrc/cpu/softmax_focal_kernels_impl.h). Host launch code: softmax_focal.cu.
 //
 // Device code only, like cross_entropy.cuh, whose helpers it reuses (online log-sum-exp State, class weights,
 // the target check, the block's loss sums, finish_kernel, target_weight_kernel; conversions, math and warp

@@ -67,7 +67,7 @@ class LossSpec:
         raise NotImplementedError
 
     def promised_grad_strides(self, input):
-        """The strides the fake kernel promises for the gradient of `input` (xent/_ops.py)."""
+        """The strides the fake kernel promises for the gradient of `input` (xent/_common.py: fake_grad_like)."""
         return torch.empty_like(input, memory_format=torch.preserve_format).stride()
 
     def unit_gradient_first(self, p, backend):

@@ -159,7 +159,7 @@ inline VecF vlog1p_unit(VecF e) {
   return VecF::fma(s2 * t, p, s2);  // 2s + 2s t P(t): the leading term added last, exactly
 }
 
-// m^g = exp(g log m) for a non-integer g (integer powers are products, see binary_kernels_impl.h). The
+// m^g = exp(g log m) for a non-integer g (integer powers are products, see binary_loss_kernels_impl.h). The
 // relative error is about (|g log m| + 2) ulp: log's error is scaled by g log m. pow(0, g) = 0 for g > 0
 // and inf for g < 0; a negative m gives NaN, as C's pow for a non-integer exponent.
 inline VecF vpow(VecF m, float g) {
