@@ -345,6 +345,30 @@ def test_layouts(backend, shape, layout, options, dtype):
     run_options(backend, shape, dtype, options, reductions=["none", "mean"], layout=layout)
 
 
+def _empty_allocations(fn):
+    """How many aten::empty* calls fn makes (the profiler records the aten ops an xent op calls)."""
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        fn()
+    return sum(event.name.startswith("aten::empty") for event in prof.events())
+
+
+@pytest.mark.parametrize("op", ["fwd", "fwd_grad"])
+@pytest.mark.parametrize("reduction", [0, 1])
+def test_no_spatial_positions_take_cross_entropys_plan(op, reduction):
+    """Logits with no spatial positions, (N, C, 0) with a class stride other than 1, fit the lanes layout as
+    they are. The CPU layout plan is one for both softmax losses, so softmax focal copies them no more than
+    cross-entropy does (it used to make a contiguous copy: one more allocation)."""
+    if op == "fwd_grad" and reduction == 0:
+        pytest.skip("the fused op takes mean or sum")
+    x = torch.randn(2, 7, 3)[..., :0]
+    t = torch.zeros(2, 0, dtype=torch.long)
+    ce = getattr(torch.ops.xent, f"cross_entropy_{op}")
+    focal = getattr(torch.ops.xent, f"softmax_focal_loss_{op}")
+    assert _empty_allocations(lambda: focal(x, t, None, gamma=2.0, reduction=reduction)) == _empty_allocations(
+        lambda: ce(x, t, None, reduction=reduction)
+    )
+
+
 def test_unbatched_input(cpu_backend):
     x = make_logits((7,), F32)
     for t in (torch.tensor(3), torch.tensor([3])):
