@@ -37,49 +37,13 @@ def _generator(name):
     return torch.Generator().manual_seed(seed)
 
 
-# ------------------------------------------------------------------------------------------------
-# Layouts: the same values in another memory layout.
+# Layouts: the same values in another memory layout (the test suite's, tests/inputs.py).
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "tests"))
+from inputs import ALL_LAYOUTS  # noqa: E402
 
-
-def _transposed(x):
-    return x.transpose(0, 1).contiguous().transpose(0, 1)
-
-
-def _sliced(x, dim):
-    shape = list(x.shape)
-    shape[dim] *= 2
-    wide = torch.zeros(shape, dtype=x.dtype)
-    index = [slice(None)] * x.dim()
-    index[dim] = slice(None, None, 2)
-    wide[tuple(index)] = x
-    return wide[tuple(index)]
-
-
-def _channels_last(x):
-    order = [0] + list(range(2, x.dim())) + [1]
-    inverse = [order.index(d) for d in range(x.dim())]
-    return x.permute(order).contiguous().permute(inverse)
-
-
-def _misaligned(x):
-    buf = torch.empty(x.numel() + 1, dtype=x.dtype)
-    return buf[1:].view(x.shape).copy_(x)
-
-
-def _expanded(x):
-    return x[:1].expand(x.shape)
-
-
-LAYOUTS = {
-    "contiguous": lambda x: x.clone(),
-    "transposed": _transposed,
-    "class_sliced": lambda x: _sliced(x, 1),
-    "batch_sliced": lambda x: _sliced(x, 0),
-    "last_sliced": lambda x: _sliced(x, x.dim() - 1),
-    "channels_last": _channels_last,
-    "misaligned": _misaligned,
-    "expanded": _expanded,
-}
+LAYOUTS = {name: ALL_LAYOUTS[name] for name in ("contiguous", "transposed", "class_sliced", "batch_sliced",
+                                                "channels_last", "misaligned", "expanded")}
+LAYOUTS["last_sliced"] = ALL_LAYOUTS["last_dim_sliced"]
 
 
 # ------------------------------------------------------------------------------------------------

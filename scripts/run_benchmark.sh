@@ -8,7 +8,7 @@
 # Exits non-zero when either benchmark finds xent inaccurate.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-XENT_BUILD_EMULATOR=${XENT_BUILD_EMULATOR:-1} bash scripts/setup_env.sh
+bash scripts/setup_env.sh
 quick=()
 for arg in "$@"; do [ "$arg" = "--quick" ] && quick=(--quick); done
 status=0
