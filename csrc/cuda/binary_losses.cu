@@ -16,9 +16,10 @@
 // elementwise loss has no better order to exploit, and the loss / gradient are contiguous, as the fake
 // kernels in xent/_binary_ops.py promise); a misaligned one is read in place. weight, pos_weight and
 // grad_loss are read in place through their strides (broadcast dims have stride 0).
+#include "binary_loss_ops.h"
 #include "binary_losses.cuh"
-#include "host_compat.h"
 #include "binary_losses_host.h"
+#include "host_compat.h"
 
 #include <ATen/core/Reduction.h>
 #include <ATen/core/Tensor.h>
@@ -37,14 +38,15 @@ namespace {
 using binary::Loss;
 using binary::Operand;
 
-struct OpSpec {
-  const char* name;  // the PyTorch function the op mirrors (messages)
-  Loss loss;
-};
-
-constexpr OpSpec kBce{"binary_cross_entropy", Loss::bce};
-constexpr OpSpec kLogits{"binary_cross_entropy_with_logits", Loss::logits};
-constexpr OpSpec kFocal{"sigmoid_focal_loss", Loss::focal};
+// The device code's name for a loss (its kernels' template argument).
+constexpr Loss device_loss(BinaryLossKind kind) {
+  switch (kind) {
+    case BinaryLossKind::bce: return Loss::bce;
+    case BinaryLossKind::bce_with_logits: return Loss::logits;
+    case BinaryLossKind::sigmoid_focal: return Loss::focal;
+  }
+  return Loss::bce;  // unreachable: every kind is listed
+}
 
 using host::ceil_div;
 
@@ -103,10 +105,10 @@ struct Prepared {
 
 // Contiguous input and target, operands, focal options; the work split is chosen by split() once every
 // pointer (the output's too) is known.
-Prepared prepare(const OpSpec& op, const at::Tensor& input, const at::Tensor& target,
-                 const std::optional<at::Tensor>& weight, const std::optional<at::Tensor>& pos_weight,
-                 int64_t reduction, double alpha, double gamma) {
-  check_binary_loss_inputs(op.name, op.loss == Loss::bce, input, target, weight, pos_weight, reduction);
+Prepared prepare(const at::Tensor& input, const at::Tensor& target, const std::optional<at::Tensor>& weight,
+                 const std::optional<at::Tensor>& pos_weight, const BinaryLossOptions& o) {
+  check_binary_loss_inputs(binary_loss_name(o.kind), o.kind == BinaryLossKind::bce, input, target, weight, pos_weight,
+                           o.reduction);
   Prepared pr;
   pr.input = input.contiguous();
   pr.target = target.contiguous();
@@ -117,12 +119,12 @@ Prepared prepare(const OpSpec& op, const at::Tensor& input, const at::Tensor& ta
   if (a.numel == 0) return pr;
   a.weight = describe_operand(weight.value_or(at::Tensor()), pr.input, pr.keep);
   a.pos_weight = describe_operand(pos_weight.value_or(at::Tensor()), pr.input, pr.keep);
-  a.alpha = alpha;
-  a.gamma = gamma;
+  a.alpha = o.alpha;
+  a.gamma = o.gamma;
   a.gamma_int = -1;
-  if (gamma >= 0 && gamma <= binary::kMaxIntegerGamma) {
-    const int k = static_cast<int>(gamma);
-    if (static_cast<double>(k) == gamma) a.gamma_int = k;
+  if (o.gamma >= 0 && o.gamma <= binary::kMaxIntegerGamma) {
+    const int k = static_cast<int>(o.gamma);
+    if (static_cast<double>(k) == o.gamma) a.gamma_int = k;
   }
   return pr;
 }
@@ -153,9 +155,9 @@ void split(Prepared& pr, const void* out) {
   pr.blocks = static_cast<unsigned>(blocks);
 }
 
-// The elementwise kernel of the forward or the backward: op's loss, the input's dtype, vector or scalar.
-void launch_pass(const OpSpec& op, const Prepared& pr, bool backward, xent_stream_t stream) {
-  host::dispatch_float_dtype(pr.input.scalar_type(), op.name, [&](auto tag) {
+// The elementwise kernel of the forward or the backward: the loss `kind`, the input's dtype, vector or scalar.
+void launch_pass(BinaryLossKind kind, const Prepared& pr, bool backward, xent_stream_t stream) {
+  host::dispatch_float_dtype(pr.input.scalar_type(), binary_loss_name(kind), [&](auto tag) {
     using scalar_t = typename decltype(tag)::type;
     using host::ValueCase;
     auto launch = [&](auto loss) {
@@ -166,120 +168,84 @@ void launch_pass(const OpSpec& op, const Prepared& pr, bool backward, xent_strea
       XENT_LAUNCH(pr.blocks, binary::kBlock, 0, stream, kernel)(pr.params);
       XENT_CUDA_LAUNCH_CHECK();
     };
-    host::dispatch_cases<ValueCase<Loss::bce>, ValueCase<Loss::logits>, ValueCase<Loss::focal>>(op.loss, launch);
+    host::dispatch_cases<ValueCase<Loss::bce>, ValueCase<Loss::logits>, ValueCase<Loss::focal>>(device_loss(kind),
+                                                                                                launch);
   });
 }
 
-at::Tensor forward(const OpSpec& op, const at::Tensor& input, const at::Tensor& target,
-                   const std::optional<at::Tensor>& weight, const std::optional<at::Tensor>& pos_weight,
-                   int64_t reduction, double alpha = 0, double gamma = 0) {
-  // The checks first (a guard for a tensor on another device type would fail less clearly); the copies in
-  // prepare() guard their own device.
-  Prepared pr = prepare(op, input, target, weight, pos_weight, reduction, alpha, gamma);
-  host::DeviceGuard guard(input.device());
-  const bool none = reduction == at::Reduction::None;
-  at::Tensor loss = none ? at::empty(input.sizes(), input.options()) : at::empty({}, input.options());
-  binary::Params& a = pr.params;
-  if (a.numel == 0) {
-    host::fill_empty_reduction(loss, reduction);
+// The ops: binary_loss_ops.h registers them for the schemas of csrc/ops.cpp.
+struct BinaryLossesOnCuda {
+  static at::Tensor forward(const at::Tensor& input, const at::Tensor& target, const std::optional<at::Tensor>& weight,
+                            const std::optional<at::Tensor>& pos_weight, const BinaryLossOptions& o) {
+    // The checks first (a guard for a tensor on another device type would fail less clearly); the copies in
+    // prepare() guard their own device.
+    Prepared pr = prepare(input, target, weight, pos_weight, o);
+    const int64_t reduction = o.reduction;
+    host::DeviceGuard guard(input.device());
+    const bool none = reduction == at::Reduction::None;
+    at::Tensor loss = none ? at::empty(input.sizes(), input.options()) : at::empty({}, input.options());
+    binary::Params& a = pr.params;
+    if (a.numel == 0) {
+      host::fill_empty_reduction(loss, reduction);
+      return loss;
+    }
+    split(pr, none ? loss.const_data_ptr() : nullptr);
+    at::Tensor partials;
+    if (none) {
+      a.out = loss.mutable_data_ptr();
+    } else {
+      partials = at::empty({static_cast<int64_t>(pr.blocks)}, input.options().dtype(at::kDouble));
+      a.partials = partials.mutable_data_ptr<double>();
+    }
+    const xent_stream_t stream = host::current_stream(input.device());
+    launch_pass(o.kind, pr, /*backward=*/false, stream);
+    if (!none) {
+      host::dispatch_float_dtype(input.scalar_type(), binary_loss_name(o.kind), [&](auto tag) {
+        using scalar_t = typename decltype(tag)::type;
+        binary::FinishParams<scalar_t> f;
+        f.partials = partials.const_data_ptr<double>();
+        f.n = pr.blocks;
+        f.divisor = reduction == at::Reduction::Mean ? static_cast<double>(a.numel) : 1.0;
+        f.loss = static_cast<scalar_t*>(loss.mutable_data_ptr());
+        auto* kernel = &binary::finish_kernel<scalar_t>;
+        XENT_LAUNCH(1, binary::kFinishBlock, 0, stream, kernel)(f);
+        XENT_CUDA_LAUNCH_CHECK();
+      });
+    }
     return loss;
   }
-  split(pr, none ? loss.const_data_ptr() : nullptr);
-  at::Tensor partials;
-  if (none) {
-    a.out = loss.mutable_data_ptr();
-  } else {
-    partials = at::empty({static_cast<int64_t>(pr.blocks)}, input.options().dtype(at::kDouble));
-    a.partials = partials.mutable_data_ptr<double>();
+
+  static at::Tensor backward(const at::Tensor& grad_loss, const at::Tensor& input, const at::Tensor& target,
+                             const std::optional<at::Tensor>& weight, const std::optional<at::Tensor>& pos_weight,
+                             const BinaryLossOptions& o) {
+    Prepared pr = prepare(input, target, weight, pos_weight, o);
+    const int64_t reduction = o.reduction;
+    check_binary_loss_grad(binary_loss_name(o.kind), grad_loss, input, reduction);
+    host::DeviceGuard guard(input.device());
+    at::Tensor grad = at::empty(input.sizes(), input.options());
+    binary::Params& a = pr.params;
+    if (a.numel == 0) return grad;
+    at::Tensor grad_total;
+    if (reduction == at::Reduction::None) {
+      // Any strides: the expanded scalar of loss.sum()'s backward (all strides 0) becomes kScalar, an
+      // expanded row kStrided with stride 0, a contiguous one kVector.
+      a.grad = describe_operand(grad_loss, pr.input, pr.keep);
+    } else {
+      // The 0-d upstream gradient in double, read on the device (the CPU op's item<double>()).
+      grad_total = grad_loss.to(at::kDouble);
+      a.grad_total = grad_total.const_data_ptr<double>();
+      a.grad_divisor = reduction == at::Reduction::Mean ? static_cast<double>(a.numel) : 1.0;
+    }
+    split(pr, grad.const_data_ptr());
+    a.out = grad.mutable_data_ptr();
+    launch_pass(o.kind, pr, /*backward=*/true, host::current_stream(input.device()));
+    return grad;
   }
-  const xent_stream_t stream = host::current_stream(input.device());
-  launch_pass(op, pr, /*backward=*/false, stream);
-  if (!none) {
-    host::dispatch_float_dtype(input.scalar_type(), op.name, [&](auto tag) {
-      using scalar_t = typename decltype(tag)::type;
-      binary::FinishParams<scalar_t> f;
-      f.partials = partials.const_data_ptr<double>();
-      f.n = pr.blocks;
-      f.divisor = reduction == at::Reduction::Mean ? static_cast<double>(a.numel) : 1.0;
-      f.loss = static_cast<scalar_t*>(loss.mutable_data_ptr());
-      auto* kernel = &binary::finish_kernel<scalar_t>;
-      XENT_LAUNCH(1, binary::kFinishBlock, 0, stream, kernel)(f);
-      XENT_CUDA_LAUNCH_CHECK();
-    });
-  }
-  return loss;
-}
-
-at::Tensor backward(const OpSpec& op, const at::Tensor& grad_loss, const at::Tensor& input, const at::Tensor& target,
-                    const std::optional<at::Tensor>& weight, const std::optional<at::Tensor>& pos_weight,
-                    int64_t reduction, double alpha = 0, double gamma = 0) {
-  Prepared pr = prepare(op, input, target, weight, pos_weight, reduction, alpha, gamma);
-  check_binary_loss_grad(op.name, grad_loss, input, reduction);
-  host::DeviceGuard guard(input.device());
-  at::Tensor grad = at::empty(input.sizes(), input.options());
-  binary::Params& a = pr.params;
-  if (a.numel == 0) return grad;
-  at::Tensor grad_total;
-  if (reduction == at::Reduction::None) {
-    // Any strides: the expanded scalar of loss.sum()'s backward (all strides 0) becomes kScalar, an
-    // expanded row kStrided with stride 0, a contiguous one kVector.
-    a.grad = describe_operand(grad_loss, pr.input, pr.keep);
-  } else {
-    // The 0-d upstream gradient in double, read on the device (the CPU op's item<double>()).
-    grad_total = grad_loss.to(at::kDouble);
-    a.grad_total = grad_total.const_data_ptr<double>();
-    a.grad_divisor = reduction == at::Reduction::Mean ? static_cast<double>(a.numel) : 1.0;
-  }
-  split(pr, grad.const_data_ptr());
-  a.out = grad.mutable_data_ptr();
-  launch_pass(op, pr, /*backward=*/true, host::current_stream(input.device()));
-  return grad;
-}
-
-// ---- The ops (schemas in csrc/ops.cpp) ----
-
-at::Tensor binary_cross_entropy_fwd(const at::Tensor& input, const at::Tensor& target,
-                                    const std::optional<at::Tensor>& weight, int64_t reduction) {
-  return forward(kBce, input, target, weight, std::nullopt, reduction);
-}
-
-at::Tensor binary_cross_entropy_bwd(const at::Tensor& grad_loss, const at::Tensor& input, const at::Tensor& target,
-                                    const std::optional<at::Tensor>& weight, int64_t reduction) {
-  return backward(kBce, grad_loss, input, target, weight, std::nullopt, reduction);
-}
-
-at::Tensor binary_cross_entropy_with_logits_fwd(const at::Tensor& input, const at::Tensor& target,
-                                                const std::optional<at::Tensor>& weight,
-                                                const std::optional<at::Tensor>& pos_weight, int64_t reduction) {
-  return forward(kLogits, input, target, weight, pos_weight, reduction);
-}
-
-at::Tensor binary_cross_entropy_with_logits_bwd(const at::Tensor& grad_loss, const at::Tensor& input,
-                                                const at::Tensor& target, const std::optional<at::Tensor>& weight,
-                                                const std::optional<at::Tensor>& pos_weight, int64_t reduction) {
-  return backward(kLogits, grad_loss, input, target, weight, pos_weight, reduction);
-}
-
-at::Tensor sigmoid_focal_loss_fwd(const at::Tensor& input, const at::Tensor& target,
-                                  const std::optional<at::Tensor>& weight, const std::optional<at::Tensor>& pos_weight,
-                                  double alpha, double gamma, int64_t reduction) {
-  return forward(kFocal, input, target, weight, pos_weight, reduction, alpha, gamma);
-}
-
-at::Tensor sigmoid_focal_loss_bwd(const at::Tensor& grad_loss, const at::Tensor& input, const at::Tensor& target,
-                                  const std::optional<at::Tensor>& weight, const std::optional<at::Tensor>& pos_weight,
-                                  double alpha, double gamma, int64_t reduction) {
-  return backward(kFocal, grad_loss, input, target, weight, pos_weight, reduction, alpha, gamma);
-}
+};
 
 } // namespace
 } // namespace xent::cuda::binary_host
 
 TORCH_LIBRARY_IMPL(XENT_CUDA_LIBRARY, XENT_CUDA_DISPATCH_KEY, m) {
-  m.impl("binary_cross_entropy_fwd", TORCH_FN(xent::cuda::binary_host::binary_cross_entropy_fwd));
-  m.impl("binary_cross_entropy_bwd", TORCH_FN(xent::cuda::binary_host::binary_cross_entropy_bwd));
-  m.impl("binary_cross_entropy_with_logits_fwd", TORCH_FN(xent::cuda::binary_host::binary_cross_entropy_with_logits_fwd));
-  m.impl("binary_cross_entropy_with_logits_bwd", TORCH_FN(xent::cuda::binary_host::binary_cross_entropy_with_logits_bwd));
-  m.impl("sigmoid_focal_loss_fwd", TORCH_FN(xent::cuda::binary_host::sigmoid_focal_loss_fwd));
-  m.impl("sigmoid_focal_loss_bwd", TORCH_FN(xent::cuda::binary_host::sigmoid_focal_loss_bwd));
+  xent::register_binary_losses<xent::cuda::binary_host::BinaryLossesOnCuda>(m);
 }

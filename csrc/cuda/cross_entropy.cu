@@ -12,6 +12,7 @@
 #include "class_losses_host.h"
 #include "host_compat.h"
 #include "softmax_host.h"
+#include "softmax_loss_ops.h"
 
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
@@ -225,21 +226,13 @@ void run_forward(ce::Params<scalar_t> a, const Prepared& pr, const Plan& pl, xen
 // Blocks that store one partial each in the forward's last kernel.
 int64_t forward_partial_blocks(int64_t P, const Plan& pl) { return pl.n_chunks > 1 ? ceil_div(P, kBlock) : pl.grid; }
 
-// The options of the cross-entropy ops (the probability-target ops have no ignore_index).
-struct Options {
-  int64_t reduction;
-  int64_t ignore_index;
-  double label_smoothing;
-  bool prob;
-};
-
 template <class scalar_t>
 ce::Params<scalar_t> base_params(
     const Prepared& pr,
     const at::Tensor& target,
     const at::Tensor& weight,
     const at::Tensor& weight_total,
-    const Options& o) {
+    const SoftmaxLossOptions& o) {
   using acc_t = typename AccType<scalar_t>::type;
   ce::Params<scalar_t> a;
   a.x = cptr<scalar_t>(pr.x);
@@ -264,7 +257,7 @@ ce::Params<scalar_t> base_params(
   return a;
 }
 
-int forward_mode(const Options& o) {
+int forward_mode(const SoftmaxLossOptions& o) {
   return o.prob ? ce::kProb : o.label_smoothing > 0.0 ? ce::kIndexSmooth : ce::kIndex;
 }
 
@@ -277,156 +270,124 @@ void dispatch_mode(int mode, F&& f) {
   TORCH_INTERNAL_ASSERT(known, "cross_entropy: unexpected kernel mode ", mode);
 }
 
-// ---- Forward ----
-std::tuple<at::Tensor, at::Tensor> forward_impl(const at::Tensor& logits,
-                                                const at::Tensor& target,  // class indices or probabilities
-                                                const std::optional<at::Tensor>& weight_opt, const Options& o) {
-  softmax_host::check_args("cross_entropy", logits, target, weight_opt, o.prob, o.reduction, o.label_smoothing);
-  host::DeviceGuard guard(logits.device());
-  const auto positions = position_sizes(logits);
-  const auto acc = acc_dtype(logits.scalar_type());
-  at::Tensor lse = at::empty(positions, logits.options().dtype(acc));
-  at::Tensor loss =
-      o.reduction == at::Reduction::None ? at::empty(positions, logits.options()) : at::empty({}, logits.options());
-  const int64_t P = lse.numel();
-  if (P == 0) {
-    host::fill_empty_reduction(loss, o.reduction);
+// ---- The ops: softmax_loss_ops.h registers them for the schemas of csrc/ops.cpp ----
+struct CrossEntropyOnCuda {
+  // ---- Forward ----
+  static std::tuple<at::Tensor, at::Tensor> forward(const at::Tensor& logits, const at::Tensor& target,
+                                                    const std::optional<at::Tensor>& weight_opt,
+                                                    const SoftmaxLossOptions& o) {
+    check_softmax_loss_args("cross_entropy", logits, target, weight_opt, o, /*has_gamma=*/false);
+    host::DeviceGuard guard(logits.device());
+    at::Tensor loss, lse;
+    std::tie(loss, lse) = softmax_host::forward_outputs(logits, o.reduction);
+    const int64_t P = lse.numel();
+    if (P == 0) return {loss, lse};
+    const Prepared pr = prepare(logits, o.prob ? &target : nullptr);
+    const at::Tensor target64 = o.prob ? at::Tensor() : target.to(at::kLong).contiguous();
+    const at::Tensor w = weight_for_kernel(logits, weight_opt);
+    const int mode = forward_mode(o);
+    const xent_stream_t stream = host::current_stream(logits.device());
+    const Plan pl = make_plan(pr, host::sm_count(logits.device()));
+    const int64_t n_blocks = forward_partial_blocks(P, pl);
+
+    host::dispatch_float_dtype(logits.scalar_type(), "cross_entropy", [&](auto tag) {
+      using scalar_t = typename decltype(tag)::type;
+      using acc_t = typename AccType<scalar_t>::type;
+      const at::Tensor wt = mode == ce::kIndexSmooth && w.defined() ? weight_total<scalar_t>(w, stream) : at::Tensor();
+      ce::Params<scalar_t> a = base_params<scalar_t>(pr, target64, w, wt, o);
+      a.lse = mptr<acc_t>(lse);
+      at::Tensor block_partials;
+      if (o.reduction == at::Reduction::None) {
+        a.loss = mptr<scalar_t>(loss);
+      } else {
+        block_partials = at::empty({2 * n_blocks}, lse.options());
+        a.block_partials = mptr<acc_t>(block_partials);
+        a.n_blocks = n_blocks;
+      }
+      dispatch_mode(mode, [&](auto m) { run_forward<scalar_t, decltype(m)::value>(a, pr, pl, stream); });
+      if (o.reduction != at::Reduction::None) {
+        softmax_host::launch_forward_reduction(a.block_partials, n_blocks, o, P, mptr<scalar_t>(loss), stream);
+      }
+    });
     return {loss, lse};
   }
-  const Prepared pr = prepare(logits, o.prob ? &target : nullptr);
-  const at::Tensor target64 = o.prob ? at::Tensor() : target.to(at::kLong).contiguous();
-  const at::Tensor w = weight_for_kernel(logits, weight_opt);
-  const int mode = forward_mode(o);
-  const xent_stream_t stream = host::current_stream(logits.device());
-  const Plan pl = make_plan(pr, host::sm_count(logits.device()));
-  const int64_t n_blocks = forward_partial_blocks(P, pl);
 
-  host::dispatch_float_dtype(logits.scalar_type(), "cross_entropy", [&](auto tag) {
-    using scalar_t = typename decltype(tag)::type;
-    using acc_t = typename AccType<scalar_t>::type;
-    const at::Tensor wt = mode == ce::kIndexSmooth && w.defined() ? weight_total<scalar_t>(w, stream) : at::Tensor();
-    ce::Params<scalar_t> a = base_params<scalar_t>(pr, target64, w, wt, o);
-    a.lse = mptr<acc_t>(lse);
-    at::Tensor block_partials;
-    if (o.reduction == at::Reduction::None) {
-      a.loss = mptr<scalar_t>(loss);
-    } else {
-      block_partials = at::empty({2 * n_blocks}, lse.options());
-      a.block_partials = mptr<acc_t>(block_partials);
-      a.n_blocks = n_blocks;
+  // ---- Backward ----
+  static at::Tensor backward(const at::Tensor& grad_loss, const at::Tensor& logits, const at::Tensor& target,
+                             const std::optional<at::Tensor>& weight_opt, const at::Tensor& lse,
+                             const SoftmaxLossOptions& o) {
+    check_softmax_loss_args("cross_entropy backward", logits, target, weight_opt, o, /*has_gamma=*/false);
+    check_backward_inputs(grad_loss, logits, lse, o.reduction);
+    host::DeviceGuard guard(logits.device());
+    at::Tensor grad = at::empty_strided(logits.sizes(), dense_strides_like(logits), logits.options());
+    if (grad.numel() == 0) return grad;
+    const Prepared pr = prepare(logits, o.prob ? &target : nullptr);
+    const int64_t P = pr.xv.N * pr.xv.S;
+    // The gradient is written in the kernels' layout: when grad's own layout does not fit it, into a
+    // temporary with the (possibly copied) logits' strides, copied into grad at the end.
+    at::Tensor gk = grad;
+    auto gv = view_of(gk);
+    if (!gv || (pr.kind == Kind::Rows && !rows_ok(*gv))) {
+      gk = at::empty_strided(pr.x.sizes(), pr.x.strides(), logits.options());
+      gv = view_of(gk);
+      TORCH_INTERNAL_ASSERT(gv && (pr.kind == Kind::Lanes || rows_ok(*gv)));
     }
-    dispatch_mode(mode, [&](auto m) { run_forward<scalar_t, decltype(m)::value>(a, pr, pl, stream); });
-    if (o.reduction != at::Reduction::None) {
-      softmax_host::launch_forward_reduction(a.block_partials, n_blocks, o.reduction, o.prob, P, o.label_smoothing,
-                                             mptr<scalar_t>(loss), stream);
-    }
-  });
-  return {loss, lse};
-}
+    const at::Tensor target64 = o.prob ? at::Tensor() : target.to(at::kLong).contiguous();
+    const at::Tensor w = weight_for_kernel(logits, weight_opt);
+    const at::Tensor lse_c = lse.contiguous();
+    const at::Tensor gl = grad_loss.to(logits.scalar_type()).contiguous();
+    const int mode = forward_mode(o);
+    const xent_stream_t stream = host::current_stream(logits.device());
+    const Plan pl = make_plan(pr, host::sm_count(logits.device()));
 
-// ---- Backward ----
-at::Tensor backward_impl(const at::Tensor& grad_loss, const at::Tensor& logits, const at::Tensor& target,
-                         const std::optional<at::Tensor>& weight_opt, const at::Tensor& lse, const Options& o) {
-  softmax_host::check_args("cross_entropy backward", logits, target, weight_opt, o.prob, o.reduction,
-                           o.label_smoothing);
-  check_backward_inputs(grad_loss, logits, lse, o.reduction);
-  host::DeviceGuard guard(logits.device());
-  at::Tensor grad = at::empty_strided(logits.sizes(), dense_strides_like(logits), logits.options());
-  if (grad.numel() == 0) return grad;
-  const Prepared pr = prepare(logits, o.prob ? &target : nullptr);
-  const int64_t P = pr.xv.N * pr.xv.S;
-  // The gradient is written in the kernels' layout: when grad's own layout does not fit it, into a
-  // temporary with the (possibly copied) logits' strides, copied into grad at the end.
-  at::Tensor gk = grad;
-  auto gv = view_of(gk);
-  if (!gv || (pr.kind == Kind::Rows && !rows_ok(*gv))) {
-    gk = at::empty_strided(pr.x.sizes(), pr.x.strides(), logits.options());
-    gv = view_of(gk);
-    TORCH_INTERNAL_ASSERT(gv && (pr.kind == Kind::Lanes || rows_ok(*gv)));
-  }
-  const at::Tensor target64 = o.prob ? at::Tensor() : target.to(at::kLong).contiguous();
-  const at::Tensor w = weight_for_kernel(logits, weight_opt);
-  const at::Tensor lse_c = lse.contiguous();
-  const at::Tensor gl = grad_loss.to(logits.scalar_type()).contiguous();
-  const int mode = forward_mode(o);
-  const xent_stream_t stream = host::current_stream(logits.device());
-  const Plan pl = make_plan(pr, host::sm_count(logits.device()));
+    host::dispatch_float_dtype(logits.scalar_type(), "cross_entropy", [&](auto tag) {
+      using scalar_t = typename decltype(tag)::type;
+      using acc_t = typename AccType<scalar_t>::type;
+      const auto acc_opts = lse_c.options();
+      const at::Tensor wt = mode == ce::kIndexSmooth && w.defined() ? weight_total<scalar_t>(w, stream) : at::Tensor();
+      ce::Params<scalar_t> a = base_params<scalar_t>(pr, target64, w, wt, o);
 
-  host::dispatch_float_dtype(logits.scalar_type(), "cross_entropy", [&](auto tag) {
-    using scalar_t = typename decltype(tag)::type;
-    using acc_t = typename AccType<scalar_t>::type;
-    const auto acc_opts = lse_c.options();
-    const at::Tensor wt = mode == ce::kIndexSmooth && w.defined() ? weight_total<scalar_t>(w, stream) : at::Tensor();
-    ce::Params<scalar_t> a = base_params<scalar_t>(pr, target64, w, wt, o);
+      // Upstream gradient: per position, or the device scalar grad_loss / denominator.
+      at::Tensor scale;
+      if (o.reduction == at::Reduction::None) {
+        a.grad_loss = cptr<scalar_t>(gl);
+      } else {
+        scale = softmax_host::launch_grad_scale(cptr<scalar_t>(gl), o, a.target, P, a.C, a.weight, acc_opts,
+                                                "cross_entropy", stream);
+        a.grad_scale = cptr<acc_t>(scale);
+      }
 
-    // Upstream gradient: per position, or the device scalar grad_loss / denominator.
-    at::Tensor scale;
-    if (o.reduction == at::Reduction::None) {
-      a.grad_loss = cptr<scalar_t>(gl);
-    } else {
-      scale = softmax_host::launch_grad_scale(cptr<scalar_t>(gl), o.reduction, o.prob, o.label_smoothing, a.target,
-                                              P, a.C, o.ignore_index, a.weight, acc_opts, "cross_entropy", stream);
-      a.grad_scale = cptr<acc_t>(scale);
-    }
+      // Probability targets: Q = sum_c w_c q_c per position first.
+      at::Tensor q;
+      if (o.prob) {
+        q = at::empty({P}, acc_opts);
+        ce::Params<scalar_t> qa = a;
+        qa.q_out = mptr<acc_t>(q);
+        run_forward<scalar_t, ce::kProbWsum>(qa, pr, pl, stream);
+        a.q_in = cptr<acc_t>(q);
+      }
 
-    // Probability targets: Q = sum_c w_c q_c per position first.
-    at::Tensor q;
-    if (o.prob) {
-      q = at::empty({P}, acc_opts);
-      ce::Params<scalar_t> qa = a;
-      qa.q_out = mptr<acc_t>(q);
-      run_forward<scalar_t, ce::kProbWsum>(qa, pr, pl, stream);
-      a.q_in = cptr<acc_t>(q);
-    }
-
-    a.lse_in = cptr<acc_t>(lse_c);
-    a.grad = mptr<scalar_t>(gk);
-    a.g_sn = gv->sn;
-    a.g_ss = gv->ss;
-    a.g_sc = gv->sc;
-    set_plan(a, pl);
-    dispatch_mode(mode, [&](auto m) {
-      constexpr int M = decltype(m)::value;
-      auto* kernel = pr.kind == Kind::Rows ? &ce::bwd_rows_kernel<scalar_t, M> : &ce::bwd_lanes_kernel<scalar_t, M>;
-      XENT_LAUNCH(static_cast<unsigned>(pl.grid), kBlock, 0, stream, kernel)(a);
-      XENT_CUDA_LAUNCH_CHECK();
+      a.lse_in = cptr<acc_t>(lse_c);
+      a.grad = mptr<scalar_t>(gk);
+      a.g_sn = gv->sn;
+      a.g_ss = gv->ss;
+      a.g_sc = gv->sc;
+      set_plan(a, pl);
+      dispatch_mode(mode, [&](auto m) {
+        constexpr int M = decltype(m)::value;
+        auto* kernel = pr.kind == Kind::Rows ? &ce::bwd_rows_kernel<scalar_t, M> : &ce::bwd_lanes_kernel<scalar_t, M>;
+        XENT_LAUNCH(static_cast<unsigned>(pl.grid), kBlock, 0, stream, kernel)(a);
+        XENT_CUDA_LAUNCH_CHECK();
+      });
     });
-  });
-  if (!gk.is_same(grad)) grad.copy_(gk);
-  return grad;
-}
-
-// ---- Ops (schemas in csrc/ops.cpp) ----
-std::tuple<at::Tensor, at::Tensor> cross_entropy_fwd(const at::Tensor& logits, const at::Tensor& target,
-                                                     const std::optional<at::Tensor>& weight, int64_t reduction,
-                                                     int64_t ignore_index, double label_smoothing) {
-  return forward_impl(logits, target, weight, {reduction, ignore_index, label_smoothing, /*prob=*/false});
-}
-
-at::Tensor cross_entropy_bwd(const at::Tensor& grad_loss, const at::Tensor& logits, const at::Tensor& target,
-                             const std::optional<at::Tensor>& weight, const at::Tensor& lse, int64_t reduction,
-                             int64_t ignore_index, double label_smoothing) {
-  return backward_impl(grad_loss, logits, target, weight, lse, {reduction, ignore_index, label_smoothing, false});
-}
-
-std::tuple<at::Tensor, at::Tensor> cross_entropy_prob_fwd(const at::Tensor& logits, const at::Tensor& target,
-                                                          const std::optional<at::Tensor>& weight, int64_t reduction,
-                                                          double label_smoothing) {
-  return forward_impl(logits, target, weight, {reduction, /*ignore_index=*/0, label_smoothing, /*prob=*/true});
-}
-
-at::Tensor cross_entropy_prob_bwd(const at::Tensor& grad_loss, const at::Tensor& logits, const at::Tensor& target,
-                                  const std::optional<at::Tensor>& weight, const at::Tensor& lse, int64_t reduction,
-                                  double label_smoothing) {
-  return backward_impl(grad_loss, logits, target, weight, lse, {reduction, 0, label_smoothing, true});
-}
+    if (!gk.is_same(grad)) grad.copy_(gk);
+    return grad;
+  }
+};
 
 } // namespace
 } // namespace xent::cuda
 
 TORCH_LIBRARY_IMPL(XENT_CUDA_LIBRARY, XENT_CUDA_DISPATCH_KEY, m) {
-  m.impl("cross_entropy_fwd", TORCH_FN(xent::cuda::cross_entropy_fwd));
-  m.impl("cross_entropy_bwd", TORCH_FN(xent::cuda::cross_entropy_bwd));
-  m.impl("cross_entropy_prob_fwd", TORCH_FN(xent::cuda::cross_entropy_prob_fwd));
-  m.impl("cross_entropy_prob_bwd", TORCH_FN(xent::cuda::cross_entropy_prob_bwd));
+  xent::register_cross_entropy<xent::cuda::CrossEntropyOnCuda>(m);
 }

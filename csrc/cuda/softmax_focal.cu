@@ -10,6 +10,7 @@
 #include "host_compat.h"
 #include "softmax_focal.cuh"
 #include "softmax_host.h"
+#include "softmax_loss_ops.h"
 
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
@@ -31,11 +32,6 @@ using focal::kWarps;
 using host::ceil_div;
 using host::cptr;
 using host::mptr;
-
-void check_gamma(double gamma) {
-  TORCH_CHECK_VALUE(gamma >= 0.0 && std::isfinite(gamma), "softmax_focal_loss: gamma must be a finite number >= 0, got ",
-                    gamma);
-}
 
 // `t` (shaped like the logits) and its (N, C, S) view; a contiguous copy when its strides do not collapse.
 struct Viewed {
@@ -60,12 +56,6 @@ struct Prepared {
   int64_t grid = 0;  // kWarps positions per block
 };
 
-void check_args(const at::Tensor& logits, const at::Tensor& target, const std::optional<at::Tensor>& weight, bool prob,
-                double gamma, int64_t reduction, double label_smoothing) {
-  softmax_host::check_args("softmax_focal_loss", logits, target, weight, prob, reduction, label_smoothing);
-  check_gamma(gamma);
-}
-
 Prepared prepare(const at::Tensor& logits, const at::Tensor& target, const std::optional<at::Tensor>& weight,
                  bool prob) {
   Prepared pr;
@@ -81,8 +71,7 @@ Prepared prepare(const at::Tensor& logits, const at::Tensor& target, const std::
 }
 
 template <class scalar_t>
-focal::Params<scalar_t> base_params(const Prepared& pr, bool prob, double gamma, int64_t ignore_index,
-                                    double label_smoothing) {
+focal::Params<scalar_t> base_params(const Prepared& pr, const SoftmaxLossOptions& o) {
   using acc_t = typename AccType<scalar_t>::type;
   focal::Params<scalar_t> a;
   const NCSView& xv = pr.x.v;
@@ -93,7 +82,7 @@ focal::Params<scalar_t> base_params(const Prepared& pr, bool prob, double gamma,
   a.x_sn = xv.stride_n;
   a.x_sc = xv.stride_c;
   a.x_ss = xv.stride_s;
-  if (prob) {
+  if (o.prob) {
     a.tp = cptr<scalar_t>(pr.tp.t);
     a.t_sn = pr.tp.v.stride_n;
     a.t_sc = pr.tp.v.stride_c;
@@ -101,128 +90,96 @@ focal::Params<scalar_t> base_params(const Prepared& pr, bool prob, double gamma,
   } else {
     a.target = cptr<int64_t>(pr.target64);
   }
-  a.ignore_index = ignore_index;
+  a.ignore_index = o.ignore_index;
   a.weight = cptr<acc_t>(pr.weight);
-  a.one_minus_eps = static_cast<acc_t>(1.0 - label_smoothing);
-  a.eps_over_c = a.C > 0 ? static_cast<acc_t>(label_smoothing / static_cast<double>(a.C)) : acc_t(0);
-  a.dense = prob || label_smoothing > 0.0;
-  a.gamma = static_cast<acc_t>(gamma);
-  a.int_gamma = gamma >= 1 && gamma <= 16 && gamma == std::floor(gamma) ? static_cast<int>(gamma) : -1;
+  a.one_minus_eps = static_cast<acc_t>(1.0 - o.label_smoothing);
+  a.eps_over_c = a.C > 0 ? static_cast<acc_t>(o.label_smoothing / static_cast<double>(a.C)) : acc_t(0);
+  a.dense = o.prob || o.label_smoothing > 0.0;
+  a.gamma = static_cast<acc_t>(o.gamma);
+  a.int_gamma = o.gamma >= 1 && o.gamma <= 16 && o.gamma == std::floor(o.gamma) ? static_cast<int>(o.gamma) : -1;
   return a;
 }
 
-std::tuple<at::Tensor, at::Tensor> forward_impl(const at::Tensor& logits, const at::Tensor& target,
-                                                const std::optional<at::Tensor>& weight, bool prob, double gamma,
-                                                int64_t reduction, int64_t ignore_index, double label_smoothing) {
-  check_args(logits, target, weight, prob, gamma, reduction, label_smoothing);
-  host::DeviceGuard guard(logits.device());
-  const auto positions = position_sizes(logits);
-  at::Tensor lse = at::empty(positions, logits.options().dtype(acc_dtype(logits.scalar_type())));  // (P)
-  at::Tensor loss =
-      reduction == at::Reduction::None ? at::empty(positions, logits.options()) : at::empty({}, logits.options());
-  if (lse.numel() == 0) {
-    host::fill_empty_reduction(loss, reduction);
+// The ops: softmax_loss_ops.h registers them for the schemas of csrc/ops.cpp.
+struct SoftmaxFocalLossOnCuda {
+  static std::tuple<at::Tensor, at::Tensor> forward(const at::Tensor& logits, const at::Tensor& target,
+                                                    const std::optional<at::Tensor>& weight,
+                                                    const SoftmaxLossOptions& o) {
+    check_softmax_loss_args("softmax_focal_loss", logits, target, weight, o, /*has_gamma=*/true);
+    host::DeviceGuard guard(logits.device());
+    at::Tensor loss, lse;
+    std::tie(loss, lse) = softmax_host::forward_outputs(logits, o.reduction);
+    if (lse.numel() == 0) return {loss, lse};
+    const Prepared pr = prepare(logits, target, weight, o.prob);
+    const xent_stream_t stream = host::current_stream(logits.device());
+    host::dispatch_float_dtype(logits.scalar_type(), "softmax_focal_loss", [&](auto tag) {
+      using scalar_t = typename decltype(tag)::type;
+      using acc_t = typename AccType<scalar_t>::type;
+      focal::Params<scalar_t> a = base_params<scalar_t>(pr, o);
+      a.lse = mptr<acc_t>(lse);
+      at::Tensor block_partials;  // [grid] losses, then [grid] weights w_y
+      if (o.reduction == at::Reduction::None) {
+        a.loss = mptr<scalar_t>(loss);
+      } else {
+        block_partials = at::empty({2 * pr.grid}, lse.options());
+        a.block_partials = mptr<acc_t>(block_partials);
+        a.n_blocks = pr.grid;
+      }
+      auto* kernel = &focal::fwd_kernel<scalar_t>;
+      XENT_LAUNCH(static_cast<unsigned>(pr.grid), kBlock, 0, stream, kernel)(a);
+      XENT_CUDA_LAUNCH_CHECK();
+      if (o.reduction != at::Reduction::None) {
+        softmax_host::launch_forward_reduction(a.block_partials, pr.grid, o, pr.P, mptr<scalar_t>(loss), stream);
+      }
+    });
     return {loss, lse};
   }
-  const Prepared pr = prepare(logits, target, weight, prob);
-  const xent_stream_t stream = host::current_stream(logits.device());
-  host::dispatch_float_dtype(logits.scalar_type(), "softmax_focal_loss", [&](auto tag) {
-    using scalar_t = typename decltype(tag)::type;
-    using acc_t = typename AccType<scalar_t>::type;
-    focal::Params<scalar_t> a = base_params<scalar_t>(pr, prob, gamma, ignore_index, label_smoothing);
-    a.lse = mptr<acc_t>(lse);
-    at::Tensor block_partials;  // [grid] losses, then [grid] weights w_y
-    if (reduction == at::Reduction::None) {
-      a.loss = mptr<scalar_t>(loss);
-    } else {
-      block_partials = at::empty({2 * pr.grid}, lse.options());
-      a.block_partials = mptr<acc_t>(block_partials);
-      a.n_blocks = pr.grid;
-    }
-    auto* kernel = &focal::fwd_kernel<scalar_t>;
-    XENT_LAUNCH(static_cast<unsigned>(pr.grid), kBlock, 0, stream, kernel)(a);
-    XENT_CUDA_LAUNCH_CHECK();
-    if (reduction != at::Reduction::None) {
-      softmax_host::launch_forward_reduction(a.block_partials, pr.grid, reduction, prob, pr.P, label_smoothing,
-                                             mptr<scalar_t>(loss), stream);
-    }
-  });
-  return {loss, lse};
-}
 
-at::Tensor backward_impl(const at::Tensor& grad_loss, const at::Tensor& logits, const at::Tensor& target,
-                         const std::optional<at::Tensor>& weight, const at::Tensor& lse, bool prob, double gamma,
-                         int64_t reduction, int64_t ignore_index, double label_smoothing) {
-  check_args(logits, target, weight, prob, gamma, reduction, label_smoothing);
-  check_backward_inputs(grad_loss, logits, lse, reduction);
-  host::DeviceGuard guard(logits.device());
-  // The gradient takes the logits' dense strides (as the fake kernel promises); when those do not collapse
-  // to an (N, C, S) view, a contiguous gradient is written and copied into place.
-  at::Tensor grad = at::empty_strided(logits.sizes(), dense_strides_like(logits), logits.options());
-  if (grad.numel() == 0) return grad;
-  Viewed g = viewed(grad);
-  const Prepared pr = prepare(logits, target, weight, prob);
-  const at::Tensor lse_c = lse.contiguous();
-  const at::Tensor gl = grad_loss.to(logits.scalar_type()).contiguous();
-  const xent_stream_t stream = host::current_stream(logits.device());
-  host::dispatch_float_dtype(logits.scalar_type(), "softmax_focal_loss", [&](auto tag) {
-    using scalar_t = typename decltype(tag)::type;
-    using acc_t = typename AccType<scalar_t>::type;
-    focal::Params<scalar_t> a = base_params<scalar_t>(pr, prob, gamma, ignore_index, label_smoothing);
-    at::Tensor scale;
-    if (reduction == at::Reduction::None) {
-      a.grad_loss = cptr<scalar_t>(gl);
-    } else {
-      // The device scalar grad_loss / denominator.
-      scale = softmax_host::launch_grad_scale(cptr<scalar_t>(gl), reduction, prob, label_smoothing, a.target, pr.P,
-                                              a.C, ignore_index, a.weight, lse_c.options(), "softmax_focal_loss",
-                                              stream);
-      a.grad_scale = cptr<acc_t>(scale);
-    }
-    a.lse_in = cptr<acc_t>(lse_c);
-    a.grad = mptr<scalar_t>(g.t);
-    a.g_sn = g.v.stride_n;
-    a.g_sc = g.v.stride_c;
-    a.g_ss = g.v.stride_s;
-    auto* kernel = &focal::bwd_kernel<scalar_t>;
-    XENT_LAUNCH(static_cast<unsigned>(pr.grid), kBlock, 0, stream, kernel)(a);
-    XENT_CUDA_LAUNCH_CHECK();
-  });
-  if (!g.t.is_same(grad)) grad.copy_(g.t);
-  return grad;
-}
-
-std::tuple<at::Tensor, at::Tensor> softmax_focal_loss_fwd(const at::Tensor& logits, const at::Tensor& target,
-                                                          const std::optional<at::Tensor>& weight, double gamma,
-                                                          int64_t reduction, int64_t ignore_index,
-                                                          double label_smoothing) {
-  return forward_impl(logits, target, weight, false, gamma, reduction, ignore_index, label_smoothing);
-}
-
-at::Tensor softmax_focal_loss_bwd(const at::Tensor& grad_loss, const at::Tensor& logits, const at::Tensor& target,
-                                  const std::optional<at::Tensor>& weight, const at::Tensor& lse, double gamma,
-                                  int64_t reduction, int64_t ignore_index, double label_smoothing) {
-  return backward_impl(grad_loss, logits, target, weight, lse, false, gamma, reduction, ignore_index, label_smoothing);
-}
-
-std::tuple<at::Tensor, at::Tensor> softmax_focal_loss_prob_fwd(const at::Tensor& logits, const at::Tensor& target,
-                                                               const std::optional<at::Tensor>& weight, double gamma,
-                                                               int64_t reduction, double label_smoothing) {
-  return forward_impl(logits, target, weight, true, gamma, reduction, 0, label_smoothing);
-}
-
-at::Tensor softmax_focal_loss_prob_bwd(const at::Tensor& grad_loss, const at::Tensor& logits, const at::Tensor& target,
-                                       const std::optional<at::Tensor>& weight, const at::Tensor& lse, double gamma,
-                                       int64_t reduction, double label_smoothing) {
-  return backward_impl(grad_loss, logits, target, weight, lse, true, gamma, reduction, 0, label_smoothing);
-}
+  static at::Tensor backward(const at::Tensor& grad_loss, const at::Tensor& logits, const at::Tensor& target,
+                             const std::optional<at::Tensor>& weight, const at::Tensor& lse,
+                             const SoftmaxLossOptions& o) {
+    check_softmax_loss_args("softmax_focal_loss", logits, target, weight, o, /*has_gamma=*/true);
+    check_backward_inputs(grad_loss, logits, lse, o.reduction);
+    host::DeviceGuard guard(logits.device());
+    // The gradient takes the logits' dense strides (as the fake kernel promises); when those do not collapse
+    // to an (N, C, S) view, a contiguous gradient is written and copied into place.
+    at::Tensor grad = at::empty_strided(logits.sizes(), dense_strides_like(logits), logits.options());
+    if (grad.numel() == 0) return grad;
+    Viewed g = viewed(grad);
+    const Prepared pr = prepare(logits, target, weight, o.prob);
+    const at::Tensor lse_c = lse.contiguous();
+    const at::Tensor gl = grad_loss.to(logits.scalar_type()).contiguous();
+    const xent_stream_t stream = host::current_stream(logits.device());
+    host::dispatch_float_dtype(logits.scalar_type(), "softmax_focal_loss", [&](auto tag) {
+      using scalar_t = typename decltype(tag)::type;
+      using acc_t = typename AccType<scalar_t>::type;
+      focal::Params<scalar_t> a = base_params<scalar_t>(pr, o);
+      at::Tensor scale;
+      if (o.reduction == at::Reduction::None) {
+        a.grad_loss = cptr<scalar_t>(gl);
+      } else {
+        // The device scalar grad_loss / denominator.
+        scale = softmax_host::launch_grad_scale(cptr<scalar_t>(gl), o, a.target, pr.P, a.C, a.weight, lse_c.options(),
+                                                "softmax_focal_loss", stream);
+        a.grad_scale = cptr<acc_t>(scale);
+      }
+      a.lse_in = cptr<acc_t>(lse_c);
+      a.grad = mptr<scalar_t>(g.t);
+      a.g_sn = g.v.stride_n;
+      a.g_sc = g.v.stride_c;
+      a.g_ss = g.v.stride_s;
+      auto* kernel = &focal::bwd_kernel<scalar_t>;
+      XENT_LAUNCH(static_cast<unsigned>(pr.grid), kBlock, 0, stream, kernel)(a);
+      XENT_CUDA_LAUNCH_CHECK();
+    });
+    if (!g.t.is_same(grad)) grad.copy_(g.t);
+    return grad;
+  }
+};
 
 } // namespace
 } // namespace xent::cuda::focal_host
 
 TORCH_LIBRARY_IMPL(XENT_CUDA_LIBRARY, XENT_CUDA_DISPATCH_KEY, m) {
-  m.impl("softmax_focal_loss_fwd", TORCH_FN(xent::cuda::focal_host::softmax_focal_loss_fwd));
-  m.impl("softmax_focal_loss_bwd", TORCH_FN(xent::cuda::focal_host::softmax_focal_loss_bwd));
-  m.impl("softmax_focal_loss_prob_fwd", TORCH_FN(xent::cuda::focal_host::softmax_focal_loss_prob_fwd));
-  m.impl("softmax_focal_loss_prob_bwd", TORCH_FN(xent::cuda::focal_host::softmax_focal_loss_prob_bwd));
+  xent::register_softmax_focal_loss<xent::cuda::focal_host::SoftmaxFocalLossOnCuda>(m);
 }

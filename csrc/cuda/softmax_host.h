@@ -1,7 +1,7 @@
 // Host code shared by the CUDA softmax losses, cross-entropy (cross_entropy.cu) and softmax focal loss
-// (softmax_focal.cu): their argument checks, and the launches of their reductions over positions with
-// cross-entropy's finish_kernel and target_weight_kernel (cross_entropy.cuh, Note [CUDA cross-entropy
-// kernels]).
+// (softmax_focal.cu): the launches of their reductions over positions with cross-entropy's finish_kernel and
+// target_weight_kernel (cross_entropy.cuh, Note [CUDA cross-entropy kernels]). Their argument checks and
+// options are every backend's (class_losses_host.h), their op entry points softmax_loss_ops.h's.
 //
 // Inline functions in a header, as host_compat.h: the emulated build compiles every .cu of csrc/cuda into one
 // translation unit. No host synchronisation: every sum and quotient stays on the device.
@@ -16,23 +16,20 @@
 #include <ATen/ops/empty.h>
 
 #include <limits>
-#include <optional>
+#include <tuple>
 
 namespace xent::cuda::softmax_host {
 
-// The checks of class_losses_host.h that every softmax loss op makes, in order; `op` names the op in the
-// logits' messages.
-inline void check_args(const char* op, const at::Tensor& logits, const at::Tensor& target,
-                       const std::optional<at::Tensor>& weight, bool prob, int64_t reduction, double label_smoothing) {
-  check_logits(logits, op);
-  if (prob) {
-    check_prob_target(logits, target);
-  } else {
-    check_index_target(logits, target);
-  }
-  check_weight(logits, weight);
-  check_reduction(reduction);
-  check_label_smoothing(label_smoothing);
+// The forward's outputs (loss, lse): lse (N, *) in the accumulation dtype, the loss (N, *) for reduction none,
+// else 0-d, in the logits' dtype. Without positions they are the results already (the loss of an empty
+// input).
+inline std::tuple<at::Tensor, at::Tensor> forward_outputs(const at::Tensor& logits, int64_t reduction) {
+  const auto positions = position_sizes(logits);
+  at::Tensor lse = at::empty(positions, logits.options().dtype(acc_dtype(logits.scalar_type())));
+  at::Tensor loss =
+      reduction == at::Reduction::None ? at::empty(positions, logits.options()) : at::empty({}, logits.options());
+  if (lse.numel() == 0) host::fill_empty_reduction(loss, reduction);
+  return {loss, lse};
 }
 
 template <class scalar_t>
@@ -50,23 +47,21 @@ template <class scalar_t>
 void launch_forward_reduction(
     const typename AccType<scalar_t>::type* block_partials,
     int64_t n_blocks,
-    int64_t reduction,
-    bool prob,
+    const SoftmaxLossOptions& o,
     int64_t P,
-    double label_smoothing,
     scalar_t* loss,
     xent_stream_t stream) {
   using acc_t = typename AccType<scalar_t>::type;
   ce::FinishParams<scalar_t> f;
   f.num = block_partials;
   f.n = n_blocks;
-  if (reduction == at::Reduction::Mean) {
-    if (prob) {
+  if (o.reduction == at::Reduction::Mean) {
+    if (o.prob) {
       f.den_const = static_cast<acc_t>(P);
     } else {
       f.den = block_partials + n_blocks;
     }
-    f.nan_if_den_zero = label_smoothing > 0;
+    f.nan_if_den_zero = o.label_smoothing > 0;
   }
   f.loss_out = loss;
   launch_finish(f, stream);
@@ -79,13 +74,10 @@ void launch_forward_reduction(
 template <class scalar_t>
 at::Tensor launch_grad_scale(
     const scalar_t* grad_loss,
-    int64_t reduction,
-    bool prob,
-    double label_smoothing,
+    const SoftmaxLossOptions& o,
     const int64_t* target,
     int64_t P,
     int64_t C,
-    int64_t ignore_index,
     const typename AccType<scalar_t>::type* weight,
     const at::TensorOptions& acc_options,
     const char* op,
@@ -96,9 +88,9 @@ at::Tensor launch_grad_scale(
   f.grad = grad_loss;
   f.acc_out = host::mptr<acc_t>(scale);
   at::Tensor weight_partials;  // alive until finish_kernel is issued (the allocator then keeps it for the stream)
-  if (reduction == at::Reduction::Mean) {
-    f.nan_if_den_zero = label_smoothing > 0;
-    if (prob) {
+  if (o.reduction == at::Reduction::Mean) {
+    f.nan_if_den_zero = o.label_smoothing > 0;
+    if (o.prob) {
       f.den_const = static_cast<acc_t>(P);
     } else {
       const int64_t blocks = host::ceil_div(P, ce::kWeightPositionsPerBlock);
@@ -106,7 +98,7 @@ at::Tensor launch_grad_scale(
       weight_partials = at::empty({blocks}, acc_options);
       auto* kernel = &ce::target_weight_kernel<acc_t>;
       XENT_LAUNCH(static_cast<unsigned>(blocks), ce::kBlock, 0, stream, kernel)(
-          target, P, C, ignore_index, weight, host::mptr<acc_t>(weight_partials));
+          target, P, C, o.ignore_index, weight, host::mptr<acc_t>(weight_partials));
       XENT_CUDA_LAUNCH_CHECK();
       f.den = host::cptr<acc_t>(weight_partials);
       f.n = blocks;
