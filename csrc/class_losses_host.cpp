@@ -134,6 +134,28 @@ void check_softmax_loss_args(const char* op, const at::Tensor& logits, const at:
   if (has_gamma) check_gamma(options.gamma);
 }
 
+void check_nll_loss_args(const at::Tensor& input, const at::Tensor& target, const std::optional<at::Tensor>& weight,
+                         int64_t reduction) {
+  check_logits(input, "nll_loss");
+  check_index_target(input, target);
+  check_weight(input, weight);
+  check_reduction(reduction);
+}
+
+void check_nll_loss_backward_inputs(const at::Tensor& grad_loss, const at::Tensor& input,
+                                    const at::Tensor& total_weight, int64_t reduction) {
+  check_same_device(input, grad_loss, "grad_loss");
+  check_same_device(input, total_weight, "total_weight");
+  const auto positions = position_sizes(input);
+  if (reduction == at::Reduction::None) {
+    TORCH_CHECK(grad_loss.sizes().equals(positions), "nll_loss backward: expected grad_loss of shape ",
+                c10::IntArrayRef(positions), ", got ", grad_loss.sizes());
+  } else {
+    TORCH_CHECK(grad_loss.dim() == 0, "nll_loss backward: expected a 0-d grad_loss, got ", grad_loss.sizes());
+  }
+  TORCH_CHECK(total_weight.numel() == 1, "nll_loss backward: expected a one-element total_weight");
+}
+
 void check_same_device(const at::Tensor& logits, const at::Tensor& other, const char* name) {
   TORCH_CHECK(
       other.device() == logits.device(),

@@ -72,6 +72,12 @@ void check_gamma(double gamma);
 void check_softmax_loss_args(const char* op, const at::Tensor& logits, const at::Tensor& target,
                              const std::optional<at::Tensor>& weight, const SoftmaxLossOptions& options,
                              bool has_gamma);
+// Every check of an NLL op's arguments; the backward's grad_loss (the loss's shape) and total_weight (one
+// element), on the input's device.
+void check_nll_loss_args(const at::Tensor& input, const at::Tensor& target, const std::optional<at::Tensor>& weight,
+                         int64_t reduction);
+void check_nll_loss_backward_inputs(const at::Tensor& grad_loss, const at::Tensor& input,
+                                    const at::Tensor& total_weight, int64_t reduction);
 // grad_loss must have the forward loss's shape; lse must be (N, *) in the accumulation dtype.
 void check_backward_inputs(
     const at::Tensor& grad_loss,

@@ -28,8 +28,7 @@ bool streams_gradient(const LayoutPlan& plan, const SoftmaxLossArgs& a, int64_t 
   return bytes >= kCrossEntropyStreamGradBytes;
 }
 
-constexpr SoftmaxLoss kCrossEntropy{"cross_entropy", /*has_gamma=*/false, cross_entropy_kernels, short_rows,
-                                    streams_gradient};
+constexpr SoftmaxLoss kCrossEntropy{kCrossEntropyName, cross_entropy_kernels, short_rows, streams_gradient};
 
 } // namespace
 

@@ -687,7 +687,6 @@ struct CrossEntropyLanes : SoftmaxLanes<T> {
   using typename Base::V;
   using typename Base::acc;
   using Base::W;
-  using Base::for_each_tile;
   using Base::load_lanes;
 
   // ---- Tiles of up to W positions: probability targets (and C > 2^24) ----
@@ -699,7 +698,7 @@ struct CrossEntropyLanes : SoftmaxLanes<T> {
     acc* loss_out = static_cast<acc*>(a.loss);
     const bool prob = a.prob_target != nullptr;
     const bool want_dot = prob || a.label_smoothing > 0;
-    for_each_tile(a, p_begin, p_end, [&](const typename Base::Tile& tile) {
+    Base::for_each_tile(a, p_begin, p_end, [&](const typename Base::Tile& tile) {
       const auto& [n, s, lanes, x, tq, g] = tile;
       V m = V::set1(-static_cast<acc>(kInf));
       // Per-lane sums in double over blocks of classes (LaneSums): sum w q x (index targets: sum w x),
@@ -752,7 +751,7 @@ struct CrossEntropyLanes : SoftmaxLanes<T> {
     const acc* w = coef.weight;
     const acc* lse_in = static_cast<const acc*>(a.lse_in);
     const bool prob = a.prob_target != nullptr;
-    for_each_tile(a, p_begin, p_end, [&](const typename Base::Tile& tile) {
+    Base::for_each_tile(a, p_begin, p_end, [&](const typename Base::Tile& tile) {
       const auto& [n, s, lanes, x, tq, g] = tile;
       // Per-lane coefficients: grad = soft_coef * exp(x - lse) - scale * w_c * (eps / C  or  q_c).
       acc soft[W], scale[W], lse[W];

@@ -4,6 +4,7 @@
 #include "cpu/grad_buffer.h"
 #include "cpu/reductions.h"
 #include "class_losses_host.h"
+#include "nll_loss_ops.h"
 
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
@@ -38,12 +39,9 @@ struct NllPlan {
   double total_weight = 0;  // sum of weight[target] over non-ignored positions
 };
 
+// Validates every target's range (nll_loss_ops.h checked the other arguments).
 NllPlan prepare(const at::Tensor& input, const at::Tensor& target, const std::optional<at::Tensor>& weight,
-                int64_t reduction, int64_t ignore_index) {
-  check_logits(input, "nll_loss");
-  check_index_target(input, target);
-  check_weight(input, weight);
-  check_reduction(reduction);
+                int64_t ignore_index) {
   TORCH_CHECK(input.device().is_cpu(), "xent: the CPU kernel got input on ", input.device());
   NllPlan plan;
   plan.input = input;
@@ -59,10 +57,11 @@ NllPlan prepare(const at::Tensor& input, const at::Tensor& target, const std::op
   return plan;
 }
 
-std::tuple<at::Tensor, at::Tensor> nll_loss_fwd(const at::Tensor& input, const at::Tensor& target,
-                                                const std::optional<at::Tensor>& weight, int64_t reduction,
-                                                int64_t ignore_index) {
-  NllPlan plan = prepare(input, target, weight, reduction, ignore_index);
+// The ops (nll_loss_ops.h checks their arguments and registers them).
+std::tuple<at::Tensor, at::Tensor> nll_forward(const at::Tensor& input, const at::Tensor& target,
+                                               const std::optional<at::Tensor>& weight, int64_t reduction,
+                                               int64_t ignore_index) {
+  NllPlan plan = prepare(input, target, weight, ignore_index);
   const NCSView& v = plan.view;
   const int64_t P = v.N * v.S;
   const auto acc = acc_dtype(input.scalar_type());
@@ -114,20 +113,10 @@ std::tuple<at::Tensor, at::Tensor> nll_loss_fwd(const at::Tensor& input, const a
   return {result, total_weight};
 }
 
-at::Tensor nll_loss_bwd(const at::Tensor& grad_loss, const at::Tensor& input, const at::Tensor& target,
+at::Tensor nll_backward(const at::Tensor& grad_loss, const at::Tensor& input, const at::Tensor& target,
                         const std::optional<at::Tensor>& weight, const at::Tensor& total_weight, int64_t reduction,
                         int64_t ignore_index) {
-  NllPlan plan = prepare(input, target, weight, reduction, ignore_index);
-  check_same_device(input, grad_loss, "grad_loss");
-  check_same_device(input, total_weight, "total_weight");
-  const auto positions = position_sizes(input);
-  if (reduction == at::Reduction::None) {
-    TORCH_CHECK(grad_loss.sizes().equals(positions), "nll_loss backward: expected grad_loss of shape ",
-                c10::IntArrayRef(positions), ", got ", grad_loss.sizes());
-  } else {
-    TORCH_CHECK(grad_loss.dim() == 0, "nll_loss backward: expected a 0-d grad_loss, got ", grad_loss.sizes());
-  }
-  TORCH_CHECK(total_weight.numel() == 1, "nll_loss backward: expected a one-element total_weight");
+  NllPlan plan = prepare(input, target, weight, ignore_index);
 
   // A dense gradient with the input's strides (as the fake kernel promises), written through its own
   // (N, C, S) view; a dense layout without one (permuted K-dim) is written contiguously and copied.
@@ -135,7 +124,7 @@ at::Tensor nll_loss_bwd(const at::Tensor& grad_loss, const at::Tensor& input, co
   auto gv = ncs_view(grad);
   if (!gv) {
     at::Tensor contiguous_grad =
-        nll_loss_bwd(grad_loss, contiguous_strides(input), target, weight, total_weight, reduction, ignore_index);
+        nll_backward(grad_loss, contiguous_strides(input), target, weight, total_weight, reduction, ignore_index);
     return grad.copy_(contiguous_grad);
   }
   const auto acc = acc_dtype(input.scalar_type());
@@ -200,9 +189,6 @@ at::Tensor nll_loss_bwd(const at::Tensor& grad_loss, const at::Tensor& input, co
 
 } // namespace
 
-TORCH_LIBRARY_IMPL(xent, CPU, m) {
-  m.impl("nll_loss_fwd", &nll_loss_fwd);
-  m.impl("nll_loss_bwd", &nll_loss_bwd);
-}
+TORCH_LIBRARY_IMPL(xent, CPU, m) { register_nll_loss<&nll_forward, &nll_backward>(m); }
 
 } // namespace xent::cpu

@@ -26,8 +26,7 @@ bool streams_gradient(const LayoutPlan& plan, const SoftmaxLossArgs& a, int64_t,
          bytes >= kFocalStagedStreamGradBytes;
 }
 
-constexpr SoftmaxLoss kSoftmaxFocalLoss{"softmax_focal_loss", /*has_gamma=*/true, softmax_focal_kernels, fused_rows,
-                                        streams_gradient};
+constexpr SoftmaxLoss kSoftmaxFocalLoss{kSoftmaxFocalLossName, softmax_focal_kernels, fused_rows, streams_gradient};
 
 } // namespace
 

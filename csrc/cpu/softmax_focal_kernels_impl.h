@@ -492,7 +492,6 @@ struct SoftmaxFocalLanes : SoftmaxLanes<T> {
   using typename Base::V;
   using typename Base::acc;
   using Base::W;
-  using Base::for_each_tile;
   using Base::load_lanes;
 
   // Per-lane lse of the tile at x (lanes of padding get lse 0 from 0 logits... their results are unused).
@@ -541,7 +540,7 @@ struct SoftmaxFocalLanes : SoftmaxLanes<T> {
     acc* loss_out = static_cast<acc*>(a.loss);
     const bool prob = a.prob_target != nullptr;
     const bool dense = prob || a.label_smoothing > 0;
-    for_each_tile(a, p_begin, p_end, [&](const typename Base::Tile& tile) {
+    Base::for_each_tile(a, p_begin, p_end, [&](const typename Base::Tile& tile) {
       const auto& [n, s, lanes, x, tq, g] = tile;
       const V lse_v = tile_lse(a, x, lanes);
       LaneSums<V> dense_sum;  // sum_c a_c f_c per lane
@@ -584,7 +583,7 @@ struct SoftmaxFocalLanes : SoftmaxLanes<T> {
     const acc* lse_in = static_cast<const acc*>(a.lse_in);
     const bool prob = a.prob_target != nullptr;
     const bool dense = prob || a.label_smoothing > 0;
-    for_each_tile(a, p_begin, p_end, [&](const typename Base::Tile& tile) {
+    Base::for_each_tile(a, p_begin, p_end, [&](const typename Base::Tile& tile) {
       const auto& [n, s, lanes, x, tq, g] = tile;
       const int64_t p0 = n * a.S + s;
       acc lse[W], scale[W], l_t[W], a_y[W];

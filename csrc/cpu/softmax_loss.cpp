@@ -69,11 +69,10 @@ struct Prepared {
   double mean_denominator = 0;  // sum of w[target] over non-ignored positions, or N * S for prob targets
 };
 
-// Checks the arguments (including every class-index target's range), picks the layout and fills the
-// kernel arguments but the outputs.
-Prepared prepare(const SoftmaxLoss& loss, const at::Tensor& logits, const at::Tensor& target,
-                 const std::optional<at::Tensor>& weight, const SoftmaxLossOptions& o) {
-  check_softmax_loss_args(loss.name, logits, target, weight, o, loss.has_gamma);
+// Validates every class-index target's range (softmax_loss_ops.h checked the other arguments), picks the
+// layout and fills the kernel arguments but the outputs.
+Prepared prepare(const at::Tensor& logits, const at::Tensor& target, const std::optional<at::Tensor>& weight,
+                 const SoftmaxLossOptions& o) {
   TORCH_CHECK(logits.device().is_cpu(), "xent: the CPU kernel got logits on ", logits.device());
 
   Prepared pr;
@@ -243,7 +242,7 @@ std::tuple<at::Tensor, at::Tensor> softmax_loss_forward(const SoftmaxLoss& loss,
                                                         const at::Tensor& target,
                                                         const std::optional<at::Tensor>& weight,
                                                         const SoftmaxLossOptions& o) {
-  Prepared pr = prepare(loss, logits, target, weight, o);
+  Prepared pr = prepare(logits, target, weight, o);
   auto [lse, unreduced] = forward_outputs(pr, logits);
   if (pr.positions > 0) run_forward(loss.kernels(), pr.plan, pr.args, pr.positions);
   if (o.reduction == at::Reduction::None) {
@@ -255,8 +254,7 @@ std::tuple<at::Tensor, at::Tensor> softmax_loss_forward(const SoftmaxLoss& loss,
 at::Tensor softmax_loss_backward(const SoftmaxLoss& loss, const at::Tensor& grad_loss, const at::Tensor& logits,
                                  const at::Tensor& target, const std::optional<at::Tensor>& weight,
                                  const at::Tensor& lse, const SoftmaxLossOptions& o) {
-  Prepared pr = prepare(loss, logits, target, weight, o);
-  check_backward_inputs(grad_loss, logits, lse, o.reduction);
+  Prepared pr = prepare(logits, target, weight, o);
   at::Tensor grad = empty_gradient_like(logits);
   if (!attach_gradient(loss, pr, grad, /*fused=*/false)) {
     return grad.copy_(softmax_loss_backward(loss, grad_loss, contiguous_strides(logits), target, weight, lse, o));
@@ -284,7 +282,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> softmax_loss_forward_grad(const S
                                                                          const SoftmaxLossOptions& o) {
   TORCH_CHECK(o.reduction == at::Reduction::Mean || o.reduction == at::Reduction::Sum, loss.name,
               o.prob ? "_prob" : "", "_fwd_grad: reduction must be mean (1) or sum (2), got ", o.reduction);
-  Prepared pr = prepare(loss, logits, target, weight, o);
+  Prepared pr = prepare(logits, target, weight, o);
   at::Tensor grad = empty_gradient_like(logits);
   if (!attach_gradient(loss, pr, grad, /*fused=*/true)) {
     auto [reduced, lse, contiguous_grad] = softmax_loss_forward_grad(loss, contiguous_strides(logits), target, weight, o);

@@ -29,7 +29,6 @@ struct LayoutPlan {
 // What differs between the softmax losses on the host.
 struct SoftmaxLoss {
   const char* name;  // the PyTorch-style function name, for messages
-  bool has_gamma;    // whether SoftmaxLossOptions::gamma is an argument of the loss
   // The loss's kernels of the active instruction set.
   const SoftmaxLossKernels& (*kernels)();
   // Whether kernels().forward_grad_rows computes the fused forward + gradient of these positions (the

@@ -276,7 +276,6 @@ struct CrossEntropyOnCuda {
   static std::tuple<at::Tensor, at::Tensor> forward(const at::Tensor& logits, const at::Tensor& target,
                                                     const std::optional<at::Tensor>& weight_opt,
                                                     const SoftmaxLossOptions& o) {
-    check_softmax_loss_args("cross_entropy", logits, target, weight_opt, o, /*has_gamma=*/false);
     host::DeviceGuard guard(logits.device());
     at::Tensor loss, lse;
     std::tie(loss, lse) = softmax_host::forward_outputs(logits, o.reduction);
@@ -316,8 +315,6 @@ struct CrossEntropyOnCuda {
   static at::Tensor backward(const at::Tensor& grad_loss, const at::Tensor& logits, const at::Tensor& target,
                              const std::optional<at::Tensor>& weight_opt, const at::Tensor& lse,
                              const SoftmaxLossOptions& o) {
-    check_softmax_loss_args("cross_entropy backward", logits, target, weight_opt, o, /*has_gamma=*/false);
-    check_backward_inputs(grad_loss, logits, lse, o.reduction);
     host::DeviceGuard guard(logits.device());
     at::Tensor grad = at::empty_strided(logits.sizes(), dense_strides_like(logits), logits.options());
     if (grad.numel() == 0) return grad;

@@ -12,6 +12,7 @@
 #include "nll_loss.cuh"
 #include "host_compat.h"
 #include "class_losses_host.h"
+#include "nll_loss_ops.h"
 
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
@@ -74,19 +75,10 @@ unsigned position_blocks(int64_t P) {
   return static_cast<unsigned>(blocks);
 }
 
-void check_args(const at::Tensor& input, const at::Tensor& target, const std::optional<at::Tensor>& weight,
-                int64_t reduction) {
-  check_logits(input, "nll_loss");
-  check_index_target(input, target);
-  check_weight(input, weight);
-  check_reduction(reduction);
-}
-
-// ---- Forward ----
-std::tuple<at::Tensor, at::Tensor> nll_loss_fwd(const at::Tensor& input, const at::Tensor& target,
-                                                const std::optional<at::Tensor>& weight_opt, int64_t reduction,
-                                                int64_t ignore_index) {
-  check_args(input, target, weight_opt, reduction);
+// ---- Forward (nll_loss_ops.h checks the ops' arguments and registers them) ----
+std::tuple<at::Tensor, at::Tensor> nll_forward(const at::Tensor& input, const at::Tensor& target,
+                                               const std::optional<at::Tensor>& weight_opt, int64_t reduction,
+                                               int64_t ignore_index) {
   host::DeviceGuard guard(input.device());
   const bool none = reduction == at::Reduction::None;
   at::Tensor loss = none ? at::empty(position_sizes(input), input.options()) : at::empty({}, input.options());
@@ -135,21 +127,10 @@ std::tuple<at::Tensor, at::Tensor> nll_loss_fwd(const at::Tensor& input, const a
 }
 
 // ---- Backward ----
-at::Tensor nll_loss_bwd(const at::Tensor& grad_loss, const at::Tensor& input, const at::Tensor& target,
+at::Tensor nll_backward(const at::Tensor& grad_loss, const at::Tensor& input, const at::Tensor& target,
                         const std::optional<at::Tensor>& weight_opt, const at::Tensor& total_weight,
                         int64_t reduction, int64_t ignore_index) {
-  check_args(input, target, weight_opt, reduction);
-  check_same_device(input, grad_loss, "grad_loss");
-  check_same_device(input, total_weight, "total_weight");
   const bool none = reduction == at::Reduction::None;
-  const auto positions = position_sizes(input);
-  if (none) {
-    TORCH_CHECK(grad_loss.sizes().equals(positions), "nll_loss backward: expected grad_loss of shape ",
-                c10::IntArrayRef(positions), ", got ", grad_loss.sizes());
-  } else {
-    TORCH_CHECK(grad_loss.dim() == 0, "nll_loss backward: expected a 0-d grad_loss, got ", grad_loss.sizes());
-  }
-  TORCH_CHECK(total_weight.numel() == 1, "nll_loss backward: expected a one-element total_weight");
   host::DeviceGuard guard(input.device());
 
   // A dense gradient with the input's strides (as the fake kernel promises). When its position dims do not
@@ -218,6 +199,5 @@ at::Tensor nll_loss_bwd(const at::Tensor& grad_loss, const at::Tensor& input, co
 } // namespace xent::cuda::nll_host
 
 TORCH_LIBRARY_IMPL(XENT_CUDA_LIBRARY, XENT_CUDA_DISPATCH_KEY, m) {
-  m.impl("nll_loss_fwd", TORCH_FN(xent::cuda::nll_host::nll_loss_fwd));
-  m.impl("nll_loss_bwd", TORCH_FN(xent::cuda::nll_host::nll_loss_bwd));
+  xent::register_nll_loss<&xent::cuda::nll_host::nll_forward, &xent::cuda::nll_host::nll_backward>(m);
 }

@@ -105,7 +105,6 @@ struct SoftmaxFocalLossOnCuda {
   static std::tuple<at::Tensor, at::Tensor> forward(const at::Tensor& logits, const at::Tensor& target,
                                                     const std::optional<at::Tensor>& weight,
                                                     const SoftmaxLossOptions& o) {
-    check_softmax_loss_args("softmax_focal_loss", logits, target, weight, o, /*has_gamma=*/true);
     host::DeviceGuard guard(logits.device());
     at::Tensor loss, lse;
     std::tie(loss, lse) = softmax_host::forward_outputs(logits, o.reduction);
@@ -138,8 +137,6 @@ struct SoftmaxFocalLossOnCuda {
   static at::Tensor backward(const at::Tensor& grad_loss, const at::Tensor& logits, const at::Tensor& target,
                              const std::optional<at::Tensor>& weight, const at::Tensor& lse,
                              const SoftmaxLossOptions& o) {
-    check_softmax_loss_args("softmax_focal_loss", logits, target, weight, o, /*has_gamma=*/true);
-    check_backward_inputs(grad_loss, logits, lse, o.reduction);
     host::DeviceGuard guard(logits.device());
     // The gradient takes the logits' dense strides (as the fake kernel promises); when those do not collapse
     // to an (N, C, S) view, a contiguous gradient is written and copied into place.
